@@ -1,0 +1,13 @@
+""" timm-smpconv: continuous-kernel convolutions (SMPConv, FlexConv) for timm.
+
+`import timm_smpconv` registers the package's models with timm; the layers and optimizer
+helpers are re-exported here.
+"""
+from .layers import (
+    CausalConv1d, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, render_smp_kernel, rescale_factor,
+)
+from .optim import (
+    RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL, clamp_smp_radius_, param_groups_smp,
+)
+
+__version__ = '0.1.0'

@@ -1,0 +1,45 @@
+""" Helpers shared by every fuse()/reparameterize() in the package: BN folding, kernel padding. """
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+__all__ = ['fold_bn', 'pad_kernel']
+
+
+@torch.no_grad()
+def fold_bn(
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        bn: nn.Module,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fold an inference-mode BatchNorm that follows a conv into the conv's (weight, bias).
+
+    BN(conv(x)) == conv'(x) with weight' = weight * t, bias' = (bias - mean) * t + beta,
+    t = gamma / sqrt(var + eps). Uses the running statistics, as eval mode does.
+    """
+    if getattr(bn, 'running_mean', None) is None or getattr(bn, 'running_var', None) is None:
+        raise ValueError(
+            f'cannot fold {type(bn).__name__} without running statistics (track_running_stats=False)')
+    w, b = fuse_conv_bn_weights(
+        weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+    return w.detach(), b.detach()
+
+
+def pad_kernel(kernel: torch.Tensor, size: int, causal: bool = False) -> torch.Tensor:
+    """Zero-pad the spatial dims of a (O, I, k[, k]) kernel to `size`.
+
+    Centred padding for 'same' convolutions; for causal 1D kernels the zeros go at the start
+    (the past), so the last tap stays aligned with the current time step.
+    """
+    k = kernel.shape[-1]
+    if k > size or (size - k) % 2 and not causal:
+        raise ValueError(f'cannot pad a kernel of size {k} to {size}')
+    if k == size:
+        return kernel
+    if causal:
+        return F.pad(kernel, (size - k, 0))
+    p = (size - k) // 2
+    return F.pad(kernel, [p, p] * (kernel.dim() - 2))

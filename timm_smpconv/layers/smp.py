@@ -1,0 +1,116 @@
+""" The self-moving point (SMP) continuous kernel.
+
+A kernel is a function of a coordinate q in [-1, 1]^d (d = 1 for sequences, d = 2 for images)
+built from Np learnable points, each with a position p_n, a radius r_n and a weight vector w_n:
+
+    g_n(q) = max(0, 1 - ||q - p_n||_1 / r_n)             (L1 "tent", zero outside the radius)
+    K(q)   = sum_n g_n(q) w_n                              (un-normalised sum, ImageNet models)
+    K(q)   = sum_n g_n(q) w_n / (|N(q)| + 1e-6)            (count-normalised, paper Eq. 1)
+
+where |N(q)| counts the points with g_n(q) > 0 (no gradient flows through the count).
+
+Tensor layout used throughout the package:
+    points  (F, Np, d)   F = 1: one set of points shared by every filter of the layer;
+                         F = out_channels: each output filter has its own points
+    radius  (F, Np)
+    weight  (O, I, Np)   O output filters, I input channels per group
+
+Rendering samples K on the grid linspace(-1, 1, k) along every axis. Axis order follows the
+tensor: points[..., 0] is the row (first spatial axis, 'ij' indexing), points[..., 1] the
+column. For d = 1 the single axis is time and coordinate +1 is the newest sample of a causal
+kernel.
+
+Rendering at another size. The continuous kernel covers [-1, 1]^d whatever k is, so rendering
+at k2 instead of the trained k1 samples the same function (k2 - 1) / (k1 - 1) times more densely
+per axis. To give the same response on an input resized by that same factor, the values must be
+multiplied by ((k1 - 1) / (k2 - 1)) ** d so that the (Riemann) sum over the kernel keeps its
+magnitude; `rescale_factor` returns that number. With k2 = 2 * k1 - 1 the new grid contains the
+old one at even indices, and there the rescaled values times 2 ** d equal the old kernel exactly.
+"""
+import torch
+from timm.layers import trunc_normal_
+
+__all__ = [
+    'render_smp_kernel', 'rescale_factor', 'default_n_points', 'default_radius',
+    'init_smp_points',
+]
+
+def default_n_points(kernel_size: int, dims: int) -> int:
+    """Default number of points: floor(k^2 / 4) for 2D (SMPConv-T/B), 30 for 1D sequence models."""
+    return max(1, kernel_size * kernel_size // 4) if dims == 2 else 30
+
+
+def default_radius(kernel_size: int, dims: int) -> float:
+    """Initial radius 2d / k (paper A.1); for d = 2 this is the ImageNet reference's 4 / k."""
+    return 2.0 * dims / kernel_size
+
+
+def rescale_factor(trained_size: int, render_size: int, dims: int) -> float:
+    """Value multiplier for a kernel trained at `trained_size` and rendered at `render_size`.
+
+    Keeps the response to an input resized by (render_size - 1) / (trained_size - 1) equal
+    to the response of the trained kernel on the original input (see module docstring).
+    """
+    if trained_size == render_size:
+        return 1.0
+    if trained_size < 2 or render_size < 2:
+        raise ValueError(f'rescaling needs kernel sizes >= 2, got {trained_size} -> {render_size}')
+    return ((trained_size - 1) / (render_size - 1)) ** dims
+
+
+@torch.no_grad()
+def init_smp_points(points: torch.Tensor, std: float, causal: bool = False) -> torch.Tensor:
+    """Initialise point positions in place.
+
+    Non-causal: truncated normal, mean 0, std `std`, truncated to [-1, 1].
+    Causal (1D): t ~ truncated normal(0, std) on [-1, 0], then p = 2 t + 1, so p lies in [-1, 1]
+    and clusters just below +1, the newest time step (as the sequence models of the paper do).
+    """
+    if causal:
+        trunc_normal_(points, mean=0., std=std, a=-1., b=0.)
+        points.mul_(2.).add_(1.)
+    else:
+        trunc_normal_(points, mean=0., std=std, a=-1., b=1.)
+    return points
+
+
+def render_smp_kernel(
+        points: torch.Tensor,
+        radius: torch.Tensor,
+        weight: torch.Tensor,
+        kernel_size: int,
+        normalize: bool = False,
+        scale: float = 1.0,
+        eps: float = 1e-6,
+) -> torch.Tensor:
+    """Render the SMP kernel to a discrete (O, I, k[, k]) tensor.
+
+    Args:
+        points: (F, Np, d) point positions, F = 1 (shared) or O (per filter).
+        radius: (F, Np) point radii.
+        weight: (O, I, Np) point values.
+        kernel_size: k, the number of samples per axis on linspace(-1, 1, k).
+        normalize: divide by the number of points covering each sample (paper Eq. 1).
+        scale: constant multiplier of the values (see `rescale_factor`).
+        eps: added to the point count before dividing (normalize=True), as the reference does.
+    """
+    num_f, num_points, dims = points.shape
+    out_chs, in_chs = weight.shape[0], weight.shape[1]
+    grid = torch.linspace(-1., 1., kernel_size, device=points.device, dtype=points.dtype)
+    # L1 distance is separable: |q_0 - p_0| + |q_1 - p_1|, built by broadcasting per axis.
+    dist = (grid - points[:, :, 0:1]).abs()  # (F, Np, k)
+    if dims == 2:
+        dist = dist.unsqueeze(-1) + (grid - points[:, :, 1:2]).abs().unsqueeze(-2)  # (F, Np, k, k)
+    dist = dist.flatten(2)  # (F, Np, k^d)
+    g = torch.relu(1. - dist / radius.unsqueeze(-1))
+    if normalize:
+        count = (g > 0).sum(dim=1, keepdim=True).to(g.dtype)
+        g = g / (count + eps)
+    if scale != 1.0:
+        g = g * scale
+    if num_f == 1:
+        # shared points: one (O*I, Np) @ (Np, k^d) matmul for the whole layer
+        kernel = weight.reshape(out_chs * in_chs, num_points) @ g[0]
+    else:
+        kernel = torch.bmm(weight, g)
+    return kernel.reshape([out_chs, in_chs] + [kernel_size] * dims)

@@ -1,0 +1,328 @@
+""" SMP convolution layers and the RepLKNet-style large-kernel branch.
+
+SMPConv2d / SMPConv1d follow nn.Conv2d / nn.Conv1d conventions (in/out channels, kernel_size,
+stride, groups, bias); their kernel is rendered from SMP points (see `smp.py`) on every forward.
+SMPConv2d pads 'same' (k // 2 on every side); SMPConv1d is causal.
+
+SMPLargeKernel2d / SMPLargeKernel1d compute BN(SMPConv(x)) + BN(small conv(x)).
+
+Every layer here implements timm's reparameterization protocol with `fuse()`, returning a
+plain nn.Conv2d (or a CausalConv1d, an nn.Conv1d subclass that left-pads) with bias, so
+`timm.utils.reparameterize_model(model)` leaves no SMP machinery behind.
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .conv import CausalConv1d
+from .fuse import fold_bn, pad_kernel
+from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor
+
+__all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d']
+
+# torch.fx records these as single calls (leaves) instead of tracing their shape logic
+torch.fx.wrap('render_smp_kernel')
+
+
+def _check_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int, got {type(value).__name__}')
+    if value < minimum:
+        raise ValueError(f'{name} must be >= {minimum}, got {value}')
+    return value
+
+
+def _check_kernel_size(kernel_size: Union[int, Sequence[int]], dims: int, name: str = 'kernel_size') -> int:
+    if isinstance(kernel_size, (tuple, list)):
+        if len(kernel_size) != dims:
+            raise ValueError(f'{name} must have {dims} entries, got {tuple(kernel_size)}')
+        if len(set(kernel_size)) != 1:
+            raise ValueError(f'{name} must be square, got {tuple(kernel_size)}')
+        kernel_size = kernel_size[0]
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f'{name} must be an int, got {type(kernel_size).__name__}')
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f'{name} must be a positive odd number, got {kernel_size}')
+    return kernel_size
+
+
+def _check_channels(in_channels: int, out_channels: int, groups: int):
+    _check_int('in_channels', in_channels)
+    _check_int('out_channels', out_channels)
+    _check_int('groups', groups)
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(
+            f'in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible '
+            f'by groups ({groups})')
+
+
+def _check_input(x: torch.Tensor, rank: int, channels: int, name: str):
+    if x.dim() != rank:
+        raise ValueError(f'{name} expects a {rank}-D input (N, C, ...), got shape {list(x.shape)}')
+    if x.shape[1] != channels:
+        raise ValueError(f'{name} expects {channels} input channels, got {x.shape[1]}')
+
+
+torch.fx.wrap('_check_input')
+
+
+class _SMPConvNd(nn.Module):
+    dims: int = 2
+    # parameters (by attribute name) that the optimizer helpers put in the reduced-lr, no-decay group
+    reduced_lr_param_names = ('radius',)
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: Union[int, Tuple[int, ...]],
+            stride: int = 1,
+            groups: int = 1,
+            bias: bool = True,
+            n_points: Optional[int] = None,
+            shared_points: Optional[bool] = None,
+            normalize: bool = False,
+            point_std: Optional[float] = None,
+            radius: Optional[float] = None,
+            weight_std: float = 0.02,
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            in_channels, out_channels, kernel_size, stride, groups, bias: as for nn.Conv2d.
+                kernel_size must be odd; it is the size the continuous kernel is rendered at.
+            n_points: number of points Np (default floor(k^2/4) for 2D, 30 for 1D).
+            shared_points: one set of positions/radii for all filters of the layer (the ImageNet
+                depthwise form) or a set per output filter (the small-scale form). Default: shared
+                for depthwise convs (groups == in_channels == out_channels), per filter otherwise.
+            normalize: count-normalised average (paper Eq. 1) instead of the plain sum.
+            point_std: std of the truncated-normal position init (default 0.2 for 2D, 0.1 for 1D).
+            radius: initial radius (default 2d / k).
+            weight_std: std of the truncated-normal init of the point weights.
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        _check_channels(in_channels, out_channels, groups)
+        kernel_size = _check_kernel_size(kernel_size, self.dims)
+        _check_int('stride', stride)
+        n_points = default_n_points(kernel_size, self.dims) if n_points is None else n_points
+        _check_int('n_points', n_points)
+        radius = default_radius(kernel_size, self.dims) if radius is None else radius
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)):
+            raise TypeError(f'radius must be a float, got {type(radius).__name__}')
+        if not math.isfinite(radius) or radius <= 0:
+            raise ValueError(f'radius must be finite and > 0, got {radius}')
+        if shared_points is None:
+            shared_points = groups == in_channels == out_channels
+        if point_std is None:
+            point_std = 0.2 if self.dims == 2 else 0.1
+
+        self.layer_name = type(self).__name__  # plain attributes, readable by TorchScript
+        self.input_rank = self.dims + 2
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.groups = groups
+        self.n_points = n_points
+        self.shared_points = shared_points
+        self.normalize = normalize
+        self.point_std = point_std
+        self.init_radius = float(radius)
+        self.weight_std = weight_std
+        self.scale = 1.0  # value multiplier, changed by set_kernel_size(rescale=True)
+
+        num_f = 1 if shared_points else out_channels
+        self.points = nn.Parameter(torch.empty(num_f, n_points, self.dims, **dd))
+        self.radius = nn.Parameter(torch.empty(num_f, n_points, **dd))
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, n_points, **dd))
+        self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init_smp_points(self.points, self.point_std, causal=self.dims == 1)
+        nn.init.constant_(self.radius, self.init_radius)
+        trunc_normal_(self.weight, std=self.weight_std)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
+             f'n_points={self.n_points}, shared_points={self.shared_points}, normalize={self.normalize}')
+        if self.groups != 1:
+            s += f', groups={self.groups}'
+        if self.bias is None:
+            s += ', bias=False'
+        if self.scale != 1.0:
+            s += f', scale={self.scale:.4g}'
+        return s
+
+    def set_kernel_size(self, kernel_size: int, rescale: bool = True):
+        """Render the continuous kernel at a new size from now on.
+
+        With rescale=True the values are multiplied by ((k_old - 1) / (k_new - 1)) ** d
+        (cumulative over calls), which keeps the response to an input resized by the same
+        factor (see `timm_smpconv.layers.smp`). With rescale=False the values are kept.
+        """
+        kernel_size = _check_kernel_size(kernel_size, self.dims)
+        if rescale:
+            self.scale *= rescale_factor(self.kernel_size, kernel_size, self.dims)
+        self.kernel_size = kernel_size
+
+    def get_weight(self) -> torch.Tensor:
+        """The rendered conv weight, (out_channels, in_channels // groups, k[, k])."""
+        return render_smp_kernel(
+            self.points, self.radius, self.weight, self.kernel_size,
+            normalize=self.normalize, scale=self.scale)
+
+    def _check_input(self, x: torch.Tensor):
+        _check_input(x, self.input_rank, self.in_channels, self.layer_name)
+
+    def _plain_conv(self) -> nn.Module:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_plain_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Module:
+        """A plain conv with this layer's geometry (stride, padding, groups) holding `weight` and `bias`."""
+        conv = self._plain_conv()
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+        return conv.train(training)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """timm reparameterization: the plain conv with the rendered kernel (zero bias if the layer had none)."""
+        return self.to_plain_conv(self.get_weight(), self.bias, training=self.training)
+
+
+class SMPConv2d(_SMPConvNd):
+    """2D convolution with an SMP continuous kernel, 'same' padding (k // 2)."""
+    dims = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        pad = self.kernel_size // 2
+        return F.conv2d(x, self.get_weight(), self.bias, self.stride, pad, 1, self.groups)
+
+    def _plain_conv(self) -> nn.Conv2d:
+        return nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            padding=self.kernel_size // 2, groups=self.groups, bias=True,
+            device=self.points.device, dtype=self.points.dtype)
+
+
+class SMPConv1d(_SMPConvNd):
+    """Causal 1D convolution with an SMP continuous kernel.
+
+    Kernel tap k-1 (coordinate +1) multiplies the current time step; the input is left-padded
+    by k - 1 zeros, so the output at t depends only on inputs up to t.
+    """
+    dims = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = F.pad(x, (self.kernel_size - 1, 0))
+        return F.conv1d(x, self.get_weight(), self.bias, self.stride, 0, 1, self.groups)
+
+    def _plain_conv(self) -> CausalConv1d:
+        return CausalConv1d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            groups=self.groups, bias=True, device=self.points.device, dtype=self.points.dtype)
+
+
+class _SMPLargeKernelNd(nn.Module):
+    dims: int = 2
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: int,
+            small_kernel_size: Optional[int] = 5,
+            stride: int = 1,
+            groups: int = 1,
+            small_bias: bool = False,
+            bn_eps: float = 1e-5,
+            device=None,
+            dtype=None,
+            **smp_kwargs,
+    ):
+        """
+        Args:
+            in_channels, out_channels, kernel_size, stride, groups: of both branches; depthwise is
+                groups == in_channels == out_channels.
+            small_kernel_size: odd size of the parallel small conv (<= kernel_size); None for an
+                SMP conv + BN without a small branch.
+            small_bias: give the small conv a bias (the SMP CIFAR stem has one).
+            bn_eps: eps of both BatchNorms.
+            **smp_kwargs: n_points, shared_points, normalize, point_std, radius, weight_std of the
+                SMP conv (which has no bias: the BN follows it).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        smp_cls = SMPConv2d if self.dims == 2 else SMPConv1d
+        bn_cls = nn.BatchNorm2d if self.dims == 2 else nn.BatchNorm1d
+        self.smp = smp_cls(
+            in_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=False, **smp_kwargs, **dd)
+        self.smp_bn = bn_cls(out_channels, eps=bn_eps, **dd)
+        self.kernel_size = self.smp.kernel_size
+        self.small_kernel_size = small_kernel_size
+        if small_kernel_size is not None:
+            small_kernel_size = _check_kernel_size(small_kernel_size, self.dims, 'small_kernel_size')
+            if small_kernel_size > self.kernel_size:
+                raise ValueError(
+                    f'small_kernel_size ({small_kernel_size}) must not exceed kernel_size ({self.kernel_size})')
+            if self.dims == 2:
+                self.small_conv = nn.Conv2d(
+                    in_channels, out_channels, small_kernel_size, stride=stride, padding=small_kernel_size // 2,
+                    groups=groups, bias=small_bias, **dd)
+            else:
+                self.small_conv = CausalConv1d(
+                    in_channels, out_channels, small_kernel_size, stride=stride, groups=groups,
+                    bias=small_bias, **dd)
+            trunc_normal_(self.small_conv.weight, std=0.02)
+            if self.small_conv.bias is not None:
+                nn.init.zeros_(self.small_conv.bias)
+            self.small_bn = bn_cls(out_channels, eps=bn_eps, **dd)
+        else:
+            self.small_conv = None
+            self.small_bn = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.smp_bn(self.smp(x))
+        if self.small_conv is not None and self.small_bn is not None:
+            out = out + self.small_bn(self.small_conv(x))
+        return out
+
+    @torch.no_grad()
+    def get_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The single (weight, bias) equivalent to the whole branch with BNs in inference mode."""
+        w, b = fold_bn(self.smp.get_weight(), None, self.smp_bn)
+        if self.small_conv is not None:
+            ws, bs = fold_bn(self.small_conv.weight, self.small_conv.bias, self.small_bn)
+            w = w + pad_kernel(ws, self.smp.kernel_size, causal=self.dims == 1)
+            b = b + bs
+        return w, b
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """One plain conv with bias (nn.Conv2d, or CausalConv1d for 1D) equal to the branch in eval mode."""
+        return self.smp.to_plain_conv(*self.get_kernel_bias(), training=self.training)
+
+
+class SMPLargeKernel2d(_SMPLargeKernelNd):
+    """BN(SMPConv2d(x)) + BN(small k x k Conv2d(x)): RepLKNet's large-kernel branch with an SMP kernel.
+
+    Fuses into one k x k nn.Conv2d with bias (the small kernel zero-padded into the large one).
+    """
+    dims = 2
+
+
+class SMPLargeKernel1d(_SMPLargeKernelNd):
+    """BN(SMPConv1d(x)) + BN(small causal Conv1d(x)), as in the SMP sequence models; fuses to one causal conv."""
+    dims = 1
