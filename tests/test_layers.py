@@ -1,6 +1,4 @@
 """ SMPConv1d / SMPConv2d / SMPLargeKernel*: conv semantics, bad input, scripting, tracing, devices, dtypes. """
-import math
-
 import pytest
 import torch
 import torch.nn as nn
@@ -167,4 +165,4 @@ def test_repr_names_the_configuration():
     assert 'kernel_size=31' in text and 'n_points=240' in text and 'groups=8' in text and 'bias=False' in text
     layer = SMPConv2d(8, 8, 17, groups=8)
     layer.set_kernel_size(33)
-    assert 'scale=0.25' in repr(layer) and math.isclose(layer.scale, 0.25)
+    assert 'kernel_size=33' in repr(layer) and int(layer.kernel_size_record) == 33

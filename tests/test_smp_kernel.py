@@ -157,15 +157,57 @@ def test_render_at_2k_minus_1_matches_after_rescale(dims):
     k = 17
     layer = cls(3, 3, k, groups=3, n_points=12, radius=0.3)
     coarse = layer.get_weight()
-    layer.set_kernel_size(2 * k - 1)
-    assert layer.scale == pytest.approx(rescale_factor(k, 2 * k - 1, dims)) == pytest.approx(0.5 ** dims)
+    weight = layer.weight.detach().clone()
+    layer.set_kernel_size(2 * k - 1)  # default 'stretch'
+    assert rescale_factor(k, 2 * k - 1, dims) == pytest.approx(0.5 ** dims)
+    torch.testing.assert_close(layer.weight.detach(), weight * 0.5 ** dims)
     fine = layer.get_weight()
-    assert fine.shape[-1] == 2 * k - 1
+    assert fine.shape[-1] == 2 * k - 1 and int(layer.kernel_size_record) == 2 * k - 1
     sub = fine[..., ::2, ::2] if dims == 2 else fine[..., ::2]
     torch.testing.assert_close(sub * 2 ** dims, coarse, rtol=1e-5, atol=1e-6)
-    # without rescaling the values at the shared grid points are the raw function values
+    # and back: the inverse mapping restores the trained kernel
     layer.set_kernel_size(k)
     torch.testing.assert_close(layer.get_weight(), coarse, rtol=1e-5, atol=1e-6)
+    # 'none' keeps the raw function values: at shared grid points they equal the coarse kernel
+    layer.set_kernel_size(2 * k - 1, mode='none')
+    raw = layer.get_weight()
+    torch.testing.assert_close(raw[..., ::2, ::2] if dims == 2 else raw[..., ::2], coarse, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('dims', [1, 2])
+def test_extend_mode_zero_pads_the_same_pixel_kernel(dims):
+    torch.manual_seed(2)
+    cls = SMPConv2d if dims == 2 else SMPConv1d
+    layer = cls(4, 4, 11, groups=4, n_points=10, radius=0.3, resize_mode='extend')
+    small = layer.get_weight()
+    layer.set_kernel_size(21)
+    big = layer.get_weight()
+    if dims == 2:
+        torch.testing.assert_close(big[..., 5:-5, 5:-5], small, rtol=1e-4, atol=1e-6)
+        assert big[..., :5, :].abs().max() < 1e-6 and big[..., :, -5:].abs().max() < 1e-6
+    else:
+        torch.testing.assert_close(big[..., 5:-5], small, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match='resize mode'):
+        layer.set_kernel_size(11, mode='crop')
+    with pytest.raises(ValueError, match='resize mode'):
+        cls(4, 4, 11, resize_mode='crop')
+
+
+@pytest.mark.parametrize('mode', ['stretch', 'extend', 'none'])
+def test_state_dict_saved_at_another_size_is_resized_on_load(mode):
+    torch.manual_seed(3)
+    src = SMPConv2d(4, 4, 13, groups=4, n_points=20, radius=0.25)
+    dst = SMPConv2d(4, 4, 25, groups=4, n_points=20, resize_mode=mode)
+    dst.load_state_dict(src.state_dict())
+    ref = SMPConv2d(4, 4, 13, groups=4, n_points=20)
+    ref.load_state_dict(src.state_dict())
+    ref.set_kernel_size(25, mode=mode)
+    torch.testing.assert_close(dst.get_weight(), ref.get_weight())
+    assert int(dst.kernel_size_record) == 25
+    # the source is untouched, and a same-size load is exact
+    same = SMPConv2d(4, 4, 13, groups=4, n_points=20)
+    same.load_state_dict(src.state_dict())
+    torch.testing.assert_close(same.get_weight(), src.get_weight())
 
 
 def test_rescaled_kernel_gives_same_response_on_resized_input():

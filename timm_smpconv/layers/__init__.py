@@ -1,7 +1,7 @@
 """ Building blocks of timm_smpconv; no model knowledge lives here. """
-from .conv import CausalConv1d
-from .fuse import fold_bn, pad_kernel
+from .conv import CausalConv1d, ConvBN
+from .fuse import fold_bn, fold_preceding_bn, pad_kernel
 from .smp import (
     default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor,
 )
-from .smp_conv import SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d
+from .smp_conv import SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, resize_smp_params

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ['fold_bn', 'pad_kernel']
+__all__ = ['fold_bn', 'fold_preceding_bn', 'pad_kernel']
 
 
 @torch.no_grad()
@@ -43,3 +43,37 @@ def pad_kernel(kernel: torch.Tensor, size: int, causal: bool = False) -> torch.T
         return F.pad(kernel, (size - k, 0))
     p = (size - k) // 2
     return F.pad(kernel, [p, p] * (kernel.dim() - 2))
+
+
+@torch.no_grad()
+def fold_preceding_bn(
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        bn: nn.Module,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fold an inference-mode BatchNorm that feeds a 1x1 conv (or a Linear) into its (weight, bias).
+
+    conv(BN(x)) = W (t * x + s) + b = (W * t) x + (W s + b), t = gamma / sqrt(var + eps),
+    s = beta - mean * t. Exact only for 1x1 kernels without groups (no zero padding to see the shift).
+    """
+    if weight.dim() > 2 and any(k != 1 for k in weight.shape[2:]):
+        raise ValueError(f'a preceding BatchNorm folds only into a 1x1 conv, got kernel {tuple(weight.shape[2:])}')
+    if getattr(bn, 'running_mean', None) is None or getattr(bn, 'running_var', None) is None:
+        raise ValueError(
+            f'cannot fold {type(bn).__name__} without running statistics (track_running_stats=False)')
+    if weight.shape[1] != bn.running_mean.numel():
+        raise ValueError(
+            f'BatchNorm has {bn.running_mean.numel()} channels but the next layer takes {weight.shape[1]} '
+            f'(grouped convs cannot absorb a preceding BatchNorm)')
+    t = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        t = t * bn.weight
+    s = -bn.running_mean * t
+    if bn.bias is not None:
+        s = s + bn.bias
+    shape = [1, -1] + [1] * (weight.dim() - 2)
+    new_w = weight * t.reshape(shape).to(weight.dtype)
+    new_b = weight.flatten(1) @ s.to(weight.dtype)
+    if bias is not None:
+        new_b = new_b + bias
+    return new_w.detach(), new_b.detach()

@@ -26,6 +26,8 @@ per axis. To give the same response on an input resized by that same factor, the
 multiplied by ((k1 - 1) / (k2 - 1)) ** d so that the (Riemann) sum over the kernel keeps its
 magnitude; `rescale_factor` returns that number. With k2 = 2 * k1 - 1 the new grid contains the
 old one at even indices, and there the rescaled values times 2 ** d equal the old kernel exactly.
+The layers apply this (and the alternative 'extend' mapping) to their parameters: see
+`timm_smpconv.layers.smp_conv.resize_smp_params`.
 """
 import torch
 from timm.layers import trunc_normal_
@@ -80,7 +82,6 @@ def render_smp_kernel(
         weight: torch.Tensor,
         kernel_size: int,
         normalize: bool = False,
-        scale: float = 1.0,
         eps: float = 1e-6,
 ) -> torch.Tensor:
     """Render the SMP kernel to a discrete (O, I, k[, k]) tensor.
@@ -91,7 +92,6 @@ def render_smp_kernel(
         weight: (O, I, Np) point values.
         kernel_size: k, the number of samples per axis on linspace(-1, 1, k).
         normalize: divide by the number of points covering each sample (paper Eq. 1).
-        scale: constant multiplier of the values (see `rescale_factor`).
         eps: added to the point count before dividing (normalize=True), as the reference does.
     """
     num_f, num_points, dims = points.shape
@@ -106,8 +106,6 @@ def render_smp_kernel(
     if normalize:
         count = (g > 0).sum(dim=1, keepdim=True).to(g.dtype)
         g = g / (count + eps)
-    if scale != 1.0:
-        g = g * scale
     if num_f == 1:
         # shared points: one (O*I, Np) @ (Np, k^d) matmul for the whole layer
         kernel = weight.reshape(out_chs * in_chs, num_points) @ g[0]

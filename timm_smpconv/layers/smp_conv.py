@@ -22,7 +22,7 @@ from .conv import CausalConv1d
 from .fuse import fold_bn, pad_kernel
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor
 
-__all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d']
+__all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 'resize_smp_params']
 
 # torch.fx records these as single calls (leaves) instead of tracing their shape logic
 torch.fx.wrap('render_smp_kernel')
@@ -48,6 +48,46 @@ def _check_kernel_size(kernel_size: Union[int, Sequence[int]], dims: int, name: 
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f'{name} must be a positive odd number, got {kernel_size}')
     return kernel_size
+
+
+RESIZE_MODES = ('stretch', 'extend', 'none')
+
+
+def _check_resize_mode(mode: str) -> str:
+    if mode not in RESIZE_MODES:
+        raise ValueError(f'resize mode must be one of {RESIZE_MODES}, got {mode!r}')
+    return mode
+
+
+def resize_smp_params(
+        points: torch.Tensor,
+        radius: torch.Tensor,
+        weight: torch.Tensor,
+        from_size: int,
+        to_size: int,
+        mode: str = 'stretch',
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Map SMP parameters calibrated for kernel size `from_size` to `to_size`.
+
+    'stretch': the same function on the same [-1, 1] extent, sampled more (or less) densely; the
+        values are multiplied by ((k1 - 1) / (k2 - 1)) ** d (`rescale_factor`), so the response to an
+        input resized by (k2 - 1) / (k1 - 1) is the trained one. For a resolution change.
+    'extend': the same kernel in pixels: positions and radii times (k1 - 1) / (k2 - 1), so a larger
+        kernel is the old one zero-padded (exact at the trained resolution). For a same-resolution
+        fine-tune with a larger support.
+    'none': parameters unchanged (the same function, values as they are).
+    """
+    if from_size == to_size or mode == 'none':
+        return points, radius, weight
+    dims = points.shape[-1]
+    if mode == 'stretch':
+        return points, radius, weight * rescale_factor(from_size, to_size, dims)
+    if mode == 'extend':
+        if from_size < 2 or to_size < 2:
+            raise ValueError(f"'extend' needs kernel sizes >= 2, got {from_size} -> {to_size}")
+        ratio = (from_size - 1) / (to_size - 1)
+        return points * ratio, radius * ratio, weight
+    raise ValueError(f'resize mode must be one of {RESIZE_MODES}, got {mode!r}')
 
 
 def _check_channels(in_channels: int, out_channels: int, groups: int):
@@ -89,6 +129,7 @@ class _SMPConvNd(nn.Module):
             point_std: Optional[float] = None,
             radius: Optional[float] = None,
             weight_std: float = 0.02,
+            resize_mode: str = 'stretch',
             device=None,
             dtype=None,
     ):
@@ -104,6 +145,9 @@ class _SMPConvNd(nn.Module):
             point_std: std of the truncated-normal position init (default 0.2 for 2D, 0.1 for 1D).
             radius: initial radius (default 2d / k).
             weight_std: std of the truncated-normal init of the point weights.
+            resize_mode: how parameters calibrated for another kernel size are mapped to this one, in
+                `set_kernel_size` and when loading a state dict saved at another size: 'stretch',
+                'extend' or 'none' (see `resize_smp_params`).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -121,6 +165,7 @@ class _SMPConvNd(nn.Module):
             shared_points = groups == in_channels == out_channels
         if point_std is None:
             point_std = 0.2 if self.dims == 2 else 0.1
+        _check_resize_mode(resize_mode)
 
         self.layer_name = type(self).__name__  # plain attributes, readable by TorchScript
         self.input_rank = self.dims + 2
@@ -135,13 +180,16 @@ class _SMPConvNd(nn.Module):
         self.point_std = point_std
         self.init_radius = float(radius)
         self.weight_std = weight_std
-        self.scale = 1.0  # value multiplier, changed by set_kernel_size(rescale=True)
+        self.resize_mode = resize_mode
 
         num_f = 1 if shared_points else out_channels
         self.points = nn.Parameter(torch.empty(num_f, n_points, self.dims, **dd))
         self.radius = nn.Parameter(torch.empty(num_f, n_points, **dd))
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, n_points, **dd))
         self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
+        # the kernel size the parameters are calibrated for, saved with them so that a state dict
+        # loaded into a layer of another size is resized (see _load_from_state_dict)
+        self.register_buffer('kernel_size_record', torch.tensor(kernel_size, device=device, dtype=torch.long))
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -158,27 +206,43 @@ class _SMPConvNd(nn.Module):
             s += f', groups={self.groups}'
         if self.bias is None:
             s += ', bias=False'
-        if self.scale != 1.0:
-            s += f', scale={self.scale:.4g}'
         return s
 
-    def set_kernel_size(self, kernel_size: int, rescale: bool = True):
-        """Render the continuous kernel at a new size from now on.
-
-        With rescale=True the values are multiplied by ((k_old - 1) / (k_new - 1)) ** d
-        (cumulative over calls), which keeps the response to an input resized by the same
-        factor (see `timm_smpconv.layers.smp`). With rescale=False the values are kept.
-        """
+    @torch.no_grad()
+    def set_kernel_size(self, kernel_size: int, mode: Optional[str] = None):
+        """Render at a new kernel size from now on, mapping the parameters by `mode`
+        (default: the layer's resize_mode; see `resize_smp_params`)."""
         kernel_size = _check_kernel_size(kernel_size, self.dims)
-        if rescale:
-            self.scale *= rescale_factor(self.kernel_size, kernel_size, self.dims)
+        mode = self.resize_mode if mode is None else _check_resize_mode(mode)
+        points, radius, weight = resize_smp_params(
+            self.points, self.radius, self.weight, self.kernel_size, kernel_size, mode)
+        self.points.copy_(points)
+        self.radius.copy_(radius)
+        self.weight.copy_(weight)
         self.kernel_size = kernel_size
+        self.kernel_size_record.fill_(kernel_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # parameters saved at another kernel size are mapped to this layer's size by resize_mode
+        key = prefix + 'kernel_size_record'
+        names = [prefix + n for n in ('points', 'radius', 'weight')]
+        if key in state_dict and all(n in state_dict for n in names):
+            saved = int(state_dict[key])
+            if saved != self.kernel_size:
+                if saved < 1 or saved % 2 == 0:
+                    error_msgs.append(f'{key}: invalid saved kernel size {saved}')
+                    return
+                state_dict[names[0]], state_dict[names[1]], state_dict[names[2]] = resize_smp_params(
+                    state_dict[names[0]], state_dict[names[1]], state_dict[names[2]], saved, self.kernel_size,
+                    self.resize_mode)
+            state_dict[key] = torch.tensor(self.kernel_size)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def get_weight(self) -> torch.Tensor:
         """The rendered conv weight, (out_channels, in_channels // groups, k[, k])."""
-        return render_smp_kernel(
-            self.points, self.radius, self.weight, self.kernel_size,
-            normalize=self.normalize, scale=self.scale)
+        return render_smp_kernel(self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize)
 
     def _check_input(self, x: torch.Tensor):
         _check_input(x, self.input_rank, self.in_channels, self.layer_name)

@@ -1,0 +1,304 @@
+""" SMPConvNet models against the checks timm applies to every model it ships (tests/test_models.py of timm),
+written here because timm's own test file is not part of its wheel. Small inputs keep CI fast. """
+import fnmatch
+import inspect
+
+import pytest
+import torch
+import torch.nn as nn
+import timm
+from timm.layers import create_feature_extractor, get_graph_node_names, get_notrace_functions, get_notrace_modules
+from timm.layers import set_scriptable
+from timm.models import group_parameters
+from timm.utils import reparameterize_model
+
+import timm_smpconv  # noqa: F401  (registers the models)
+from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
+
+MODELS = ['smpconv_t', 'smpconv_b', 'smpconv_mobile31', 'smpconv_mobile51']
+PARAMS = {'smpconv_t': 26_705_248, 'smpconv_b': 79_546_520, 'smpconv_mobile31': 2_892_494,
+          'smpconv_mobile51': 3_066_884}
+SIZE = 64  # small input for CPU tests; all four models reduce by 32 -> 2x2 final maps
+
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_registered_with_timm_on_import():
+    assert sorted(timm.list_models(module='smpconv')) == sorted(MODELS)
+    assert set(timm.list_models('smpconv*', include_tags=True)) >= {m + '.untrained' for m in MODELS}
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_parameter_counts_equal_the_authors(name):
+    model = timm.create_model(name, device='meta')
+    assert n_params(model) == PARAMS[name]
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_default_cfg_and_api_contract_on_meta(name):
+    """timm's test_model_default_cfgs, on the meta device."""
+    with pytest.raises(TypeError):
+        timm.create_model(name, device='meta', not_an_argument=1)
+    with torch.device('meta'):
+        model = timm.create_model(name, device='meta', dtype=torch.float32)
+    cfg = model.pretrained_cfg
+    assert inspect.signature(model.reset_classifier).parameters['global_pool'].default is None
+    assert len(group_parameters(model, model.group_matcher(coarse=False))) > 1
+    assert len(group_parameters(model, model.group_matcher(coarse=True))) > 1
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in model.no_weight_decay():
+        assert any(fnmatch.fnmatch(n, pattern) for n in names), pattern
+    assert model.num_classes == cfg['num_classes'] == 1000
+    assert model.num_features > 0 and model.head_hidden_size > 0
+    assert model.in_chans == cfg['input_size'][0]
+    x = torch.empty((1,) + tuple(cfg['input_size']), device='meta')
+    feat = model.forward_features(x)
+    assert feat.shape[1] == model.num_features and tuple(feat.shape[2:]) == cfg['pool_size']
+    assert model.forward_head(feat, pre_logits=True).shape[1] == model.head_hidden_size
+    sd = model.state_dict()
+    assert cfg['classifier'] + '.weight' in sd and cfg['first_conv'] + '.weight' in sd
+    # bf16: output dtype follows the model
+    model.to(torch.bfloat16)
+    assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    model.to(torch.float32)
+    model.reset_classifier(0)
+    assert model.num_classes == 0 and model(x).shape == (1, model.head_hidden_size)
+    model.reset_classifier(0, '')
+    assert tuple(model(x).shape[2:]) == cfg['pool_size']
+    m0 = timm.create_model(name, device='meta', num_classes=0)
+    assert m0(x).shape == (1, m0.head_hidden_size)
+    m0 = timm.create_model(name, device='meta', num_classes=0, global_pool='')
+    assert m0(x).ndim == 4
+    # factory device without a device context: every param and buffer on meta
+    mf = timm.create_model(name, device='meta')
+    off = [n for n, t in list(mf.named_parameters()) + list(mf.named_buffers()) if t.device.type != 'meta']
+    assert not off
+    # reset_classifier keeps device, dtype, training flag; frozen params stay frozen
+    m64 = timm.create_model(name, device='meta', dtype=torch.float64).train()
+    m64.requires_grad_(False)
+    m64.reset_classifier(7)
+    assert m64.get_classifier().weight.dtype == torch.float64 and m64.get_classifier().training
+    assert m64.get_classifier().weight.device.type == 'meta'
+    m64.requires_grad_(False)
+    m64.reset_classifier(0)
+    m64.reset_classifier(0, '')
+    assert not any(p.requires_grad for p in m64.parameters())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_and_grad_checkpointing(name):
+    """timm's test_model_forward: eval forward, no NaN, unchanged with grad checkpointing."""
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (1, 1000) and not torch.isnan(out).any()
+        model.set_grad_checkpointing()
+        torch.testing.assert_close(model(x), out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_backward_reaches_every_parameter(name):
+    """timm's test_model_backward: num_classes=42, train mode, batch 2."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=42, drop_path_rate=0.1, drop_rate=0.1).train()
+    out = model(torch.randn(2, 3, SIZE, SIZE))
+    assert out.shape == (2, 42)
+    out.mean().backward()
+    for n, p in model.named_parameters():
+        assert p.grad is not None, n
+        assert p.grad.numel() == p.numel(), n
+
+
+def test_grad_checkpointing_really_checkpoints(monkeypatch):
+    import timm_smpconv.models.smpconv as smp_models
+    calls = []
+    real = smp_models.checkpoint_seq
+    monkeypatch.setattr(smp_models, 'checkpoint_seq', lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = timm.create_model('smpconv_mobile31', num_classes=3).train()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    torch.manual_seed(0)
+    ref = model(x)
+    assert not calls
+    model.set_grad_checkpointing(True)
+    torch.manual_seed(0)
+    out = model(x)
+    assert len(calls) == 4
+    out.sum().backward()
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_torchscript(name):
+    model = timm.create_model(name).eval()
+    with set_scriptable(True):
+        scripted = torch.jit.script(model)
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+
+
+def _fx_model(model, train):
+    tracer_kwargs = dict(leaf_modules=list(get_notrace_modules()), autowrap_functions=list(get_notrace_functions()))
+    from torchvision.models.feature_extraction import create_feature_extractor as tv_extractor
+    from torchvision.models.feature_extraction import get_graph_node_names as tv_nodes
+    train_nodes, eval_nodes = tv_nodes(model, tracer_kwargs=tracer_kwargs)
+    model.train(train)
+    return tv_extractor(model, return_nodes=[(train_nodes if train else eval_nodes)[-1]], tracer_kwargs=tracer_kwargs)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fx_forward_and_backward(name):
+    """timm's test_model_forward_fx / test_model_backward_fx."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        ref = model(x)
+    fx = _fx_model(model, train=False)
+    with torch.no_grad():
+        out = fx(x)
+    out = out[next(iter(out))] if isinstance(out, dict) else out
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    fx_train = _fx_model(model, train=True)
+    out = fx_train(torch.randn(2, 3, SIZE, SIZE))
+    out = out[next(iter(out))] if isinstance(out, dict) else out
+    out.mean().backward()
+    assert all(p.grad is not None for p in fx_train.parameters())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_features_only_and_out_indices(name):
+    model = timm.create_model(name, features_only=True).eval()
+    info = model.feature_info
+    assert len(info.channels()) == 4 and info.reduction() == [4, 8, 16, 32]
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        feats = model(x)
+    for f, c, r in zip(feats, info.channels(), info.reduction()):
+        assert f.shape[1] == c and f.shape[-1] == SIZE // r
+    sub = timm.create_model(name, features_only=True, out_indices=(1, 3)).eval()
+    with torch.no_grad():
+        f1, f3 = sub(x)
+    torch.testing.assert_close(f1, feats[1])
+    torch.testing.assert_close(f3, feats[3])
+
+
+def test_forward_intermediates_and_getter():
+    """timm's test_model_forward_intermediates(_features); our module is not in timm's filter list."""
+    torch.manual_seed(0)
+    model = timm.create_model('smpconv_mobile31').eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    with torch.no_grad():
+        final, inter = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=1e-5, atol=1e-8)
+        assert [t.shape[1] for t in inter] == [f['num_chs'] for f in model.feature_info]
+        normed = model.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True)
+        torch.testing.assert_close(normed[0], model.head.norm(final))
+        early = model.forward_intermediates(x, indices=[0, 1], stop_early=True, intermediates_only=True)
+        torch.testing.assert_close(early[1], inter[1])
+        model.set_grad_checkpointing()
+        final2, _ = model.forward_intermediates(x)
+        torch.testing.assert_close(final2, final)
+    getter = timm.create_model('smpconv_mobile31', features_only=True, feature_cls='getter', out_indices=(0, 2)).eval()
+    with torch.no_grad():
+        feats = getter(x)
+    assert [f.shape[1] for f in feats] == [64, 256]
+
+
+def test_prune_intermediate_layers_contract():
+    torch.manual_seed(0)
+    model = timm.create_model('smpconv_mobile31').eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        full = model.forward_intermediates(x, intermediates_only=True)
+    kept = model.prune_intermediate_layers([0, 1], prune_head=True)
+    assert kept == [0, 1] and len(model.stages) == 2
+    assert model.num_features == 128 and model.num_classes == 0
+    with torch.no_grad():
+        pruned = model.forward_intermediates(x, intermediates_only=True)
+    torch.testing.assert_close(pruned[1], full[1])
+    model.train()
+    out = model(x)
+    out.mean().backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_create_model_kwargs(name):
+    model = timm.create_model(name, num_classes=10, in_chans=1, drop_rate=0.2, drop_path_rate=0.3,
+                              global_pool='max', device='meta', dtype=torch.bfloat16)
+    assert model.num_classes == 10 and model.in_chans == 1
+    assert model.stem[0].conv.in_channels == 1 and model.head.drop.p == 0.2
+    assert model.head.global_pool.pool_type == 'max'
+    dps = [m.drop_prob for m in model.modules() if type(m).__name__ == 'DropPath']
+    assert max(dps) == pytest.approx(0.3)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    out = model(torch.empty(2, 1, SIZE, SIZE, device='meta', dtype=torch.bfloat16))
+    assert out.shape == (2, 10)
+
+
+def test_kernel_and_points_overrides():
+    m = timm.create_model('smpconv_mobile31', kernel_sizes=(51, 49, 47, 13), device='meta')
+    lk = m.stages[0].blocks[0].large_kernel
+    assert lk.smp.kernel_size == 51 and lk.smp.n_points == 31 * 31 // 8  # the variant's points: checkpoints fit
+    assert n_params(m) == PARAMS['smpconv_mobile31']
+    m = timm.create_model('smpconv_mobile31', n_points=(10, 11, 12, 13), device='meta')
+    assert [s.blocks[0].large_kernel.smp.n_points for s in m.stages] == [10, 11, 12, 13]
+    with pytest.raises(ValueError, match='kernel_sizes has 3 entries'):
+        timm.create_model('smpconv_mobile31', kernel_sizes=(31, 29, 27), device='meta')
+    with pytest.raises(ValueError, match='odd'):
+        timm.create_model('smpconv_mobile31', kernel_sizes=(30, 29, 27, 13), device='meta')
+    with pytest.raises(ValueError, match='kernel_resize'):
+        timm.create_model('smpconv_mobile31', kernel_resize='crop', device='meta')
+
+
+def _randomize_bn(model):
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize('name', ['smpconv_mobile31', 'smpconv_t'])
+def test_reparameterize_whole_network(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name)
+    _randomize_bn(model)
+    model.eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        y = model(x)
+        fused = reparameterize_model(model)
+        y_fused = fused(x)
+    assert ((y - y_fused).abs().max() / y.abs().max()).item() <= 1e-4
+    kinds = {type(m) for m in fused.modules()}
+    assert not any(issubclass(k, (_SMPConvNd, _SMPLargeKernelNd, nn.modules.batchnorm._BatchNorm)) for k in kinds)
+    convs = [m for m in fused.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.bias is not None for c in convs)
+    # one conv per large-kernel branch at the SMP kernel size
+    lk = fused.stages[0].blocks[0].large_kernel
+    assert isinstance(lk, nn.Conv2d) and lk.kernel_size == (model.kernel_sizes[0],) * 2
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(fused)(x), y_fused)
+    # the original is untouched
+    assert isinstance(model.stages[0].blocks[0].prelkb_bn, nn.BatchNorm2d)
+
+
+def test_reparameterize_without_classifier_keeps_head_norm():
+    model = timm.create_model('smpconv_mobile31', num_classes=0)
+    _randomize_bn(model)
+    model.eval()
+    x = torch.randn(1, 3, SIZE, SIZE)
+    fused = reparameterize_model(model)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    assert isinstance(fused.head.norm, nn.BatchNorm2d)  # nothing to fold it into

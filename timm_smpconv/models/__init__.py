@@ -1,0 +1,2 @@
+""" timm model families; importing this registers them with timm. """
+from .smpconv import SMPConvNet

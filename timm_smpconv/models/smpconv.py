@@ -1,0 +1,530 @@
+""" SMPConvNet: RepLKNet-style ImageNet networks with self-moving point (SMP) large kernels.
+
+Paper: `SMPConv: Self-moving Point Representations for Continuous Convolution`, CVPR 2023
+(Kim and Park). Architecture as in the paper's ImageNet models (RepLKNet-31 layout, every large
+depthwise kernel an SMP kernel), parameter counts identical to the authors' models.
+
+Models: smpconv_t, smpconv_b, smpconv_mobile31, smpconv_mobile51.
+
+Loading the authors' checkpoints: `timm.create_model('smpconv_t', pretrained=True,
+pretrained_cfg_overlay=dict(file='path/to/checkpoint.pth'))` converts their layout (EMA weights
+preferred), including the orientation of their rendered kernels (see `_convert_authors`).
+
+Changing kernel sizes at load time: the kernels are continuous, so a checkpoint trained with
+kernel sizes k1 renders at any odd k2 (`kernel_sizes=(51, 49, 47, 13)`). The number of points
+stays the variant's, so the checkpoint fits. Every SMP layer saves the kernel size its parameters
+are calibrated for; on loading at another size `kernel_resize` maps them (see
+`timm_smpconv.layers.resize_smp_params`):
+  * 'stretch' (default): the same function over the same [-1, 1] extent, sampled more densely;
+    values times ((k1 - 1) / (k2 - 1))^2. The response matches the trained model's on an input
+    upsampled by (k2 - 1) / (k1 - 1): the choice for fine-tuning at a higher resolution.
+  * 'extend': the same kernel in pixels, zero-padded to k2 (positions and radii times
+    (k1 - 1) / (k2 - 1)); the network's outputs are unchanged at the trained resolution and the
+    points can move into the new border: the choice for fine-tuning at the same resolution.
+"""
+import pickle
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..layers import ConvBN, SMPLargeKernel2d, fold_preceding_bn
+
+__all__ = ['SMPConvNet']
+
+
+class LargeKernelBlock(nn.Module):
+    """x + DropPath(PW2(ReLU(LK(PW1(BN(x)))))) with LK = BN(SMP k x k) + BN(DW 5 x 5)."""
+
+    def __init__(
+            self,
+            dim: int,
+            kernel_size: int,
+            n_points: int,
+            small_kernel_size: int = 5,
+            dw_ratio: float = 1.,
+            drop_path: float = 0.,
+            kernel_resize: str = 'stretch',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        hidden = int(dim * dw_ratio)
+        self.prelkb_bn = nn.BatchNorm2d(dim, **dd)
+        self.pw1 = ConvBN(dim, hidden, 1, act_layer=nn.ReLU, **dd)
+        self.large_kernel = SMPLargeKernel2d(
+            hidden, hidden, kernel_size, small_kernel_size=small_kernel_size, groups=hidden,
+            n_points=n_points, resize_mode=kernel_resize, **dd)
+        self.lk_act = nn.ReLU()
+        self.pw2 = ConvBN(hidden, dim, 1, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.pw2(self.lk_act(self.large_kernel(self.pw1(self.prelkb_bn(x))))))
+
+    def reparameterize(self):
+        """Fold the pre-block BN into the first 1x1 conv; timm's walk then fuses the children."""
+        if not isinstance(self.prelkb_bn, nn.Identity):
+            self.pw1.fold_input_bn_(self.prelkb_bn)
+            self.prelkb_bn = nn.Identity()
+
+
+class FFNBlock(nn.Module):
+    """x + DropPath(PW2(GELU(PW1(BN(x))))), PW = 1x1 conv + BN."""
+
+    def __init__(
+            self,
+            dim: int,
+            ffn_ratio: float = 4.,
+            drop_path: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        hidden = int(dim * ffn_ratio)
+        self.preffn_bn = nn.BatchNorm2d(dim, **dd)
+        self.pw1 = ConvBN(dim, hidden, 1, **dd)
+        self.act = nn.GELU()
+        self.pw2 = ConvBN(hidden, dim, 1, **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.pw2(self.act(self.pw1(self.preffn_bn(x)))))
+
+    def reparameterize(self):
+        if not isinstance(self.preffn_bn, nn.Identity):
+            self.pw1.fold_input_bn_(self.preffn_bn)
+            self.preffn_bn = nn.Identity()
+
+
+class SMPConvStage(nn.Module):
+    """Optional downsample (1x1 conv-BN-ReLU, DW 3x3 s2 conv-BN-ReLU), then depth x (LK block, FFN block)."""
+
+    def __init__(
+            self,
+            in_dim: int,
+            dim: int,
+            depth: int,
+            kernel_size: int,
+            n_points: int,
+            downsample: bool = True,
+            small_kernel_size: int = 5,
+            dw_ratio: float = 1.,
+            ffn_ratio: float = 4.,
+            drop_path_rates: Optional[Sequence[float]] = None,
+            kernel_resize: str = 'stretch',
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.grad_checkpointing = False
+        if downsample:
+            self.downsample = nn.Sequential(
+                ConvBN(in_dim, dim, 1, act_layer=nn.ReLU, **dd),
+                ConvBN(dim, dim, 3, stride=2, groups=dim, act_layer=nn.ReLU, **dd),
+            )
+        else:
+            self.downsample = nn.Identity()
+        drop_path_rates = drop_path_rates or [0.] * depth
+        blocks = []
+        for i in range(depth):
+            blocks.append(LargeKernelBlock(
+                dim, kernel_size, n_points, small_kernel_size, dw_ratio, drop_path_rates[i], kernel_resize, **dd))
+            blocks.append(FFNBlock(dim, ffn_ratio, drop_path_rates[i], **dd))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return x
+
+
+class NormClassifierHead(ClassifierHead):
+    """BatchNorm -> global pool -> dropout -> fc (the reference's final norm lives in the head).
+
+    `reparameterize()` folds the BatchNorm into the fc when pooling is 'avg' (an affine per-channel
+    map commutes with averaging), leaving no BatchNorm behind.
+    """
+
+    def __init__(
+            self,
+            in_features: int,
+            num_classes: int,
+            pool_type: str = 'avg',
+            drop_rate: float = 0.,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__(in_features, num_classes, pool_type, drop_rate, device=device, dtype=dtype)
+        self.norm = nn.BatchNorm2d(in_features, device=device, dtype=dtype)
+
+    def reset(
+            self,
+            num_classes: int,
+            pool_type: Optional[str] = None,
+            reset_other: bool = False,
+            in_features: Optional[int] = None,
+            device=None,
+            dtype=None,
+    ):
+        if reset_other:
+            self.norm = nn.Identity().train(self.training)
+        elif in_features is not None and in_features != self.in_features and not isinstance(self.norm, nn.Identity):
+            raise ValueError('the head norm is sized for the final features; pass reset_other=True to change them')
+        super().reset(num_classes, pool_type, reset_other, in_features, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(self.norm(x))
+        x = self.drop(x)
+        if pre_logits:
+            return self.flatten(x)
+        x = self.fc(x)
+        return self.flatten(x)
+
+    @torch.no_grad()
+    def reparameterize(self):
+        if isinstance(self.norm, nn.Identity) or not isinstance(self.fc, nn.Linear):
+            return
+        if getattr(self.global_pool, 'pool_type', '') != 'avg':
+            return  # max/other pooling does not commute with a negative scale
+        w, b = fold_preceding_bn(self.fc.weight, self.fc.bias, self.norm)
+        self.fc.weight.copy_(w)
+        self.fc.bias.copy_(b)
+        self.norm = nn.Identity().train(self.training)
+
+
+class SMPConvNet(nn.Module):
+    """SMPConv ImageNet network (RepLKNet layout with SMP large kernels)."""
+
+    def __init__(
+            self,
+            layers: Sequence[int] = (2, 2, 8, 2),
+            channels: Sequence[int] = (96, 192, 384, 768),
+            kernel_sizes: Sequence[int] = (31, 29, 27, 13),
+            n_points: Optional[Sequence[int]] = None,
+            points_div: int = 4,
+            small_kernel_size: int = 5,
+            dw_ratio: float = 1.,
+            ffn_ratio: float = 4.,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            kernel_resize: str = 'stretch',
+            device=None,
+            dtype=None,
+    ):
+        """
+        Args:
+            layers: (LK block, FFN block) repetitions per stage.
+            channels: width per stage.
+            kernel_sizes: SMP kernel size per stage (odd); the size kernels are rendered at.
+            n_points: SMP points per stage; default floor(k^2 / points_div). (The registered models keep
+                the variant's points when only kernel_sizes is overridden, so checkpoints fit.)
+            points_div: 4 for SMPConv-T/B, 8 for the mobile models.
+            small_kernel_size: the parallel depthwise conv of every large-kernel branch.
+            dw_ratio, ffn_ratio: hidden width of the large-kernel block and of the FFN.
+            in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as every timm model.
+            kernel_resize: 'stretch', 'extend' or 'none': how SMP parameters saved at another kernel size
+                are mapped when loaded (module docstring).
+        """
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        num_stages = len(layers)
+        if n_points is None:
+            n_points = [max(1, k * k // points_div) for k in kernel_sizes]
+        for name, seq in (('channels', channels), ('kernel_sizes', kernel_sizes), ('n_points', n_points)):
+            if len(seq) != num_stages:
+                raise ValueError(f'{name} has {len(seq)} entries but layers has {num_stages} stages')
+        if kernel_resize not in ('stretch', 'extend', 'none'):
+            raise ValueError(f"kernel_resize must be 'stretch', 'extend' or 'none', got {kernel_resize!r}")
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.kernel_sizes = tuple(kernel_sizes)
+        self.n_points = tuple(n_points)
+
+        c0 = channels[0]
+        self.stem = nn.Sequential(
+            ConvBN(in_chans, c0, 3, stride=2, act_layer=nn.ReLU, **dd),
+            ConvBN(c0, c0, 3, groups=c0, act_layer=nn.ReLU, **dd),
+            ConvBN(c0, c0, 1, act_layer=nn.ReLU, **dd),
+            ConvBN(c0, c0, 3, stride=2, groups=c0, act_layer=nn.ReLU, **dd),
+        )
+        dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)  # per-stage lists, linear overall
+        stages = []
+        self.feature_info = []
+        prev = c0
+        for i in range(num_stages):
+            stages.append(SMPConvStage(
+                prev, channels[i], layers[i], kernel_sizes[i], n_points[i], downsample=i > 0,
+                small_kernel_size=small_kernel_size, dw_ratio=dw_ratio, ffn_ratio=ffn_ratio,
+                drop_path_rates=dpr[i], kernel_resize=kernel_resize, **dd))
+            prev = channels[i]
+            self.feature_info.append(dict(num_chs=prev, reduction=4 * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        self.num_features = self.head_hidden_size = prev
+        self.head = NormClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^head\.norm', (99999,)),
+            ]
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        for s in self.stages:
+            s.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        # SMP radii: no decay (they also get a 0.1x lr through timm_smpconv.param_groups_smp)
+        return {'*.radius'}
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None, reset_other: bool = False):
+        self.num_classes = num_classes
+        self.head.reset(num_classes, global_pool, reset_other=reset_other, in_features=self.num_features,
+                        **get_device_dtype(self))
+        self.head_hidden_size = self.head.num_features
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward features, also returning the outputs of the selected stages.
+
+        Args:
+            x: input images.
+            indices: last n stages if int, all if None, else the stage indices to return.
+            norm: apply the head's BatchNorm to the last stage's output if it is returned.
+            stop_early: stop after the last requested stage.
+            output_fmt: 'NCHW' only.
+            intermediates_only: return only the intermediates.
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self.stem(x)
+        last_idx = len(self.stages) - 1
+        if torch.jit.is_scripting() or not stop_early:
+            stages = self.stages
+        else:
+            stages = self.stages[:max_index + 1]
+        for feat_idx, stage in enumerate(stages):
+            x = stage(x)
+            if feat_idx in take_indices:
+                intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (and head parts) not needed for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or prune_end:
+            self.reset_classifier(0, '', reset_other=True)
+        elif prune_norm:
+            self.head.norm = nn.Identity()
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = self.stages(x)
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        x = self.forward_head(x)
+        return x
+
+
+def _authors_to_points(weight_coord: torch.Tensor) -> torch.Tensor:
+    """Authors' (1, Np, 2) positions -> ours (1, Np, 2) as (row, col).
+
+    They render A on an 'ij' grid from (c0, c1) and use W[c, i, j] = A[c, j, k-1-i] as the conv
+    weight; sampling at (row = lin[i], col = lin[j]) gives the same W with (row, col) = (-c1, c0).
+    """
+    return torch.stack([-weight_coord[..., 1], weight_coord[..., 0]], dim=-1)
+
+
+def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The authors' ImageNet layout -> ours (their constant grid buffer becomes our kernel-size record)."""
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith('transitions.'):
+            _, s, rest = k.split('.', 2)
+            k = f'stages.{int(s) + 1}.downsample.{rest}'
+        elif k.startswith('norm.'):
+            k = 'head.' + k
+        elif k in ('head.weight', 'head.bias'):
+            k = k.replace('head.', 'head.fc.')
+        if '.large_kernel.' in k:
+            prefix = k[:k.index('.large_kernel.')] + '.large_kernel.'
+            if k.endswith('smp.conv.kernel_coord'):
+                k, v = prefix + 'smp.kernel_size_record', torch.tensor(v.shape[-1])
+            elif k.endswith('smp.conv.weight_coord'):
+                k, v = prefix + 'smp.points', _authors_to_points(v)
+            elif k.endswith('smp.conv.radius'):
+                k, v = prefix + 'smp.radius', v.reshape(v.shape[0], v.shape[1])
+            elif k.endswith('smp.conv.weights'):
+                k, v = prefix + 'smp.weight', v[0].unsqueeze(1)  # (1, C, Np) -> (C, 1, Np)
+            else:
+                k = (k.replace('.smp.bn.', '.smp_bn.').replace('.small_conv.conv.', '.small_conv.')
+                     .replace('.small_conv.bn.', '.small_bn.'))
+        out[k] = v
+    return out
+
+
+def _check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module):
+    """Raise ValueError naming missing, unexpected and mis-shaped keys (the classifier and the first
+    conv may differ in shape: timm re-initialises / adapts them after this filter)."""
+    own = model.state_dict()
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    adaptable = {cfg.get('classifier', 'head.fc') + '.weight', cfg.get('classifier', 'head.fc') + '.bias',
+                 cfg.get('first_conv', 'stem.0.conv') + '.weight'}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own and k not in adaptable]
+    shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+              for k, v in state_dict.items() if k in own and k not in adaptable and v.shape != own[k].shape]
+    problems = []
+    for what, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', shapes)):
+        if items:
+            more = f' (+{len(items) - 10} more)' if len(items) > 10 else ''
+            problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
+    if problems:
+        raise ValueError('checkpoint does not fit the SMPConvNet: ' + '; '.join(problems))
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMPConvNet) -> Dict[str, torch.Tensor]:
+    """Convert the authors' checkpoints (or pass ours through) and check the keys.
+
+    Kernel sizes are re-mapped by the SMP layers themselves when the state dict is loaded."""
+    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):  # EMA preferred, as timm does
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    if any(k.endswith('smp.conv.weight_coord') for k in state_dict):
+        state_dict = _convert_authors(state_dict)
+    _check_keys(state_dict, model)
+    return state_dict
+
+
+def _create_smpconv(variant: str, pretrained: bool = False, default_args: Optional[Dict] = None, **kwargs):
+    model_args = dict(default_args or {})
+    if 'kernel_sizes' in kwargs and 'n_points' not in kwargs and 'kernel_sizes' in model_args:
+        # new kernel sizes render the variant's continuous kernels: keep its points (and checkpoints)
+        div = kwargs.get('points_div', model_args.get('points_div', 4))
+        model_args['n_points'] = [max(1, k * k // div) for k in model_args['kernel_sizes']]
+    model_args.update(kwargs)
+    try:
+        return build_model_with_cfg(
+            SMPConvNet, variant, pretrained,
+            pretrained_filter_fn=checkpoint_filter_fn,
+            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+            **model_args)
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        if not pretrained:
+            raise
+        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        source = overlay.get('file') or overlay.get('url') or variant
+        raise RuntimeError(
+            f'could not load pretrained weights for {variant} from {source}: the file is corrupt or not a '
+            f'PyTorch / safetensors checkpoint ({type(e).__name__}: {e})') from e
+
+
+def _cfg(**kwargs):
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.0.conv', 'classifier': 'head.fc',
+        'paper_ids': 'CVPR 2023', 'paper_name': 'SMPConv: Self-moving Point Representations for Continuous Convolution',
+        'license': 'apache-2.0', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'smpconv_t.untrained': _cfg(),
+    'smpconv_b.untrained': _cfg(),
+    'smpconv_mobile31.untrained': _cfg(),
+    'smpconv_mobile51.untrained': _cfg(),
+})
+
+
+@register_model
+def smpconv_t(pretrained: bool = False, **kwargs) -> SMPConvNet:
+    """SMPConv-T: 26.7M params, 5.7 GFLOPs, 82.5 top-1 (paper)."""
+    args = dict(layers=(2, 2, 8, 2), channels=(96, 192, 384, 768), kernel_sizes=(31, 29, 27, 13),
+                points_div=4, ffn_ratio=4)
+    return _create_smpconv('smpconv_t', pretrained=pretrained, default_args=args, **kwargs)
+
+
+@register_model
+def smpconv_b(pretrained: bool = False, **kwargs) -> SMPConvNet:
+    """SMPConv-B: 79.5M params, 16.6 GFLOPs, 83.8 top-1 (paper)."""
+    args = dict(layers=(2, 2, 20, 2), channels=(128, 256, 512, 1024), kernel_sizes=(31, 29, 27, 13),
+                points_div=4, ffn_ratio=4)
+    return _create_smpconv('smpconv_b', pretrained=pretrained, default_args=args, **kwargs)
+
+
+@register_model
+def smpconv_mobile31(pretrained: bool = False, **kwargs) -> SMPConvNet:
+    """SMPConv-mobile31: 2.9M params, 73.5 top-1 (paper)."""
+    args = dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 320), kernel_sizes=(31, 29, 27, 13),
+                points_div=8, ffn_ratio=2)
+    return _create_smpconv('smpconv_mobile31', pretrained=pretrained, default_args=args, **kwargs)
+
+
+@register_model
+def smpconv_mobile51(pretrained: bool = False, **kwargs) -> SMPConvNet:
+    """SMPConv-mobile51: 3.1M params, 73.7 top-1 (paper)."""
+    args = dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 320), kernel_sizes=(51, 49, 47, 13),
+                points_div=8, ffn_ratio=2)
+    return _create_smpconv('smpconv_mobile51', pretrained=pretrained, default_args=args, **kwargs)
