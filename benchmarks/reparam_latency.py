@@ -14,22 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import timm
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
-
-
-def randomize_bn_(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
+from timm_smpconv.layers import randomize_bn_stats_
 
 
 @torch.no_grad()
@@ -59,7 +48,7 @@ def main(argv=None):
     rows = []
     for name in args.models:
         model = timm.create_model(name)
-        randomize_bn_(model)
+        randomize_bn_stats_(model)
         model.eval()
         fused = reparameterize_model(model)
         with torch.no_grad():

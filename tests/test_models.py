@@ -13,6 +13,7 @@ from timm.models import group_parameters
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401  (registers the models)
+from timm_smpconv.layers import randomize_bn_stats_
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
 
 MODELS = ['smpconv_t', 'smpconv_b', 'smpconv_mobile31', 'smpconv_mobile51']
@@ -257,22 +258,11 @@ def test_kernel_and_points_overrides():
         timm.create_model('smpconv_mobile31', kernel_resize='crop', device='meta')
 
 
-def _randomize_bn(model):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.2)
-
-
 @pytest.mark.parametrize('name', ['smpconv_mobile31', 'smpconv_t'])
 def test_reparameterize_whole_network(name):
     torch.manual_seed(0)
     model = timm.create_model(name)
-    _randomize_bn(model)
+    randomize_bn_stats_(model)
     model.eval()
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
@@ -295,7 +285,7 @@ def test_reparameterize_whole_network(name):
 
 def test_reparameterize_without_classifier_keeps_head_norm():
     model = timm.create_model('smpconv_mobile31', num_classes=0)
-    _randomize_bn(model)
+    randomize_bn_stats_(model)
     model.eval()
     x = torch.randn(1, 3, SIZE, SIZE)
     fused = reparameterize_model(model)

@@ -4,19 +4,9 @@ import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
 
+from timm_smpconv.layers import randomize_bn_stats_
 from timm_smpconv.layers import CausalConv1d, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
-
-
-def randomize_bn_(model: nn.Module):
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g))
-            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g))
 
 
 def rel_err(a, b):
@@ -49,7 +39,7 @@ def test_reparameterize_2d(name):
     layer = MODELS_2D[name]()
     in_chs = layer.smp.in_channels if hasattr(layer, 'smp') else layer.in_channels
     model = nn.Sequential(layer, nn.GELU())
-    randomize_bn_(model)
+    randomize_bn_stats_(model)
     model.eval()
     x = torch.randn(2, in_chs, 24, 24)
     with torch.no_grad():
@@ -76,7 +66,7 @@ def test_reparameterize_1d(layer_fn):
     layer = layer_fn()
     in_chs = layer.smp.in_channels if hasattr(layer, 'smp') else layer.in_channels
     model = nn.Sequential(layer, nn.ReLU())
-    randomize_bn_(model)
+    randomize_bn_stats_(model)
     model.eval()
     x = torch.randn(2, in_chs, 64)
     with torch.no_grad():
@@ -121,3 +111,15 @@ def test_fold_bn_requires_running_stats():
     lk.smp_bn = nn.BatchNorm2d(4, track_running_stats=False)
     with pytest.raises(ValueError, match='running statistics'):
         lk.fuse()
+
+
+def test_randomize_bn_stats_changes_every_batchnorm():
+    model = nn.Sequential(nn.BatchNorm2d(4), SMPLargeKernel2d(4, 4, 5, groups=4), nn.BatchNorm1d(3, affine=False))
+    randomize_bn_stats_(model, seed=3)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            assert not torch.allclose(m.running_mean, torch.zeros_like(m.running_mean))
+            assert not torch.allclose(m.running_var, torch.ones_like(m.running_var))
+            assert m.running_var.min() >= 0.5
+            if m.affine:
+                assert not torch.allclose(m.weight, torch.ones_like(m.weight))

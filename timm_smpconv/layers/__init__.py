@@ -1,6 +1,6 @@
 """ Building blocks of timm_smpconv; no model knowledge lives here. """
 from .conv import CausalConv1d, ConvBN
-from .fuse import fold_bn, fold_preceding_bn, pad_kernel
+from .fuse import fold_bn, fold_preceding_bn, pad_kernel, randomize_bn_stats_
 from .smp import (
     default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor,
 )

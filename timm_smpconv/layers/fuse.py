@@ -6,7 +6,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ['fold_bn', 'fold_preceding_bn', 'pad_kernel']
+__all__ = ['fold_bn', 'fold_preceding_bn', 'pad_kernel', 'randomize_bn_stats_']
+
+
+def _check_running_stats(bn: nn.Module):
+    if getattr(bn, 'running_mean', None) is None or getattr(bn, 'running_var', None) is None:
+        raise ValueError(
+            f'cannot fold {type(bn).__name__} without running statistics (track_running_stats=False)')
+
+
+@torch.no_grad()
+def randomize_bn_stats_(model: nn.Module, seed: int = 0, scale: float = 0.2) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters (in place).
+
+    Fresh BatchNorms fold to the identity, which would let a wrong reparameterization pass a check;
+    this is the test timm applies to its own fused models.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * scale)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            if m.affine:
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * scale)
+    return model
 
 
 @torch.no_grad()
@@ -20,9 +45,7 @@ def fold_bn(
     BN(conv(x)) == conv'(x) with weight' = weight * t, bias' = (bias - mean) * t + beta,
     t = gamma / sqrt(var + eps). Uses the running statistics, as eval mode does.
     """
-    if getattr(bn, 'running_mean', None) is None or getattr(bn, 'running_var', None) is None:
-        raise ValueError(
-            f'cannot fold {type(bn).__name__} without running statistics (track_running_stats=False)')
+    _check_running_stats(bn)
     w, b = fuse_conv_bn_weights(
         weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
     return w.detach(), b.detach()
@@ -58,9 +81,7 @@ def fold_preceding_bn(
     """
     if weight.dim() > 2 and any(k != 1 for k in weight.shape[2:]):
         raise ValueError(f'a preceding BatchNorm folds only into a 1x1 conv, got kernel {tuple(weight.shape[2:])}')
-    if getattr(bn, 'running_mean', None) is None or getattr(bn, 'running_var', None) is None:
-        raise ValueError(
-            f'cannot fold {type(bn).__name__} without running statistics (track_running_stats=False)')
+    _check_running_stats(bn)
     if weight.shape[1] != bn.running_mean.numel():
         raise ValueError(
             f'BatchNorm has {bn.running_mean.numel()} channels but the next layer takes {weight.shape[1]} '
