@@ -21,7 +21,7 @@ def test_readme_has_two_quick_start_commands_and_ci_runs_the_test_one():
     test_cmd = next(c for c in commands if 'pytest' in c)
     ci_lines = [l for l in (ROOT / '.ci' / 'run').read_text().splitlines() if l and not l.startswith('#')]
     assert test_cmd in ci_lines
-    assert 'timm_smpconv.demo' in next(c for c in commands if 'pytest' not in c)
+    assert 'train_imagenet.py' in next(c for c in commands if 'pytest' not in c)
 
 
 def test_constraints_pin_torch_and_torchvision_but_requirements_stay_loose():

@@ -20,6 +20,7 @@ from typing import Collection, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.optim import param_groups_layer_decay
 
 __all__ = [
     'param_groups_smp', 'reduced_lr_param_names', 'clamp_smp_radius_',
@@ -46,6 +47,7 @@ def param_groups_smp(
         weight_decay: Optional[float] = None,
         lr_scale: float = RADIUS_LR_SCALE,
         no_weight_decay_list: Optional[Collection[str]] = None,
+        layer_decay: Optional[float] = None,
 ) -> List[Dict]:
     """Parameter groups: decay / no decay (1-D, biases, no_weight_decay names) / reduced lr (radii).
 
@@ -55,11 +57,17 @@ def param_groups_smp(
             what `create_optimizer_v2(..., weight_decay=wd, param_group_fn=param_groups_smp)` sets.
         lr_scale: lr multiplier of the reduced-lr group (0.1 in both papers' recipes).
         no_weight_decay_list: names or fnmatch patterns without decay; default `model.no_weight_decay()`.
+        layer_decay: layer-wise lr decay (timm's `param_groups_layer_decay`, by the model's group_matcher);
+            the reduced-lr parameters of each layer then get `lr_scale` times that layer's scale.
     """
     if no_weight_decay_list is None:
         no_weight_decay_list = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
     no_wd_patterns = set(no_weight_decay_list)
     reduced = set(reduced_lr_param_names(model))
+    if layer_decay is not None:
+        return _split_reduced(model, param_groups_layer_decay(
+            model, weight_decay=weight_decay or 0., no_weight_decay_list=no_wd_patterns, layer_decay=layer_decay),
+            reduced, lr_scale)
     decay, no_decay, slow = [], [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -75,6 +83,20 @@ def param_groups_smp(
         decay_group['weight_decay'] = weight_decay
     groups = [decay_group, {'params': no_decay, 'weight_decay': 0.}, {'params': slow, 'weight_decay': 0., 'lr_scale': lr_scale}]
     return [g for g in groups if g['params']]
+
+
+def _split_reduced(model: nn.Module, groups: List[Dict], reduced: Collection[str], lr_scale: float) -> List[Dict]:
+    """Move the reduced-lr parameters of each group into a sibling group with lr_scale x its scale, no decay."""
+    reduced_ids = {id(p) for n, p in model.named_parameters() if n in reduced}
+    out = []
+    for g in groups:
+        keep = [p for p in g['params'] if id(p) not in reduced_ids]
+        slow = [p for p in g['params'] if id(p) in reduced_ids]
+        if keep:
+            out.append({**g, 'params': keep})
+        if slow:
+            out.append({**g, 'params': slow, 'weight_decay': 0., 'lr_scale': g.get('lr_scale', 1.) * lr_scale})
+    return out
 
 
 @torch.no_grad()

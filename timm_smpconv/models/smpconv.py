@@ -22,7 +22,6 @@ are calibrated for; on loading at another size `kernel_resize` maps them (see
     (k1 - 1) / (k2 - 1)); the network's outputs are unchanged at the trained resolution and the
     points can move into the new border: the choice for fine-tuning at the same resolution.
 """
-import pickle
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -438,7 +437,7 @@ def _check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module):
             more = f' (+{len(items) - 10} more)' if len(items) > 10 else ''
             problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
     if problems:
-        raise ValueError('checkpoint does not fit the SMPConvNet: ' + '; '.join(problems))
+        raise ValueError(f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems))
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMPConvNet) -> Dict[str, torch.Tensor]:
@@ -469,7 +468,9 @@ def _create_smpconv(variant: str, pretrained: bool = False, default_args: Option
             pretrained_filter_fn=checkpoint_filter_fn,
             feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
             **model_args)
-    except (RuntimeError, pickle.UnpicklingError, EOFError) as e:
+    except (ValueError, TypeError):
+        raise  # bad arguments, or a checkpoint whose keys do not fit (the message names them)
+    except Exception as e:  # a truncated/corrupt file surfaces as many types (UnpicklingError, IndexError, ...)
         if not pretrained:
             raise
         overlay = kwargs.get('pretrained_cfg_overlay') or {}

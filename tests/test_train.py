@@ -1,0 +1,237 @@
+""" train_imagenet.py: torchrun on CPU, exact resume, SMP optimizer rules inside a run, faults, bad input. """
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / 'train_imagenet.py')
+sys.path.insert(0, str(ROOT))
+import train_imagenet  # noqa: E402
+
+# a small SMP model for 32 px inputs (the mobile31 layout, kernels fitting the feature maps)
+TINY = ['--model', 'smpconv_mobile31', '--img-size', '32', '--model-kwargs', 'kernel_sizes=[9,7,5,5]',
+        'n_points=[8,6,3,3]', 'small_kernel_size=3', 'channels=[16,24,32,40]', 'layers=[1,1,1,1]',
+        '--workers', '0', '--device', 'cpu', '--seed', '3', '--log-interval', '2']
+
+
+def make_image_folder(root: Path, n_train=12, n_val=4, classes=('a', 'b')):
+    rng = np.random.RandomState(0)
+    for split, n in (('train', n_train), ('val', n_val)):
+        for ci, c in enumerate(classes):
+            d = root / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = rng.randint(0, 80, (40, 40, 3)).astype(np.uint8)
+                img[:, :, ci] += 150  # a learnable colour cue per class
+                Image.fromarray(img).save(d / f'{i}.png')
+    return root
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp('imgs'))
+
+
+def run_script(args, timeout=300, torchrun_procs=0, env=None):
+    cmd = [sys.executable, SCRIPT] + args
+    if torchrun_procs:
+        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun_procs}',
+               SCRIPT] + args
+    full_env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def load_ckpt(path):
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_torchrun_two_ranks_cpu_full_pipeline(data_dir, tmp_path):
+    args = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'ddp', '--epochs', '2',
+                   '--batch-size', '4', '--grad-accum-steps', '1', '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8',
+                   '--cutmix', '1.0', '--reprob', '0.25', '--model-ema', '--model-ema-decay', '0.9',
+                   '--warmup-epochs', '1', '--lr', '1e-3', '--drop-path', '0.1']
+    res = run_script(args, torchrun_procs=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / 'ddp'
+    for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar', 'summary.csv', 'curves.png',
+                 'args.yaml'):
+        assert (out / name).is_file(), name
+    assert 'Distributed: 2 processes, backend gloo' in res.stdout
+    lines = (out / 'summary.csv').read_text().splitlines()
+    assert lines[0].startswith('epoch,train_loss,eval_loss,eval_top1,eval_top5,eval_ema_loss') and len(lines) == 3
+    ckpt = load_ckpt(out / 'last.pth.tar')
+    assert ckpt['epoch'] == 1 and 'state_dict_ema' in ckpt and 'optimizer' in ckpt
+    assert 'ETA' in res.stdout and 'img/s' in res.stdout and 'EMA top-1' in res.stdout
+
+
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
+    common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--epochs', '2', '--batch-size', '4',
+                     '--grad-accum-steps', '2', '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8', '--cutmix', '1.0',
+                     '--reprob', '0.25', '--model-ema', '--model-ema-decay', '0.9', '--warmup-epochs', '1',
+                     '--drop-path', '0.1']
+    assert run_script(common + ['--experiment', 'full']).returncode == 0
+    first = run_script(common + ['--experiment', 'parts', '--stop-after-epochs', '1'])
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert load_ckpt(tmp_path / 'parts' / 'last.pth.tar')['epoch'] == 0
+    second = run_script(common + ['--experiment', 'parts', '--auto-resume'])
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert 'Resumed from' in second.stdout
+    a = load_ckpt(tmp_path / 'full' / 'last.pth.tar')
+    b = load_ckpt(tmp_path / 'parts' / 'last.pth.tar')
+    assert a['epoch'] == b['epoch'] == 1
+    for key in ('state_dict', 'state_dict_ema'):
+        diffs = [(a[key][k].double() - b[key][k].double()).abs().max().item() for k in a[key]]
+        assert max(diffs) <= 1e-6, (key, max(diffs))
+    sa = a['optimizer']['state']
+    sb = b['optimizer']['state']
+    assert max((sa[i]['exp_avg'] - sb[i]['exp_avg']).abs().max().item() for i in sa) <= 1e-6
+    rows_a = (tmp_path / 'full' / 'summary.csv').read_text().splitlines()
+    rows_b = (tmp_path / 'parts' / 'summary.csv').read_text().splitlines()
+    assert len(rows_a) == len(rows_b) == 3
+
+
+def test_radius_lr_ratio_and_clamp_in_a_real_run(data_dir, tmp_path):
+    res = run_script(TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'r',
+                             '--epochs', '1', '--batch-size', '4', '--grad-accum-steps', '1', '--lr', '0.05',
+                             '--radius-clamp', '0.3', '0.35', '--mixup', '0', '--cutmix', '0', '--no-model-ema',
+                             '--warmup-epochs', '0', '--sched', 'cosine'])
+    assert res.returncode == 0, res.stderr[-2000:]
+    ckpt = load_ckpt(tmp_path / 'r' / 'last.pth.tar')
+    sd = ckpt['state_dict']
+    radii = torch.cat([v.flatten() for k, v in sd.items() if k.endswith('.radius')])
+    assert radii.min() >= 0.3 - 1e-7 and radii.max() <= 0.35 + 1e-7
+    assert ((radii - 0.3).abs() < 1e-6).any() or ((radii - 0.35).abs() < 1e-6).any()  # the clamp was binding
+    groups = ckpt['optimizer']['param_groups']
+    scaled = [g for g in groups if g.get('lr_scale', 1.0) != 1.0]
+    plain = [g for g in groups if g.get('lr_scale', 1.0) == 1.0]
+    assert scaled and plain
+    for g in scaled:
+        assert g['lr'] == pytest.approx(0.1 * plain[0]['lr']) and g['weight_decay'] == 0
+    n_radius = sum(1 for k in sd if k.endswith('.radius'))
+    assert sum(len(g['params']) for g in scaled) == n_radius
+
+
+def test_killed_rank_ends_torchrun_with_error(data_dir, tmp_path):
+    args = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'kill', '--epochs', '200',
+                   '--batch-size', '2', '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0', '--no-model-ema']
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', SCRIPT] + args
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env=dict(os.environ, OMP_NUM_THREADS='1'), start_new_session=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if 'Train 0' in line:
+                break
+        children = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2, ''.join(lines)
+        t0 = time.time()
+        os.kill(int(children[-1]), signal.SIGKILL)
+        rest, _ = proc.communicate(timeout=120)
+        elapsed = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert elapsed < 120
+    assert 'SIGKILL' in rest or 'failed' in rest.lower() or 'Signal 9' in rest
+
+
+@pytest.mark.parametrize('case', ['missing_dir', 'empty_dir', 'unknown_model', 'corrupt_resume', 'corrupt_pretrained',
+                                  'odd_batch_mixup', 'no_checkpoint_for_eval'])
+def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
+    base = ['--output', str(tmp_path), '--device', 'cpu', '--workers', '0']
+    corrupt = tmp_path / 'bad.pth.tar'
+    corrupt.write_bytes(b'this is not a checkpoint')
+    argv, message = {
+        'missing_dir': (['--data-dir', str(tmp_path / 'nope')], 'does not exist'),
+        'empty_dir': (['--data-dir', str(tmp_path / 'empty')], 'is empty'),
+        'unknown_model': (['--model', 'smpconv_q'], "unknown model 'smpconv_q'"),
+        'corrupt_resume': (TINY + ['--resume', str(corrupt)], 'could not resume from'),
+        'corrupt_pretrained': (TINY + ['--pretrained-path', str(corrupt)], 'could not create smpconv_mobile31'),
+        'odd_batch_mixup': (['--batch-size', '7', '--mixup', '0.8'], 'even --batch-size, got 7'),
+        'no_checkpoint_for_eval': (['--eval-only'], '--eval-only needs --checkpoint'),
+    }[case]
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SystemExit) as exc:
+        train_imagenet.main(base + argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not list(tmp_path.glob('**/last.pth.tar'))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
+    common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'nan',
+                     '--batch-size', '4', '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0',
+                     '--no-model-ema', '--warmup-epochs', '0', '--epochs', '3']
+    assert run_script(common + ['--stop-after-epochs', '1']).returncode == 0
+    good = load_ckpt(tmp_path / 'nan' / 'last.pth.tar')
+    res = run_script(common + ['--auto-resume', '--no-resume-opt', '--lr', '1e20'])
+    assert res.returncode == 2
+    assert 'non-finite loss' in res.stderr
+    after = load_ckpt(tmp_path / 'nan' / 'last.pth.tar')
+    assert after['epoch'] == good['epoch'] == 0
+    for k, v in good['state_dict'].items():
+        assert torch.equal(v, after['state_dict'][k]), k
+
+
+def test_eval_only_with_reparam_and_finetune_from_checkpoint(data_dir, tmp_path):
+    common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--batch-size', '4',
+                     '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0', '--warmup-epochs', '0']
+    assert run_script(common + ['--experiment', 'base', '--epochs', '1']).returncode == 0
+    ckpt = tmp_path / 'base' / 'last.pth.tar'
+    plain = run_script(common + ['--eval-only', '--checkpoint', str(ckpt)])
+    fused = run_script(common + ['--eval-only', '--checkpoint', str(ckpt), '--reparam'])
+    assert plain.returncode == 0 and fused.returncode == 0, plain.stderr[-2000:] + fused.stderr[-2000:]
+    for out, tag in ((plain.stdout, ''), (fused.stdout, ' (reparameterized)')):
+        assert f'model{tag}: top-1' in out and f'EMA{tag}: top-1' in out and 'top-5' in out
+    top1 = [line.split('top-1 ')[1].split()[0] for line in plain.stdout.splitlines() if 'top-1' in line]
+    top1_f = [line.split('top-1 ')[1].split()[0] for line in fused.stdout.splitlines() if 'top-1' in line]
+    assert top1 == top1_f
+    # fine-tune: new head size and larger kernels, classifier re-initialised, the rest loaded
+    ft = run_script(common + ['--experiment', 'ft', '--epochs', '1', '--pretrained-path', str(ckpt),
+                              '--num-classes', '3', '--model-kwargs', 'kernel_sizes=[13,9,5,5]', 'n_points=[8,6,3,3]',
+                              'small_kernel_size=3', 'channels=[16,24,32,40]', 'layers=[1,1,1,1]',
+                              '--kernel-resize', 'extend', '--layer-decay', '0.8'])
+    assert ft.returncode == 0, ft.stderr[-3000:]
+    new = load_ckpt(tmp_path / 'ft' / 'last.pth.tar')['state_dict']
+    assert new['head.fc.weight'].shape[0] == 3
+    assert int(new['stages.0.blocks.0.large_kernel.smp.kernel_size_record']) == 13
+
+
+def test_help_documents_every_flag():
+    parser = train_imagenet.build_parser()
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    names = {s for a in parser._actions for s in a.option_strings}
+    for flag in ('--data-dir', '--model', '--num-classes', '--img-size', '--batch-size', '--epochs', '--output',
+                 '--resume', '--lr', '--opt', '--weight-decay', '--warmup-epochs', '--sched', '--aa', '--mixup',
+                 '--cutmix', '--smoothing', '--reprob', '--drop-path', '--model-ema', '--model-ema-decay', '--amp',
+                 '--grad-accum-steps', '--workers', '--device'):
+        assert flag in names, flag
+
+
+def test_defaults_are_the_papers_imagenet_recipe_and_digits_without_data():
+    a = train_imagenet.parse_args(['--data-dir', '/some/imagenet'])
+    assert (a.model, a.epochs, a.opt, a.lr, a.weight_decay, a.warmup_epochs, a.min_lr) == \
+        ('smpconv_t', 300, 'adamw', 4e-3, 0.05, 10, 1e-6)
+    assert (a.aa, a.mixup, a.cutmix, a.smoothing, a.reprob, a.drop_path) == \
+        ('rand-m9-mstd0.5-inc1', 0.8, 1.0, 0.1, 0.25, 0.1)
+    assert (a.model_ema, a.model_ema_decay, a.radius_lr_scale, a.radius_clamp) == (True, 0.9999, 0.1, [1e-3, 1.0])
+    assert a.batch_size * a.grad_accum_steps * 4 == 2048 and a.color_jitter == 0.4
+    assert (a.mixup_switch_prob, a.mixup_mode) == (0.5, 'batch')
+    d = train_imagenet.parse_args([])
+    assert d.preset == 'digits' and d.data_dir is None
+    c = train_imagenet.parse_args(['--preset', 'smp-cifar', '--lr', '1e-3'])
+    assert (c.model, c.opt, c.lr, c.weight_decay, c.radius_clamp) == ('smp_flexnet_16', 'adam', 1e-3, 1e-5, [1e-4, 1.0])
