@@ -44,8 +44,8 @@ from timm.utils import (
     get_outdir, init_distributed_device, random_seed, reduce_tensor, reparameterize_model, update_summary,
 )
 
-import timm_smpconv
-from timm_smpconv import clamp_smp_radius_, param_groups_smp
+import timm_smpconv  # noqa: F401  (registers our models)
+from timm_smpconv import anti_aliasing_penalty, clamp_smp_radius_, param_groups_smp
 from timm_smpconv.data import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, DigitsDataset
 
 _logger = logging.getLogger('train')
@@ -62,19 +62,21 @@ PRESETS = {
         color_jitter=0., scale=[0.75, 1.0], ratio=[0.9, 1.1], model_ema=True, model_ema_decay=0.998, model_ema_warmup=True,
         log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear',
     ),
-    # SMPConv paper, CIFAR-10 (Table 4): Adam with coupled L2 1e-5, lr 5e-3, 210 epochs
+    # SMPConv paper, CIFAR-10 (Table 4): Adam with coupled L2 1e-5, lr 5e-3, 210 epochs (the model's
+    # block_drop_rate default is the paper's in-block dropout 0.1)
     'smp-cifar': dict(
         model='smp_flexnet_16', dataset='torch/cifar10', num_classes=10, img_size=32, batch_size=64,
         grad_accum_steps=1, epochs=210, warmup_epochs=10, lr=5e-3, min_lr=1e-6, opt='adam', weight_decay=1e-5,
-        drop=0.1, aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
+        drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
         scale=[0.6, 1.0], model_ema=False, radius_clamp=[1e-4, 1.0], no_decay_patterns=['*.points'],
         mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=1.0,
     ),
-    # FlexConv paper, FlexNet-16 on CIFAR-10: Adam lr 0.01, no weight decay, 350 epochs
+    # FlexConv paper, FlexNet-16 on CIFAR-10: Adam lr 0.01, no weight decay, 350 epochs (in-block dropout
+    # 0.2 is the model's block_drop_rate default)
     'flexnet-cifar': dict(
         model='flexnet_16', dataset='torch/cifar10', num_classes=10, img_size=32, batch_size=64,
         grad_accum_steps=1, epochs=350, warmup_epochs=5, lr=0.01, min_lr=1e-6, opt='adam', weight_decay=0.,
-        drop=0.2, aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
+        drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
         scale=[0.6, 1.0], model_ema=False, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=1.0,
     ),
 }
@@ -156,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'], help='gradient clipping mode')
     g.add_argument('--grad-accum-steps', type=int, default=2, help='micro-batches per optimizer step')
     g.add_argument('--aliasing-reg', type=float, default=0.,
-                   help='anti-aliasing regulariser factor for FlexConv models (0: off)')
+                   help='anti-aliasing regulariser factor (lambda) for FlexConv models; the paper uses 0.1 (0: off)')
+    g.add_argument('--aliasing-target', default='gabor', choices=['gabor', 'gabor+mask'],
+                   help='regulariser target: f_MAGNet+ (gabor) or f_FlexConv+ (gabor+mask)')
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', default='cosine', help='timm scheduler name')
@@ -356,12 +360,6 @@ def validate(model, loader, args, device, amp_ctx, log_suffix=''):
     return OrderedDict([('loss', losses.avg), ('top1', top1.avg), ('top5', top5.avg)])
 
 
-def aliasing_penalty(model):
-    """The FlexConv anti-aliasing regulariser, when the model has FlexConv layers (None otherwise)."""
-    fn = getattr(timm_smpconv, 'aliasing_penalty', None)
-    return fn(unwrap(model)) if fn is not None else None
-
-
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, model_ema, scaler,
                     mixup_fn, amp_ctx, saver, num_updates):
     model.train()
@@ -391,9 +389,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                 output = model(inputs)
                 loss = loss_fn(output, target)
                 if args.aliasing_reg > 0:
-                    penalty = aliasing_penalty(model)
-                    if penalty is not None:
-                        loss = loss + args.aliasing_reg * penalty
+                    loss = loss + anti_aliasing_penalty(
+                        unwrap(model), target=args.aliasing_target, factor=args.aliasing_reg)
             if not torch.isfinite(loss).item():
                 raise TrainingError(
                     f'non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch_idx}: stopping; the last '

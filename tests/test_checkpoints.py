@@ -310,3 +310,9 @@ def test_our_checkpoint_with_new_kernel_sizes(tmp_path, x):
     model = load(tmp_path / 'ours.pth', kernel_sizes=(41, 39, 37, 13), kernel_resize='extend')
     with torch.no_grad():
         assert_rel(model(x), src(x))
+
+
+def test_pretrained_without_weights_says_so():
+    with pytest.raises(RuntimeError, match='No pretrained weights exist') as err:
+        timm.create_model('smpconv_mobile31', pretrained=True)
+    assert 'corrupt' not in str(err.value)

@@ -235,3 +235,35 @@ def test_defaults_are_the_papers_imagenet_recipe_and_digits_without_data():
     assert d.preset == 'digits' and d.data_dir is None
     c = train_imagenet.parse_args(['--preset', 'smp-cifar', '--lr', '1e-3'])
     assert (c.model, c.opt, c.lr, c.weight_decay, c.radius_clamp) == ('smp_flexnet_16', 'adam', 1e-3, 1e-5, [1e-4, 1.0])
+
+
+def test_flexnet_training_with_aliasing_regulariser(data_dir, tmp_path):
+    res = run_script(['--model', 'flexnet_16', '--img-size', '16', '--data-dir', str(data_dir), '--output',
+                      str(tmp_path), '--experiment', 'flex', '--epochs', '1', '--batch-size', '4',
+                      '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0', '--no-model-ema', '--opt', 'adam',
+                      '--lr', '0.01', '--weight-decay', '0', '--warmup-epochs', '0', '--aliasing-reg', '0.1',
+                      '--aliasing-target', 'gabor+mask', '--max-train-batches', '3', '--workers', '0', '--device', 'cpu'])
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = load_ckpt(tmp_path / 'flex' / 'last.pth.tar')
+    groups = ckpt['optimizer']['param_groups']
+    masks = [k for k in ckpt['state_dict'] if k.endswith('mask_params')]
+    scaled = [g for g in groups if g.get('lr_scale', 1.0) == pytest.approx(0.1)]
+    assert masks and sum(len(g['params']) for g in scaled) == len(masks)
+
+
+def test_aliasing_regulariser_reaches_the_loss(monkeypatch):
+    calls = []
+    real = train_imagenet.anti_aliasing_penalty
+    monkeypatch.setattr(train_imagenet, 'anti_aliasing_penalty',
+                        lambda *a, **k: calls.append(k) or real(*a, **k))
+    args = train_imagenet.parse_args(['--model', 'flexnet_16', '--aliasing-reg', '0.1'])
+    assert args.aliasing_reg == 0.1 and args.aliasing_target == 'gabor'
+    import timm
+    model = timm.create_model('flexnet_16', img_size=16, num_classes=2)
+    loader = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]
+    args.no_prefetcher, args.channels_last, args.distributed, args.rank, args.world_size = True, False, False, 0, 1
+    args.max_train_batches, args.grad_accum_steps, args.recovery_interval = 0, 1, 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    train_imagenet.train_one_epoch(0, model, loader, opt, torch.nn.CrossEntropyLoss(), args, torch.device('cpu'),
+                                   None, None, None, None, train_imagenet.nullcontext, None, 0)
+    assert calls and calls[0]['factor'] == 0.1 and calls[0]['target'] == 'gabor'

@@ -6,6 +6,7 @@ helpers are re-exported here.
 from .layers import (
     CausalConv1d, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, render_smp_kernel, rescale_factor,
 )
+from .layers import CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, anti_aliasing_penalty, retarget_resolution
 from . import models  # registers the models with timm
 from .optim import (
     RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL, clamp_smp_radius_, param_groups_smp,

@@ -5,3 +5,7 @@ from .smp import (
     default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor,
 )
 from .smp_conv import SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, resize_smp_params
+from .flexconv import (
+    CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, SIRENKernelNet, anti_aliasing_penalty, fft_conv2d,
+    gaussian_mask_crop, retarget_resolution,
+)

@@ -1,2 +1,3 @@
 """ timm model families; importing this registers them with timm. """
 from .smpconv import SMPConvNet
+from .flexnet import FlexNet

@@ -28,10 +28,11 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvBN, SMPLargeKernel2d, fold_preceding_bn
+from ._builder import build_model_naming_file_errors
 
 __all__ = ['SMPConvNet']
 
@@ -462,22 +463,9 @@ def _create_smpconv(variant: str, pretrained: bool = False, default_args: Option
         div = kwargs.get('points_div', model_args.get('points_div', 4))
         model_args['n_points'] = [max(1, k * k // div) for k in model_args['kernel_sizes']]
     model_args.update(kwargs)
-    try:
-        return build_model_with_cfg(
-            SMPConvNet, variant, pretrained,
-            pretrained_filter_fn=checkpoint_filter_fn,
-            feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
-            **model_args)
-    except (ValueError, TypeError):
-        raise  # bad arguments, or a checkpoint whose keys do not fit (the message names them)
-    except Exception as e:  # a truncated/corrupt file surfaces as many types (UnpicklingError, IndexError, ...)
-        if not pretrained:
-            raise
-        overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        source = overlay.get('file') or overlay.get('url') or variant
-        raise RuntimeError(
-            f'could not load pretrained weights for {variant} from {source}: the file is corrupt or not a '
-            f'PyTorch / safetensors checkpoint ({type(e).__name__}: {e})') from e
+    return build_model_naming_file_errors(
+        SMPConvNet, variant, pretrained, checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **model_args)
 
 
 def _cfg(**kwargs):
