@@ -1,11 +1,11 @@
 """ Building blocks of timm_smpconv; no model knowledge lives here. """
-from .conv import CausalConv1d, ConvBN
+from .conv import CausalConv1d, ConvBN, conv2d_same, conv_impl, fft_conv2d, set_conv_impl, use_fft
 from .fuse import fold_bn, fold_preceding_bn, pad_kernel, randomize_bn_stats_
 from .smp import (
     default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor,
 )
 from .smp_conv import SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, resize_smp_params
 from .flexconv import (
-    CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, SIRENKernelNet, anti_aliasing_penalty, fft_conv2d,
+    CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, SIRENKernelNet, anti_aliasing_penalty,
     gaussian_mask_crop, retarget_resolution,
 )

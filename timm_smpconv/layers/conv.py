@@ -1,5 +1,5 @@
 """ Plain convolution modules used by the SMP layers and by their reparameterized form. """
-from typing import Optional, Type
+from typing import List, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -7,7 +7,10 @@ import torch.nn.functional as F
 
 from .fuse import fold_bn, fold_preceding_bn
 
-__all__ = ['CausalConv1d', 'ConvBN']
+__all__ = ['CausalConv1d', 'ConvBN', 'SameConv2d', 'conv2d_same', 'fft_conv2d', 'fft_conv2d_multi', 'fft_size', 'use_fft', 'set_conv_impl', 'conv_impl']
+
+_CONV_IMPL = 'auto'
+_CONV_IMPLS = ('auto', 'direct', 'fft')
 
 
 class CausalConv1d(nn.Conv1d):
@@ -81,3 +84,181 @@ class ConvBN(nn.Module):
             return
         self._set_conv(*fold_bn(self.conv.weight, self.conv.bias, self.bn))
         self.bn = nn.Identity().train(self.training)
+
+
+def fft_size(n: int) -> int:
+    """Smallest m >= n whose prime factors are 2, 3 and 5 (fast FFT lengths)."""
+    m = max(1, n)
+    while True:
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def _check_fft_args(x: torch.Tensor, weight: torch.Tensor, groups: int):
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f'fft_conv2d needs odd kernel dims, got {kh}x{kw}')
+    c, out_chs = x.shape[1], weight.shape[0]
+    if c % groups or out_chs % groups or weight.shape[1] != c // groups:
+        raise ValueError(f'weight {list(weight.shape)} does not fit input channels {c} with groups={groups}')
+
+
+def _correlate_spectra(xf: torch.Tensor, weight: torch.Tensor, groups: int, nh: int, nw: int) -> torch.Tensor:
+    """Spectrum of the 'same' correlation of the input (spectrum xf) with `weight` on an nh x nw grid."""
+    n, c = xf.shape[0], xf.shape[1]
+    out_chs, kh, kw = weight.shape[0], weight.shape[-2], weight.shape[-1]
+    # zero-pad, then roll the kernel centre to index 0: the circular correlation is then the 'same' one
+    wp = F.pad(weight.float(), (0, nw - kw, 0, nh - kh)).roll((-(kh // 2), -(kw // 2)), (-2, -1))
+    wf = torch.fft.rfft2(wp).conj()
+    if groups == c and weight.shape[1] == 1 and out_chs == c:
+        return xf * wf[:, 0]
+    if groups == 1:
+        return torch.einsum('nihw,oihw->nohw', xf, wf)
+    xg = xf.reshape(n, groups, c // groups, nh, nw // 2 + 1)
+    wg = wf.reshape(groups, out_chs // groups, c // groups, nh, nw // 2 + 1)
+    return torch.einsum('ngihw,goihw->ngohw', xg, wg).reshape(n, out_chs, nh, nw // 2 + 1)
+
+
+def fft_conv2d_multi(
+        x: torch.Tensor,
+        weights: List[torch.Tensor],
+        biases: Optional[List[Optional[torch.Tensor]]] = None,
+        groups: int = 1,
+) -> List[torch.Tensor]:
+    """'Same' cross-correlations of one input with several kernels (any odd sizes), sharing the input's
+    FFT: F.conv2d(x, w, b, padding=(kh // 2, kw // 2), groups=groups) for each (w, b).
+
+    Computed in float32 (complex64) and returned in the dtype F.conv2d would give (the autocast dtype
+    under autocast). Stride 1; depthwise is an elementwise product of spectra, other groupings mix
+    channels per frequency. The grid is H + max(kh) // 2 by W + max(kw) // 2, rounded up to a fast FFT
+    length: with the kernel centre rolled to index 0 no wrap-around reaches the kept outputs.
+    """
+    for w in weights:
+        _check_fft_args(x, w, groups)
+    out_dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    h, w_ = x.shape[-2], x.shape[-1]
+    nh = fft_size(h + max(wt.shape[-2] for wt in weights) // 2)
+    nw = fft_size(w_ + max(wt.shape[-1] for wt in weights) // 2)
+    biases = biases if biases is not None else [None] * len(weights)
+    outs = []
+    with torch.autocast(x.device.type, enabled=False):
+        xf = torch.fft.rfft2(x.float(), s=(nh, nw))
+        for weight, bias in zip(weights, biases):
+            y = torch.fft.irfft2(_correlate_spectra(xf, weight, groups, nh, nw), s=(nh, nw))[..., :h, :w_]
+            if bias is not None:
+                y = y + bias.float().reshape(1, -1, 1, 1)
+            outs.append(y.to(out_dtype))
+    return outs
+
+
+def fft_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        groups: int = 1,
+) -> torch.Tensor:
+    """'Same' cross-correlation, F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=groups),
+    through the FFT (see `fft_conv2d_multi`)."""
+    return fft_conv2d_multi(x, [weight], [bias], groups)[0]
+
+
+def set_conv_impl(impl: str) -> str:
+    """Choose how `conv2d_same` convolves: 'auto' (the measured per-shape rule), 'direct' or 'fft'.
+
+    Returns the previous setting. Also a context manager: `with conv_impl('fft'): ...`.
+    """
+    global _CONV_IMPL
+    if impl not in _CONV_IMPLS:
+        raise ValueError(f'conv impl must be one of {_CONV_IMPLS}, got {impl!r}')
+    prev, _CONV_IMPL = _CONV_IMPL, impl
+    return prev
+
+
+class conv_impl:
+    """Context manager form of `set_conv_impl`."""
+
+    def __init__(self, impl: str):
+        self.impl = impl
+        self.prev = None
+
+    def __enter__(self):
+        self.prev = set_conv_impl(self.impl)
+        return self
+
+    def __exit__(self, *exc):
+        set_conv_impl(self.prev)
+        return False
+
+
+def use_fft(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """The dispatch rule of `conv2d_same` for stride-1 convs (measured on a 2-core x86 CPU, torch 2.14,
+    batch 1 and 8; numbers in README 'Large-kernel convolution'):
+
+    * CPU, depthwise, no gradient: PyTorch's direct kernel is fast up to 13 x 13 and falls off a cliff
+      above (15 x 15 is 7-40x slower than 13 x 13), so FFT for k > 13.
+    * CPU, depthwise, with gradient: the direct backward is slow for every size, so FFT from 9 x 9, and
+      from 5 x 5 on maps of 50 x 50 and more.
+    * CPU, full (or grouped) convs: FFT from 7 x 7.
+    * CUDA and other devices: direct (cuDNN); no GPU was available to measure a crossover.
+    """
+    if _CONV_IMPL != 'auto':
+        return _CONV_IMPL == 'fft'
+    if x.device.type != 'cpu':
+        return False
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    k = min(kh, kw)
+    depthwise = weight.shape[1] == 1 and groups == x.shape[1]
+    if not depthwise:
+        return kh * kw >= 49
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return k > 13
+    return k >= 9 or (k >= 5 and x.shape[-2] * x.shape[-1] >= 2500)
+
+
+def conv2d_same(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        stride: int = 1,
+        groups: int = 1,
+) -> torch.Tensor:
+    """F.conv2d with 'same' padding (kh // 2, kw // 2), computed directly or through the FFT by `use_fft`.
+
+    Both give the same result (to float32 rounding). Under torch.jit.script / torch.jit.trace (fvcore's
+    FLOP counting) the direct conv is used, so traced graphs and FLOP counts show a real convolution.
+    """
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    if torch.jit.is_scripting():
+        return F.conv2d(x, weight, bias, stride, (kh // 2, kw // 2), 1, groups)
+    if stride == 1 and not torch.jit.is_tracing() and use_fft(x, weight, groups):
+        return fft_conv2d(x, weight, bias, groups)
+    return F.conv2d(x, weight, bias, stride, (kh // 2, kw // 2), 1, groups)
+
+
+# torch.fx records the dispatch as one call instead of tracing its shape logic
+torch.fx.wrap('conv2d_same')
+
+
+class SameConv2d(nn.Conv2d):
+    """A plain nn.Conv2d with 'same' padding (kh // 2, kw // 2) whose forward convolves through
+    `conv2d_same`, i.e. directly or through the FFT by the measured rule (the same result either way).
+
+    The reparameterized form of our large-kernel layers: state dict, parameters and isinstance checks are
+    those of nn.Conv2d; only the speed differs (PyTorch's direct CPU kernel is slow above 13 x 13).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride: int = 1, groups: int = 1,
+                 bias: bool = True, device=None, dtype=None):
+        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        super().__init__(in_channels, out_channels, (kh, kw), stride=stride, padding=(kh // 2, kw // 2),
+                         groups=groups, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return conv2d_same(x, self.weight, self.bias, self.stride[0], self.groups)

@@ -15,7 +15,7 @@ Also here:
     and "gabor+mask" = f_FlexConv+, method "together").
   * `retarget_resolution`: deploy a model trained at one input resolution at another (FlexConv and SMP
     layers): horizon follows the resolution, values are scaled by (source / target)^d.
-  * `fft_conv2d`: the FFT form of the 'same' correlation, exact for non-square kernels.
+  * `fft_conv2d` (from `conv.py`): the FFT form of the 'same' correlation, exact for non-square kernels.
 
 Decisions about the authors' code (numbers refer to the defect list of the spec, section 6.1):
   1. Regulariser broadcasting: their per-filter frequency is max|W|/2pi + S max|gamma|/2pi (maxima over
@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .conv import SameConv2d, conv2d_same, fft_conv2d
 from .fuse import fold_bn
 from .smp import rescale_factor
 from .smp_conv import _SMPConvNd, _SMPLargeKernelNd
@@ -256,30 +257,6 @@ def gaussian_mask_crop(mask_params: torch.Tensor, kernel_size: int, threshold: f
     return torch.jit.annotate(List[int], starts.tolist())  # the one host sync of a forward
 
 
-def fft_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """'Same' cross-correlation (F.conv2d with padding (h // 2, w // 2)) through the FFT.
-
-    Each axis is zero-padded by its own kernel size (the authors pad every axis by the last kernel dim,
-    which shifts the output for non-square kernels). Computed in float32 at least (FFTs need it).
-    """
-    kh, kw = weight.shape[-2], weight.shape[-1]
-    if kh % 2 == 0 or kw % 2 == 0:
-        raise ValueError(f'fft_conv2d needs odd kernel dims, got {kh}x{kw}')
-    out_dtype = x.dtype
-    ct = torch.promote_types(x.dtype, torch.float32)
-    h, w = x.shape[-2], x.shape[-1]
-    xp = F.pad(x.to(ct), (kw // 2, kw // 2, kh // 2, kh // 2))
-    size = (h + kh - 1, w + kw - 1)
-    xf = torch.fft.rfft2(xp, s=size)
-    wf = torch.fft.rfft2(weight.to(ct), s=size)
-    # correlation: multiply by the conjugate kernel spectrum, sum over input channels
-    yf = torch.einsum('nihw,oihw->nohw', xf, wf.conj())
-    y = torch.fft.irfft2(yf, s=size)[..., :h, :w]
-    if bias is not None:
-        y = y + bias.to(ct).reshape(1, -1, 1, 1)
-    return y.to(out_dtype)
-
-
 @register_notrace_module  # data-dependent kernel shape: a leaf for torch.fx
 class FlexConv2d(nn.Module):
     """2-D FlexConv: a continuous kernel from a kernel network times a learned Gaussian mask.
@@ -431,9 +408,11 @@ class FlexConv2d(nn.Module):
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         kh, kw = weight.shape[-2], weight.shape[-1]
+        if torch.jit.is_scripting():
+            return F.conv2d(x, weight, bias, 1, (kh // 2, kw // 2))
         if self.use_fft and kh > self.fft_threshold and kw > self.fft_threshold:
             return fft_conv2d(x, weight, bias)
-        return F.conv2d(x, weight, bias, 1, (kh // 2, kw // 2))
+        return conv2d_same(x, weight, bias)  # the measured direct / FFT dispatch (same result)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -474,10 +453,10 @@ class FlexConv2d(nn.Module):
 
     @torch.no_grad()
     def to_plain_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Conv2d:
-        """A plain 'same' nn.Conv2d (with bias) holding `weight` (any odd h x w) and `bias`."""
+        """A plain 'same' conv (SameConv2d, an nn.Conv2d with bias) holding `weight` (any odd h x w) and `bias`."""
         kh, kw = weight.shape[-2], weight.shape[-1]
-        conv = nn.Conv2d(self.in_channels, self.out_channels, (kh, kw), padding=(kh // 2, kw // 2), bias=True,
-                         device=weight.device, dtype=weight.dtype)
+        conv = SameConv2d(self.in_channels, self.out_channels, (kh, kw), bias=True, device=weight.device,
+                          dtype=weight.dtype)
         conv.weight.copy_(weight)
         conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
         return conv.train(training)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .conv import CausalConv1d
+from .conv import CausalConv1d, SameConv2d, conv2d_same
 from .fuse import fold_bn, pad_kernel
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor
 
@@ -26,6 +26,7 @@ __all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 're
 
 # torch.fx records these as single calls (leaves) instead of tracing their shape logic
 torch.fx.wrap('render_smp_kernel')
+torch.fx.wrap('conv2d_same')
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -241,8 +242,35 @@ class _SMPConvNd(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def get_weight(self) -> torch.Tensor:
-        """The rendered conv weight, (out_channels, in_channels // groups, k[, k])."""
+        """The rendered conv weight, (out_channels, in_channels // groups, k[, k]).
+
+        In eval mode without autograd the rendered kernel is cached, keyed by the parameters' storage and
+        version counters (an optimizer step, load_state_dict or .to() invalidates it) and by the kernel
+        size; train() drops it.
+        """
+        if torch.jit.is_scripting():
+            return self._render()
+        return self._cached_weight()
+
+    def _render(self) -> torch.Tensor:
         return render_smp_kernel(self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize)
+
+    @torch.jit.unused
+    def _cached_weight(self) -> torch.Tensor:
+        params = (self.points, self.radius, self.weight)
+        if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+                or isinstance(params[0], torch.fx.Proxy)):  # (fx hands out proxies while tracing)
+            return self._render()
+        key = (self.kernel_size,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cache = self.__dict__.get('_weight_cache')
+        if cache is None or cache[0] != key:
+            cache = (key, self._render())
+            self.__dict__['_weight_cache'] = cache
+        return cache[1]
+
+    def train(self, mode: bool = True):
+        self.__dict__.pop('_weight_cache', None)
+        return super().train(mode)
 
     def _check_input(self, x: torch.Tensor):
         _check_input(x, self.input_rank, self.in_channels, self.layer_name)
@@ -270,14 +298,12 @@ class SMPConv2d(_SMPConvNd):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        pad = self.kernel_size // 2
-        return F.conv2d(x, self.get_weight(), self.bias, self.stride, pad, 1, self.groups)
+        return conv2d_same(x, self.get_weight(), self.bias, self.stride, self.groups)
 
-    def _plain_conv(self) -> nn.Conv2d:
-        return nn.Conv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
-            padding=self.kernel_size // 2, groups=self.groups, bias=True,
-            device=self.points.device, dtype=self.points.dtype)
+    def _plain_conv(self) -> SameConv2d:
+        return SameConv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, groups=self.groups,
+            bias=True, device=self.points.device, dtype=self.points.dtype)
 
 
 class SMPConv1d(_SMPConvNd):

@@ -1,0 +1,203 @@
+""" The large-kernel convolution: FFT == direct (values, gradients, layouts, dtypes), dispatch, FLOP
+counting through FFT-dispatched models, and the eval-mode kernel cache. """
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm_smpconv  # noqa: F401
+from timm_smpconv import flops
+from timm_smpconv.layers import SMPConv2d, conv2d_same, conv_impl, fft_conv2d, randomize_bn_stats_, use_fft
+from timm_smpconv.layers.conv import fft_conv2d_multi, fft_size
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+CASES = [
+    # (batch, in, out, groups, h, w, kh, kw)
+    (2, 8, 8, 8, 20, 20, 31, 31),     # depthwise, kernel larger than the map
+    (1, 6, 6, 6, 15, 17, 13, 13),     # odd / non-square map, batch 1
+    (2, 4, 4, 4, 16, 9, 5, 5),        # small kernel, even x odd map
+    (2, 3, 5, 1, 12, 14, 7, 9),       # full conv, non-square kernel
+    (1, 4, 6, 2, 11, 10, 9, 9),       # grouped
+    (2, 16, 16, 16, 7, 7, 13, 13),    # the last SMPConv-T stage shape
+]
+
+
+@pytest.mark.parametrize('n,ci,co,g,h,w,kh,kw', CASES)
+def test_fft_equals_direct_values_and_gradients(n, ci, co, g, h, w, kh, kw):
+    torch.manual_seed(0)
+    x = torch.randn(n, ci, h, w, dtype=torch.float64, requires_grad=True)
+    wt = torch.randn(co, ci // g, kh, kw, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(co, dtype=torch.float64, requires_grad=True)
+    ref = F.conv2d(x, wt, b, padding=(kh // 2, kw // 2), groups=g)
+    gy = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (x, wt, b), gy)
+    # the FFT path computes in float32: compare float32 inputs against the float64 reference
+    x32, w32, b32 = (t.detach().float().requires_grad_(True) for t in (x, wt, b))
+    out = fft_conv2d(x32, w32, b32, groups=g)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel(out.double(), ref) < 1e-5
+    grads = torch.autograd.grad(out, (x32, w32, b32), gy.float())
+    for got, want in zip(grads, ref_grads):
+        assert rel(got.double(), want) < 1e-5
+
+
+def test_fft_handles_non_contiguous_and_channels_last_inputs():
+    torch.manual_seed(0)
+    base = torch.randn(2, 12, 24, 24)
+    w = torch.randn(6, 1, 15, 15)
+    for x in (base[:, ::2], base.transpose(-1, -2), base[:, :6].contiguous(memory_format=torch.channels_last)):
+        assert not x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+        x = x[:, :6]
+        assert rel(fft_conv2d(x, w, None, groups=6), F.conv2d(x, w, None, padding=7, groups=6)) < 1e-5
+
+
+def test_fft_under_bf16_autocast_returns_the_autocast_dtype():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16, 16)
+    w = torch.randn(8, 1, 17, 17)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        direct = F.conv2d(x, w, None, padding=8, groups=8)
+        fft = fft_conv2d(x, w, None, groups=8)
+    assert fft.dtype == direct.dtype == torch.bfloat16
+    assert rel(fft.float(), F.conv2d(x, w, None, padding=8, groups=8)) < 1e-2
+    # bf16 inputs without autocast stay bf16 (computed in float32 inside)
+    y = fft_conv2d(x.bfloat16(), w.bfloat16(), None, groups=8)
+    assert y.dtype == torch.bfloat16
+
+
+def test_multi_kernel_fft_shares_the_input_transform():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 18, 18)
+    w1, w2 = torch.randn(4, 1, 13, 13), torch.randn(4, 1, 5, 5)
+    b2 = torch.randn(4)
+    y1, y2 = fft_conv2d_multi(x, [w1, w2], [None, b2], groups=4)
+    assert rel(y1, F.conv2d(x, w1, None, padding=6, groups=4)) < 1e-5
+    assert rel(y2, F.conv2d(x, w2, b2, padding=2, groups=4)) < 1e-5
+
+
+def test_bad_fft_arguments_raise():
+    with pytest.raises(ValueError, match='odd kernel'):
+        fft_conv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 4, 4), groups=2)
+    with pytest.raises(ValueError, match='does not fit'):
+        fft_conv2d(torch.randn(1, 3, 8, 8), torch.randn(2, 1, 5, 5), groups=2)
+    with pytest.raises(ValueError, match='conv impl'):
+        conv_impl('winograd').__enter__()
+
+
+def test_fft_size_is_a_fast_length():
+    for n in range(1, 300):
+        m = fft_size(n)
+        assert m >= n and m - n < max(4, n // 8)
+        r = m
+        for p in (2, 3, 5):
+            while r % p == 0:
+                r //= p
+        assert r == 1
+
+
+def test_dispatch_rule():
+    def x_(c, h, grad):
+        return torch.zeros(1, c, h, h, requires_grad=grad)
+
+    with torch.no_grad():
+        assert not use_fft(x_(96, 56, False), torch.zeros(96, 1, 13, 13), 96)   # direct fast path
+        assert use_fft(x_(96, 56, False), torch.zeros(96, 1, 15, 15), 96)       # direct falls off above 13
+    assert use_fft(x_(96, 56, True), torch.zeros(96, 1, 9, 9), 96)             # training: FFT from 9
+    assert not use_fft(x_(384, 14, True), torch.zeros(384, 1, 5, 5), 384)
+    assert use_fft(x_(96, 56, True), torch.zeros(96, 1, 5, 5), 96)             # large maps: from 5
+    assert use_fft(x_(48, 32, True), torch.zeros(48, 48, 33, 33), 1)           # full 33 x 33 (FlexNet)
+    assert not use_fft(x_(48, 32, True), torch.zeros(48, 48, 3, 3), 1)
+    with conv_impl('direct'):
+        assert not use_fft(x_(96, 56, True), torch.zeros(96, 1, 31, 31), 96)
+    with conv_impl('fft'):
+        assert use_fft(x_(96, 56, True), torch.zeros(96, 1, 3, 3), 96)
+
+
+def test_conv2d_same_paths_agree_and_strides_go_direct():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 21, 21)
+    w = torch.randn(8, 1, 17, 17)
+    with conv_impl('fft'):
+        a = conv2d_same(x, w, None, 1, 8)
+        s2 = conv2d_same(x, w, None, 2, 8)  # stride 2: always direct
+    with conv_impl('direct'):
+        b = conv2d_same(x, w, None, 1, 8)
+    assert rel(a, b) < 1e-5
+    torch.testing.assert_close(s2, F.conv2d(x, w, None, 2, 8, 1, 8))
+
+
+def test_smp_model_same_logits_and_grads_on_both_paths():
+    torch.manual_seed(0)
+    model = randomize_bn_stats_(timm.create_model('smpconv_mobile31', num_classes=5)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    outs, grads = [], []
+    for impl in ('direct', 'fft'):
+        model.zero_grad()
+        with conv_impl(impl):
+            y = model(x)
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(model.stages[0].blocks[0].large_kernel.smp.points.grad.clone())
+    assert rel(outs[1], outs[0]) < 1e-5
+    assert rel(grads[1], grads[0]) < 1e-4
+
+
+def test_fvcore_counts_equal_on_fft_dispatched_model():
+    model = timm.create_model('smpconv_mobile31')
+    with conv_impl('direct'):
+        direct = flops.count_flops(model, img_size=96)
+    with conv_impl('fft'):
+        fft = flops.count_flops(model, img_size=96)
+    assert fft['conv'] == direct['conv'] > 0
+    assert fft['total'] == direct['total']
+
+
+def test_torchscript_and_fx_of_dispatched_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(SMPConv2d(4, 4, 17, groups=4), nn.GELU(), SMPConv2d(4, 6, 9)).eval()
+    x = torch.randn(1, 4, 20, 20)
+    with torch.no_grad(), conv_impl('fft'):
+        y = model(x)
+        traced = torch.fx.symbolic_trace(model)
+        assert 'conv2d_same' in traced.code
+        assert rel(traced(x), y) < 1e-5
+        assert rel(torch.jit.script(model)(x), y) < 1e-5  # scripted: direct conv
+
+
+def test_eval_kernel_cache_and_invalidation():
+    torch.manual_seed(0)
+    layer = SMPConv2d(4, 4, 11, groups=4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer.eval()
+    with torch.no_grad():
+        w1 = layer.get_weight()
+        assert layer.get_weight() is w1                     # cached
+    x = torch.randn(2, 4, 12, 12)
+    layer(x).square().sum().backward()                      # grad enabled: no cache used
+    opt.step()
+    with torch.no_grad():
+        w2 = layer.get_weight()
+        assert w2 is not w1 and not torch.allclose(w2, w1)  # the step invalidated it
+        torch.testing.assert_close(w2, layer._render())
+        layer.set_kernel_size(13)
+        assert layer.get_weight().shape[-1] == 13           # a new size too
+    layer.train()
+    assert '_weight_cache' not in layer.__dict__
+    with torch.no_grad():
+        assert layer.get_weight() is not layer.get_weight()  # no caching while training
+
+
+@pytest.mark.slow
+def test_torch_compile():
+    torch.manual_seed(0)
+    model = nn.Sequential(SMPConv2d(4, 4, 17, groups=4), nn.GELU()).eval()
+    x = torch.randn(1, 4, 20, 20)
+    with torch.no_grad():
+        ref = model(x)
+        compiled = torch.compile(model)
+        assert rel(compiled(x), ref) < 1e-5
