@@ -169,7 +169,7 @@ def write_report(rows: dict, threads: int, out_md: Path, out_png: Path):
     for ax, key, title in zip(axes, ('train_img_s', 'latency_ms', 'latency_reparam_ms'),
                               ('training images/s (higher is better)', 'eval latency ms, batch 1',
                                'reparameterized eval latency ms, batch 1')):
-        ax.barh(names, [rows[n][key] for n in names], color=['C0' if 'smp' in n else 'C7' for n in names])
+        ax.barh(names, [rows[n][key] for n in names], color=['C7' if n in ('convnext_tiny', 'resnet50') else 'C0' for n in names])
         ax.set_title(title, fontsize=9)
         ax.invert_yaxis()
     fig.suptitle(f'timm-smpconv vs timm baselines, CPU {threads} threads')
