@@ -19,7 +19,6 @@ summary.csv, curves.png, args.yaml.
 import argparse
 import csv
 import logging
-import math
 import os
 import sys
 import time

@@ -14,18 +14,13 @@ import timm
 from safetensors.torch import save_file
 
 import timm_smpconv  # noqa: F401
+from helpers import random_bn_entries
 
 # smpconv_mobile31: layers, channels, kernel sizes, points divisor, ffn ratio
 CFG = dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 320), kernels=(31, 29, 27, 13), div=8, ffn=2)
 SIZE = 64
 
 
-def _bn(sd, prefix, c, g):
-    sd[prefix + 'weight'] = torch.rand(c, generator=g) + 0.5
-    sd[prefix + 'bias'] = torch.randn(c, generator=g) * 0.2
-    sd[prefix + 'running_mean'] = torch.randn(c, generator=g) * 0.2
-    sd[prefix + 'running_var'] = torch.rand(c, generator=g) + 0.5
-    sd[prefix + 'num_batches_tracked'] = torch.tensor(100)
 
 
 def _conv(sd, name, shape, g):
@@ -40,39 +35,39 @@ def authors_state_dict(seed=0, num_classes=1000):
     c0 = CFG['channels'][0]
     for i, (cin, cout, k, groups) in enumerate([(3, c0, 3, 1), (c0, c0, 3, c0), (c0, c0, 1, 1), (c0, c0, 3, c0)]):
         _conv(sd, f'stem.{i}.conv.weight', (cout, cin // groups, k, k), g)
-        _bn(sd, f'stem.{i}.bn.', cout, g)
+        random_bn_entries(sd, f'stem.{i}.bn.', cout, g)
     for s, (depth, c, k) in enumerate(zip(CFG['layers'], CFG['channels'], CFG['kernels'])):
         n_points = k * k // CFG['div']
         for b in range(2 * depth):
             p = f'stages.{s}.blocks.{b}.'
             if b % 2 == 0:
-                _bn(sd, p + 'prelkb_bn.', c, g)
+                random_bn_entries(sd, p + 'prelkb_bn.', c, g)
                 _conv(sd, p + 'pw1.conv.weight', (c, c, 1, 1), g)
-                _bn(sd, p + 'pw1.bn.', c, g)
+                random_bn_entries(sd, p + 'pw1.bn.', c, g)
                 lk = p + 'large_kernel.'
                 sd[lk + 'smp.conv.weight_coord'] = (torch.rand(1, n_points, 2, generator=g) * 1.6 - 0.8)
                 sd[lk + 'smp.conv.radius'] = torch.rand(1, n_points, 1, 1, generator=g) * 0.2 + 0.1
                 sd[lk + 'smp.conv.weights'] = torch.randn(1, c, n_points, generator=g) * 0.3
                 lin = torch.linspace(-1, 1, k)
                 sd[lk + 'smp.conv.kernel_coord'] = torch.stack(torch.meshgrid(lin, lin, indexing='ij')).unsqueeze(0)
-                _bn(sd, lk + 'smp.bn.', c, g)
+                random_bn_entries(sd, lk + 'smp.bn.', c, g)
                 _conv(sd, lk + 'small_conv.conv.weight', (c, 1, 5, 5), g)
-                _bn(sd, lk + 'small_conv.bn.', c, g)
+                random_bn_entries(sd, lk + 'small_conv.bn.', c, g)
                 _conv(sd, p + 'pw2.conv.weight', (c, c, 1, 1), g)
-                _bn(sd, p + 'pw2.bn.', c, g)
+                random_bn_entries(sd, p + 'pw2.bn.', c, g)
             else:
-                _bn(sd, p + 'preffn_bn.', c, g)
+                random_bn_entries(sd, p + 'preffn_bn.', c, g)
                 _conv(sd, p + 'pw1.conv.weight', (c * CFG['ffn'], c, 1, 1), g)
-                _bn(sd, p + 'pw1.bn.', c * CFG['ffn'], g)
+                random_bn_entries(sd, p + 'pw1.bn.', c * CFG['ffn'], g)
                 _conv(sd, p + 'pw2.conv.weight', (c, c * CFG['ffn'], 1, 1), g)
-                _bn(sd, p + 'pw2.bn.', c, g)
+                random_bn_entries(sd, p + 'pw2.bn.', c, g)
         if s < 3:
             cn = CFG['channels'][s + 1]
             _conv(sd, f'transitions.{s}.0.conv.weight', (cn, c, 1, 1), g)
-            _bn(sd, f'transitions.{s}.0.bn.', cn, g)
+            random_bn_entries(sd, f'transitions.{s}.0.bn.', cn, g)
             _conv(sd, f'transitions.{s}.1.conv.weight', (cn, 1, 3, 3), g)
-            _bn(sd, f'transitions.{s}.1.bn.', cn, g)
-    _bn(sd, 'norm.', CFG['channels'][-1], g)
+            random_bn_entries(sd, f'transitions.{s}.1.bn.', cn, g)
+    random_bn_entries(sd, 'norm.', CFG['channels'][-1], g)
     sd['head.weight'] = torch.randn(num_classes, CFG['channels'][-1], generator=g) * 0.05
     sd['head.bias'] = torch.randn(num_classes, generator=g) * 0.05
     return sd
@@ -98,33 +93,33 @@ def reference_logits(sd, x):
         return F.batch_norm(t, sd[p + 'running_mean'], sd[p + 'running_var'], sd[p + 'weight'], sd[p + 'bias'],
                             False, 0., 1e-5)
 
-    def conv_bn(t, p, stride=1, relu=True):
+    def convrandom_bn_entries(t, p, stride=1, relu=True):
         w = sd[p + 'conv.weight']
         groups = t.shape[1] if w.shape[1] == 1 and t.shape[1] > 1 else 1
         t = bn(F.conv2d(t, w, None, stride, w.shape[-1] // 2, 1, groups), p + 'bn.')
         return F.relu(t) if relu else t
 
-    x = conv_bn(x, 'stem.0.', 2)
-    x = conv_bn(x, 'stem.1.')
-    x = conv_bn(x, 'stem.2.')
-    x = conv_bn(x, 'stem.3.', 2)
+    x = convrandom_bn_entries(x, 'stem.0.', 2)
+    x = convrandom_bn_entries(x, 'stem.1.')
+    x = convrandom_bn_entries(x, 'stem.2.')
+    x = convrandom_bn_entries(x, 'stem.3.', 2)
     for s, depth in enumerate(CFG['layers']):
         for b in range(2 * depth):
             p = f'stages.{s}.blocks.{b}.'
             if b % 2 == 0:
-                h = conv_bn(bn(x, p + 'prelkb_bn.'), p + 'pw1.')
+                h = convrandom_bn_entries(bn(x, p + 'prelkb_bn.'), p + 'pw1.')
                 lk = p + 'large_kernel.'
                 w = authors_kernel(sd, lk + 'smp.conv.')
                 c = h.shape[1]
                 big = bn(F.conv2d(h, w, None, 1, w.shape[-1] // 2, 1, c), lk + 'smp.bn.')
                 small = bn(F.conv2d(h, sd[lk + 'small_conv.conv.weight'], None, 1, 2, 1, c), lk + 'small_conv.bn.')
-                x = x + conv_bn(F.relu(big + small), p + 'pw2.', relu=False)
+                x = x + convrandom_bn_entries(F.relu(big + small), p + 'pw2.', relu=False)
             else:
-                h = conv_bn(bn(x, p + 'preffn_bn.'), p + 'pw1.', relu=False)
-                x = x + conv_bn(F.gelu(h), p + 'pw2.', relu=False)
+                h = convrandom_bn_entries(bn(x, p + 'preffn_bn.'), p + 'pw1.', relu=False)
+                x = x + convrandom_bn_entries(F.gelu(h), p + 'pw2.', relu=False)
         if s < 3:
-            x = conv_bn(x, f'transitions.{s}.0.')
-            x = conv_bn(x, f'transitions.{s}.1.', 2)
+            x = convrandom_bn_entries(x, f'transitions.{s}.0.')
+            x = convrandom_bn_entries(x, f'transitions.{s}.1.', 2)
     x = bn(x, 'norm.').mean((2, 3))
     return F.linear(x, sd['head.weight'], sd['head.bias'])
 

@@ -16,13 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import timm
 from timm_smpconv.layers import conv_impl
-from timm.layers import get_notrace_functions, get_notrace_modules, set_scriptable
+from timm.layers import set_scriptable
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401  (registers the models)
+from helpers import fx_model, random_bn_entries
 from timm_smpconv import anti_aliasing_penalty, param_groups_smp, retarget_resolution
 from timm_smpconv.layers import FlexConv2d, randomize_bn_stats_
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
@@ -185,13 +186,6 @@ def test_torchscript(name):
         torch.testing.assert_close(scripted(x), model(x))
 
 
-def _fx_model(model, train):
-    tracer_kwargs = dict(leaf_modules=list(get_notrace_modules()), autowrap_functions=list(get_notrace_functions()))
-    from torchvision.models.feature_extraction import create_feature_extractor as tv_extractor
-    from torchvision.models.feature_extraction import get_graph_node_names as tv_nodes
-    train_nodes, eval_nodes = tv_nodes(model, tracer_kwargs=tracer_kwargs)
-    model.train(train)
-    return tv_extractor(model, return_nodes=[(train_nodes if train else eval_nodes)[-1]], tracer_kwargs=tracer_kwargs)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -201,10 +195,10 @@ def test_fx_forward_and_backward(name):
     x = torch.randn(1, 3, 8, 8)
     with torch.no_grad():
         ref = model(x)
-    out = _fx_model(model, train=False)(x)
+    out = fx_model(model, train=False)(x)
     out = out[next(iter(out))] if isinstance(out, dict) else out
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    fx_train = _fx_model(model, train=True)
+    fx_train = fx_model(model, train=True)
     out = fx_train(torch.randn(2, 3, 8, 8))
     out = out[next(iter(out))] if isinstance(out, dict) else out
     out.mean().backward()
@@ -324,12 +318,6 @@ def test_reparameterize_whole_network(name):
 # ------------------------------------------------------------------------------------------------
 # The authors' checkpoints: builders from the spec and independent evaluations
 
-def _bn(sd, prefix, c, g):
-    sd[prefix + 'weight'] = torch.rand(c, generator=g) + 0.5
-    sd[prefix + 'bias'] = torch.randn(c, generator=g) * 0.2
-    sd[prefix + 'running_mean'] = torch.randn(c, generator=g) * 0.2
-    sd[prefix + 'running_var'] = torch.rand(c, generator=g) + 0.5
-    sd[prefix + 'num_batches_tracked'] = torch.tensor(100)
 
 
 def _uniform(shape, bound, g):
@@ -369,13 +357,13 @@ def flexnet_authors_sd(seed=0, train_length=33):
     g = torch.Generator().manual_seed(seed)
     sd = {}
     _flexconv_sd(sd, 'cconv1.', 3, 24, g, train_length)
-    _bn(sd, 'norm1.', 24, g)
+    random_bn_entries(sd, 'norm1.', 24, g)
     for i, (cin, cout) in enumerate(BLOCKS):
         p = f'blocks.{i}.'
         _flexconv_sd(sd, p + 'cconv1.', cin, cout, g, train_length)
         _flexconv_sd(sd, p + 'cconv2.', cout, cout, g, train_length)
-        _bn(sd, p + 'norm1.', cout, g)
-        _bn(sd, p + 'norm2.', cout, g)
+        random_bn_entries(sd, p + 'norm1.', cout, g)
+        random_bn_entries(sd, p + 'norm2.', cout, g)
         if cin != cout:
             sd[p + 'shortcut.0.weight'] = torch.randn(cout, cin, 1, 1, generator=g) / math.sqrt(cin)
             sd[p + 'shortcut.0.bias'] = torch.randn(cout, generator=g) * 0.1
@@ -384,7 +372,7 @@ def flexnet_authors_sd(seed=0, train_length=33):
     return sd
 
 
-def _ref_bn(t, sd, p):
+def _refrandom_bn_entries(t, sd, p):
     return F.batch_norm(t, sd[p + 'running_mean'], sd[p + 'running_var'], sd[p + 'weight'], sd[p + 'bias'],
                         False, 0., 1e-5)
 
@@ -424,12 +412,12 @@ def ref_flexconv(x, sd, F_, k, norm):
 
 
 def ref_flexnet(sd, x, k, norm=1.0):
-    y = F.relu(_ref_bn(ref_flexconv(x, sd, 'cconv1.', k, norm), sd, 'norm1.'))
+    y = F.relu(_refrandom_bn_entries(ref_flexconv(x, sd, 'cconv1.', k, norm), sd, 'norm1.'))
     for i in range(7):
         p = f'blocks.{i}.'
         s = F.conv2d(y, sd[p + 'shortcut.0.weight'], sd[p + 'shortcut.0.bias']) if p + 'shortcut.0.weight' in sd else y
-        h = F.relu(_ref_bn(ref_flexconv(y, sd, p + 'cconv1.', k, norm), sd, p + 'norm1.'))
-        y = F.relu(_ref_bn(ref_flexconv(h, sd, p + 'cconv2.', k, norm), sd, p + 'norm2.') + s)
+        h = F.relu(_refrandom_bn_entries(ref_flexconv(y, sd, p + 'cconv1.', k, norm), sd, p + 'norm1.'))
+        y = F.relu(_refrandom_bn_entries(ref_flexconv(h, sd, p + 'cconv2.', k, norm), sd, p + 'norm2.') + s)
     y = y.mean((2, 3), keepdim=True)
     return F.conv2d(y, sd['out_layer.weight'], sd['out_layer.bias']).flatten(1)
 
@@ -450,8 +438,8 @@ def smp_authors_sd(seed=0, train_length=17, conv_bias=False, n_points=16):
     smp('cconv1.', 3, 24)
     sd['cconv1s.weight'] = torch.randn(24, 3, 3, 3, generator=g) * 0.2
     sd['cconv1s.bias'] = torch.randn(24, generator=g) * 0.1
-    _bn(sd, 'norm1.', 24, g)
-    _bn(sd, 'norm1s.', 24, g)
+    random_bn_entries(sd, 'norm1.', 24, g)
+    random_bn_entries(sd, 'norm1s.', 24, g)
     for i, (cin, cout) in enumerate(BLOCKS):
         p = f'blocks.{i}.'
         smp(p + 'cconv1.', cin, cout)
@@ -459,7 +447,7 @@ def smp_authors_sd(seed=0, train_length=17, conv_bias=False, n_points=16):
         sd[p + 'cconv1s.weight'] = torch.randn(cout, cin, 3, 3, generator=g) / math.sqrt(9 * cin)
         sd[p + 'cconv2s.weight'] = torch.randn(cout, cout, 3, 3, generator=g) / math.sqrt(9 * cout)
         for n in ('norm1.', 'norm2.', 'norm1s.', 'norm2s.'):
-            _bn(sd, p + n, cout, g)
+            random_bn_entries(sd, p + n, cout, g)
         if cin != cout:
             sd[p + 'shortcut.0.weight'] = torch.randn(cout, cin, 1, 1, generator=g) / math.sqrt(cin)
             sd[p + 'shortcut.0.bias'] = torch.randn(cout, generator=g) * 0.1
@@ -486,15 +474,15 @@ def ref_smp_net(sd, x, k):
         w = ref_smp_kernel(sd, S, k)
         return F.conv2d(t, w, sd.get(S + 'bias'), padding=k // 2)
 
-    y = F.relu(_ref_bn(smp(x, 'cconv1.'), sd, 'norm1.')
-               + _ref_bn(F.conv2d(x, sd['cconv1s.weight'], sd['cconv1s.bias'], padding=1), sd, 'norm1s.'))
+    y = F.relu(_refrandom_bn_entries(smp(x, 'cconv1.'), sd, 'norm1.')
+               + _refrandom_bn_entries(F.conv2d(x, sd['cconv1s.weight'], sd['cconv1s.bias'], padding=1), sd, 'norm1s.'))
     for i in range(7):
         p = f'blocks.{i}.'
         s = F.conv2d(y, sd[p + 'shortcut.0.weight'], sd[p + 'shortcut.0.bias']) if p + 'shortcut.0.weight' in sd else y
-        h = F.relu(_ref_bn(smp(y, p + 'cconv1.'), sd, p + 'norm1.')
-                   + _ref_bn(F.conv2d(y, sd[p + 'cconv1s.weight'], padding=1), sd, p + 'norm1s.'))
-        y = F.relu(_ref_bn(smp(h, p + 'cconv2.'), sd, p + 'norm2.')
-                   + _ref_bn(F.conv2d(h, sd[p + 'cconv2s.weight'], padding=1), sd, p + 'norm2s.') + s)
+        h = F.relu(_refrandom_bn_entries(smp(y, p + 'cconv1.'), sd, p + 'norm1.')
+                   + _refrandom_bn_entries(F.conv2d(y, sd[p + 'cconv1s.weight'], padding=1), sd, p + 'norm1s.'))
+        y = F.relu(_refrandom_bn_entries(smp(h, p + 'cconv2.'), sd, p + 'norm2.')
+                   + _refrandom_bn_entries(F.conv2d(h, sd[p + 'cconv2s.weight'], padding=1), sd, p + 'norm2s.') + s)
     y = y.mean((2, 3), keepdim=True)
     return F.conv2d(y, sd['out_layer.weight'], sd['out_layer.bias']).flatten(1)
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 import torch.nn as nn
 import timm
-from timm.layers import create_feature_extractor, get_graph_node_names, get_notrace_functions, get_notrace_modules
+
 from timm.layers import set_scriptable
 from timm.models import group_parameters
 from timm.utils import reparameterize_model
 
 from timm_smpconv.layers import conv_impl
 import timm_smpconv  # noqa: F401  (registers the models)
+from helpers import fx_model
 from timm_smpconv.layers import randomize_bn_stats_
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
 
@@ -143,13 +144,6 @@ def test_torchscript(name):
         torch.testing.assert_close(scripted(x), model(x))
 
 
-def _fx_model(model, train):
-    tracer_kwargs = dict(leaf_modules=list(get_notrace_modules()), autowrap_functions=list(get_notrace_functions()))
-    from torchvision.models.feature_extraction import create_feature_extractor as tv_extractor
-    from torchvision.models.feature_extraction import get_graph_node_names as tv_nodes
-    train_nodes, eval_nodes = tv_nodes(model, tracer_kwargs=tracer_kwargs)
-    model.train(train)
-    return tv_extractor(model, return_nodes=[(train_nodes if train else eval_nodes)[-1]], tracer_kwargs=tracer_kwargs)
 
 
 @pytest.mark.parametrize('name', MODELS)
@@ -160,12 +154,12 @@ def test_fx_forward_and_backward(name):
     x = torch.randn(1, 3, SIZE, SIZE)
     with torch.no_grad():
         ref = model(x)
-    fx = _fx_model(model, train=False)
+    fx = fx_model(model, train=False)
     with torch.no_grad():
         out = fx(x)
     out = out[next(iter(out))] if isinstance(out, dict) else out
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
-    fx_train = _fx_model(model, train=True)
+    fx_train = fx_model(model, train=True)
     out = fx_train(torch.randn(2, 3, SIZE, SIZE))
     out = out[next(iter(out))] if isinstance(out, dict) else out
     out.mean().backward()
