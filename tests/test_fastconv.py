@@ -201,3 +201,31 @@ def test_torch_compile():
         ref = model(x)
         compiled = torch.compile(model)
         assert rel(compiled(x), ref) < 1e-5
+
+
+def test_support_crop_is_exact_and_shrinks_the_kernel():
+    from timm_smpconv.layers.smp import render_smp_kernel, support_crop
+    torch.manual_seed(0)
+    full = SMPConv2d(6, 6, 31, groups=6, point_std=0.1)
+    crop = support_crop(full.points, full.radius, 31)
+    assert crop > 0
+    w = full.get_weight()
+    inner = render_smp_kernel(full.points, full.radius, full.weight, 31, crop=crop)
+    assert inner.shape[-1] == 31 - 2 * crop
+    torch.testing.assert_close(inner, w[..., crop:31 - crop, crop:31 - crop])
+    assert w[..., :crop, :].abs().max() == 0 and w[..., :, -crop:].abs().max() == 0  # exactly zero outside
+    cropped = SMPConv2d(6, 6, 31, groups=6, crop_to_support=True)
+    cropped.load_state_dict(full.state_dict())
+    x = torch.randn(2, 6, 28, 28, requires_grad=True)
+    for impl in ('direct', 'fft'):
+        with conv_impl(impl):
+            assert rel(cropped(x), full(x)) < 1e-5
+    g_full = torch.autograd.grad(full(x).square().sum(), full.points)[0]
+    g_crop = torch.autograd.grad(cropped(x).square().sum(), cropped.points)[0]
+    assert rel(g_crop, g_full) < 1e-4
+    # a point at the border: nothing to crop
+    with torch.no_grad():
+        full.points[0, 0] = torch.tensor([0.95, 0.0])
+    assert support_crop(full.points, full.radius, 31) == 0
+    m = timm.create_model('smpconv_mobile31', crop_to_support=True, device='meta')
+    assert m.stages[0].blocks[0].large_kernel.smp.crop_to_support

@@ -2,7 +2,7 @@
 from .conv import CausalConv1d, ConvBN, conv2d_same, conv_impl, fft_conv2d, set_conv_impl, use_fft
 from .fuse import fold_bn, fold_preceding_bn, pad_kernel, randomize_bn_stats_
 from .smp import (
-    default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor,
+    default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop,
 )
 from .smp_conv import SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, resize_smp_params
 from .flexconv import (

@@ -34,7 +34,7 @@ from timm.layers import trunc_normal_
 
 __all__ = [
     'render_smp_kernel', 'rescale_factor', 'default_n_points', 'default_radius',
-    'init_smp_points',
+    'init_smp_points', 'support_crop',
 ]
 
 def default_n_points(kernel_size: int, dims: int) -> int:
@@ -83,6 +83,7 @@ def render_smp_kernel(
         kernel_size: int,
         normalize: bool = False,
         eps: float = 1e-6,
+        crop: int = 0,
 ) -> torch.Tensor:
     """Render the SMP kernel to a discrete (O, I, k[, k]) tensor.
 
@@ -93,10 +94,14 @@ def render_smp_kernel(
         kernel_size: k, the number of samples per axis on linspace(-1, 1, k).
         normalize: divide by the number of points covering each sample (paper Eq. 1).
         eps: added to the point count before dividing (normalize=True), as the reference does.
+        crop: render only the central k - 2 * crop samples per axis (the same values; see
+            `support_crop`).
     """
     num_f, num_points, dims = points.shape
     out_chs, in_chs = weight.shape[0], weight.shape[1]
     grid = torch.linspace(-1., 1., kernel_size, device=points.device, dtype=points.dtype)
+    if crop:
+        grid = grid[crop:kernel_size - crop]
     # L1 distance is separable: |q_0 - p_0| + |q_1 - p_1|, built by broadcasting per axis.
     dist = (grid - points[:, :, 0:1]).abs()  # (F, Np, k)
     if dims == 2:
@@ -111,4 +116,15 @@ def render_smp_kernel(
         kernel = weight.reshape(out_chs * in_chs, num_points) @ g[0]
     else:
         kernel = torch.bmm(weight, g)
-    return kernel.reshape([out_chs, in_chs] + [kernel_size] * dims)
+    return kernel.reshape([out_chs, in_chs] + [kernel_size - 2 * crop] * dims)
+
+
+def support_crop(points: torch.Tensor, radius: torch.Tensor, kernel_size: int) -> int:
+    """How many samples per side lie outside every point's support (L1 ball of its radius).
+
+    The kernel is exactly zero there, so rendering and convolving with the central
+    kernel_size - 2 * crop samples gives the same output. Reads the parameters on the host (a sync).
+    """
+    extent = (points.detach().abs().amax(-1) + radius.detach().abs()).max().item()
+    half = (kernel_size - 1) // 2
+    return max(0, half - min(half, int(extent * (kernel_size - 1) / 2)))

@@ -20,7 +20,7 @@ from timm.layers import trunc_normal_
 
 from .conv import CausalConv1d, SameConv2d, conv2d_same
 from .fuse import fold_bn, pad_kernel
-from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor
+from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop
 
 __all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 'resize_smp_params']
 
@@ -131,6 +131,7 @@ class _SMPConvNd(nn.Module):
             radius: Optional[float] = None,
             weight_std: float = 0.02,
             resize_mode: str = 'stretch',
+            crop_to_support: bool = False,
             device=None,
             dtype=None,
     ):
@@ -149,6 +150,8 @@ class _SMPConvNd(nn.Module):
             resize_mode: how parameters calibrated for another kernel size are mapped to this one, in
                 `set_kernel_size` and when loading a state dict saved at another size: 'stretch',
                 'extend' or 'none' (see `resize_smp_params`).
+            crop_to_support: (2D) render and convolve only over the odd, centred bounding box of the
+                points' supports: the same output, a smaller kernel (one host sync per forward).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -182,6 +185,7 @@ class _SMPConvNd(nn.Module):
         self.init_radius = float(radius)
         self.weight_std = weight_std
         self.resize_mode = resize_mode
+        self.crop_to_support = crop_to_support
 
         num_f = 1 if shared_points else out_channels
         self.points = nn.Parameter(torch.empty(num_f, n_points, self.dims, **dd))
@@ -298,7 +302,21 @@ class SMPConv2d(_SMPConvNd):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if not torch.jit.is_scripting():
+            if self.crop_to_support:
+                return self._forward_cropped(x)
         return conv2d_same(x, self.get_weight(), self.bias, self.stride, self.groups)
+
+    @torch.jit.unused
+    def _forward_cropped(self, x: torch.Tensor) -> torch.Tensor:
+        """Render and convolve over the support's bounding box only (exactly the same output)."""
+        crop = 0 if isinstance(self.points, torch.fx.Proxy) else support_crop(self.points, self.radius, self.kernel_size)
+        if crop:
+            w = render_smp_kernel(
+                self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize, crop=crop)
+        else:
+            w = self.get_weight()
+        return conv2d_same(x, w, self.bias, self.stride, self.groups)
 
     def _plain_conv(self) -> SameConv2d:
         return SameConv2d(

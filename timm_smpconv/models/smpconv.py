@@ -49,6 +49,7 @@ class LargeKernelBlock(nn.Module):
             dw_ratio: float = 1.,
             drop_path: float = 0.,
             kernel_resize: str = 'stretch',
+            crop_to_support: bool = False,
             device=None,
             dtype=None,
     ):
@@ -59,7 +60,7 @@ class LargeKernelBlock(nn.Module):
         self.pw1 = ConvBN(dim, hidden, 1, act_layer=nn.ReLU, **dd)
         self.large_kernel = SMPLargeKernel2d(
             hidden, hidden, kernel_size, small_kernel_size=small_kernel_size, groups=hidden,
-            n_points=n_points, resize_mode=kernel_resize, **dd)
+            n_points=n_points, resize_mode=kernel_resize, crop_to_support=crop_to_support, **dd)
         self.lk_act = nn.ReLU()
         self.pw2 = ConvBN(hidden, dim, 1, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
@@ -119,6 +120,7 @@ class SMPConvStage(nn.Module):
             ffn_ratio: float = 4.,
             drop_path_rates: Optional[Sequence[float]] = None,
             kernel_resize: str = 'stretch',
+            crop_to_support: bool = False,
             device=None,
             dtype=None,
     ):
@@ -136,7 +138,8 @@ class SMPConvStage(nn.Module):
         blocks = []
         for i in range(depth):
             blocks.append(LargeKernelBlock(
-                dim, kernel_size, n_points, small_kernel_size, dw_ratio, drop_path_rates[i], kernel_resize, **dd))
+                dim, kernel_size, n_points, small_kernel_size, dw_ratio, drop_path_rates[i], kernel_resize,
+                crop_to_support, **dd))
             blocks.append(FFNBlock(dim, ffn_ratio, drop_path_rates[i], **dd))
         self.blocks = nn.Sequential(*blocks)
 
@@ -222,6 +225,7 @@ class SMPConvNet(nn.Module):
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             kernel_resize: str = 'stretch',
+            crop_to_support: bool = False,
             device=None,
             dtype=None,
     ):
@@ -238,6 +242,8 @@ class SMPConvNet(nn.Module):
             in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as every timm model.
             kernel_resize: 'stretch', 'extend' or 'none': how SMP parameters saved at another kernel size
                 are mapped when loaded (module docstring).
+            crop_to_support: render/convolve SMP kernels only over their support's bounding box (same
+                output; see timm_smpconv.layers.support_crop).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -270,7 +276,7 @@ class SMPConvNet(nn.Module):
             stages.append(SMPConvStage(
                 prev, channels[i], layers[i], kernel_sizes[i], n_points[i], downsample=i > 0,
                 small_kernel_size=small_kernel_size, dw_ratio=dw_ratio, ffn_ratio=ffn_ratio,
-                drop_path_rates=dpr[i], kernel_resize=kernel_resize, **dd))
+                drop_path_rates=dpr[i], kernel_resize=kernel_resize, crop_to_support=crop_to_support, **dd))
             prev = channels[i]
             self.feature_info.append(dict(num_chs=prev, reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
