@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import timm_smpconv  # noqa: F401
 from timm_smpconv import flops
 from timm_smpconv.layers import SMPConv2d, conv2d_same, conv_impl, fft_conv2d, randomize_bn_stats_, use_fft
-from timm_smpconv.layers.conv import fft_conv2d_multi, fft_size
+from timm_smpconv.layers.conv import fft_size
 
 
 def rel(a, b):
@@ -68,16 +68,6 @@ def test_fft_under_bf16_autocast_returns_the_autocast_dtype():
     # bf16 inputs without autocast stay bf16 (computed in float32 inside)
     y = fft_conv2d(x.bfloat16(), w.bfloat16(), None, groups=8)
     assert y.dtype == torch.bfloat16
-
-
-def test_multi_kernel_fft_shares_the_input_transform():
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 18, 18)
-    w1, w2 = torch.randn(4, 1, 13, 13), torch.randn(4, 1, 5, 5)
-    b2 = torch.randn(4)
-    y1, y2 = fft_conv2d_multi(x, [w1, w2], [None, b2], groups=4)
-    assert rel(y1, F.conv2d(x, w1, None, padding=6, groups=4)) < 1e-5
-    assert rel(y2, F.conv2d(x, w2, b2, padding=2, groups=4)) < 1e-5
 
 
 def test_bad_fft_arguments_raise():

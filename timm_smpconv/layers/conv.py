@@ -1,5 +1,5 @@
 """ Plain convolution modules used by the SMP layers and by their reparameterized form. """
-from typing import List, Optional, Type
+from typing import Optional, Type
 
 import torch
 import torch.nn as nn
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from .fuse import fold_bn, fold_preceding_bn
 
-__all__ = ['CausalConv1d', 'ConvBN', 'SameConv2d', 'conv2d_same', 'fft_conv2d', 'fft_conv2d_multi', 'fft_size', 'use_fft', 'set_conv_impl', 'conv_impl']
+__all__ = ['CausalConv1d', 'ConvBN', 'SameConv2d', 'conv2d_same', 'fft_conv2d', 'fft_size', 'use_fft', 'set_conv_impl', 'conv_impl']
 
 _CONV_IMPL = 'auto'
 _CONV_IMPLS = ('auto', 'direct', 'fft')
@@ -124,40 +124,6 @@ def _correlate_spectra(xf: torch.Tensor, weight: torch.Tensor, groups: int, nh: 
     return torch.einsum('ngihw,goihw->ngohw', xg, wg).reshape(n, out_chs, nh, nw // 2 + 1)
 
 
-def fft_conv2d_multi(
-        x: torch.Tensor,
-        weights: List[torch.Tensor],
-        biases: Optional[List[Optional[torch.Tensor]]] = None,
-        groups: int = 1,
-) -> List[torch.Tensor]:
-    """'Same' cross-correlations of one input with several kernels (any odd sizes), sharing the input's
-    FFT: F.conv2d(x, w, b, padding=(kh // 2, kw // 2), groups=groups) for each (w, b).
-
-    Computed in float32 (complex64) and returned in the dtype F.conv2d would give (the autocast dtype
-    under autocast). Stride 1; depthwise is an elementwise product of spectra, other groupings mix
-    channels per frequency. The grid is H + max(kh) // 2 by W + max(kw) // 2, rounded up to a fast FFT
-    length: with the kernel centre rolled to index 0 no wrap-around reaches the kept outputs.
-    """
-    for w in weights:
-        _check_fft_args(x, w, groups)
-    out_dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        out_dtype = torch.get_autocast_dtype(x.device.type)
-    h, w_ = x.shape[-2], x.shape[-1]
-    nh = fft_size(h + max(wt.shape[-2] for wt in weights) // 2)
-    nw = fft_size(w_ + max(wt.shape[-1] for wt in weights) // 2)
-    biases = biases if biases is not None else [None] * len(weights)
-    outs = []
-    with torch.autocast(x.device.type, enabled=False):
-        xf = torch.fft.rfft2(x.float(), s=(nh, nw))
-        for weight, bias in zip(weights, biases):
-            y = torch.fft.irfft2(_correlate_spectra(xf, weight, groups, nh, nw), s=(nh, nw))[..., :h, :w_]
-            if bias is not None:
-                y = y + bias.float().reshape(1, -1, 1, 1)
-            outs.append(y.to(out_dtype))
-    return outs
-
-
 def fft_conv2d(
         x: torch.Tensor,
         weight: torch.Tensor,
@@ -165,8 +131,25 @@ def fft_conv2d(
         groups: int = 1,
 ) -> torch.Tensor:
     """'Same' cross-correlation, F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=groups),
-    through the FFT (see `fft_conv2d_multi`)."""
-    return fft_conv2d_multi(x, [weight], [bias], groups)[0]
+    computed through the FFT in float32 (complex64) and returned in the dtype F.conv2d would give (the
+    autocast dtype under autocast).
+
+    Stride 1, odd kernel dims; depthwise is an elementwise product of spectra, other groupings mix
+    channels per frequency. The grid is H + kh // 2 by W + kw // 2, rounded up to a fast FFT length:
+    with the kernel centre rolled to index 0 no wrap-around reaches the kept outputs.
+    """
+    _check_fft_args(x, weight, groups)
+    out_dtype = x.dtype
+    if torch.is_autocast_enabled(x.device.type):
+        out_dtype = torch.get_autocast_dtype(x.device.type)
+    h, w = x.shape[-2], x.shape[-1]
+    nh, nw = fft_size(h + weight.shape[-2] // 2), fft_size(w + weight.shape[-1] // 2)
+    with torch.autocast(x.device.type, enabled=False):
+        xf = torch.fft.rfft2(x.float(), s=(nh, nw))
+        y = torch.fft.irfft2(_correlate_spectra(xf, weight, groups, nh, nw), s=(nh, nw))[..., :h, :w]
+        if bias is not None:
+            y = y + bias.float().reshape(1, -1, 1, 1)
+    return y.to(out_dtype)
 
 
 def set_conv_impl(impl: str) -> str:
