@@ -19,6 +19,7 @@ summary.csv, curves.png, args.yaml.
 import argparse
 import csv
 import logging
+import math
 import os
 import sys
 import time
@@ -333,7 +334,25 @@ def unwrap(model):
     return getattr(model, '_orig_mod', model)
 
 
-def validate(model, loader, args, device, amp_ctx, log_suffix=''):
+def build_data_config(args, model):
+    """timm's data config for the model with the flags applied (digits statistics for the built-in data)."""
+    data_config = resolve_data_config(
+        dict(input_size=(3, args.img_size, args.img_size) if args.img_size else None, crop_pct=args.crop_pct,
+             mean=args.mean, std=args.std, interpolation=args.interpolation), model=model)
+    if args.data_dir is None and not args.dataset and args.mean is None:
+        data_config['mean'], data_config['std'] = DIGITS_MEAN, DIGITS_STD
+    return data_config
+
+
+def create_eval_loader(dataset, data_config, args, device):
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
+        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher, persistent_workers=False)
+
+
+def validate(model, loader, args, device, amp_ctx):
     loss_fn = nn.CrossEntropyLoss().to(device)
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
     model.eval()
@@ -390,9 +409,10 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                 if args.aliasing_reg > 0:
                     loss = loss + anti_aliasing_penalty(
                         unwrap(model), target=args.aliasing_target, factor=args.aliasing_reg)
-            if not torch.isfinite(loss).item():
+            loss_value = loss.item()  # the one host sync per micro-batch: the check and the meter share it
+            if not math.isfinite(loss_value):
                 raise TrainingError(
-                    f'non-finite loss ({loss.item()}) at epoch {epoch}, batch {batch_idx}: stopping; the last '
+                    f'non-finite loss ({loss_value}) at epoch {epoch}, batch {batch_idx}: stopping; the last '
                     f'checkpoint written is intact')
             if scaler is not None:
                 scaler(loss / accum, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
@@ -403,7 +423,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                     if args.clip_grad is not None:
                         dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
                     optimizer.step()
-        losses.update(loss.item(), inputs.shape[0])
+        losses.update(loss_value, inputs.shape[0])
         if need_update:
             optimizer.zero_grad()
             clamp_smp_radius_(unwrap(model), *args.radius_clamp)
@@ -486,11 +506,7 @@ def run(args):
     if args.rank == 0:
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} params, '
                      f'{args.num_classes} classes')
-    data_config = resolve_data_config(
-        dict(input_size=(3, args.img_size, args.img_size) if args.img_size else None, crop_pct=args.crop_pct,
-             mean=args.mean, std=args.std, interpolation=args.interpolation), model=model)
-    if args.data_dir is None and not args.dataset and args.mean is None:
-        data_config['mean'], data_config['std'] = DIGITS_MEAN, DIGITS_STD
+    data_config = build_data_config(args, model)
 
     model.to(device)
     if args.channels_last:
@@ -565,10 +581,7 @@ def run(args):
         ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
         auto_augment=args.aa, num_aug_repeats=args.aug_repeats, interpolation=data_config['interpolation'],
         collate_fn=collate_fn, **loader_common)
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-        **loader_common)
+    loader_eval = create_eval_loader(dataset_eval, data_config, args, device)
     if len(loader_train) == 0:
         raise TrainingError(f'{len(dataset_train)} training images give no full batch of {args.batch_size}')
 
@@ -670,16 +683,8 @@ def evaluate_checkpoint(args, model, dataset_eval, device):
     for key in ('state_dict_ema', 'model_ema'):
         if key in ckpt:
             weights.append(('EMA', ckpt[key]))
-    data_config = resolve_data_config(
-        dict(input_size=(3, args.img_size, args.img_size) if args.img_size else None, crop_pct=args.crop_pct,
-             mean=args.mean, std=args.std, interpolation=args.interpolation), model=model)
-    if args.data_dir is None and not args.dataset and args.mean is None:
-        data_config['mean'], data_config['std'] = DIGITS_MEAN, DIGITS_STD
-    loader = create_loader(
-        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
-        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        device=device, use_prefetcher=not args.no_prefetcher)
+    data_config = build_data_config(args, model)
+    loader = create_eval_loader(dataset_eval, data_config, args, device)
     results = {}
     for name, sd in weights:
         sd = {k[7:] if k.startswith('module.') else k: v for k, v in sd.items()}
