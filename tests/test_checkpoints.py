@@ -93,33 +93,33 @@ def reference_logits(sd, x):
         return F.batch_norm(t, sd[p + 'running_mean'], sd[p + 'running_var'], sd[p + 'weight'], sd[p + 'bias'],
                             False, 0., 1e-5)
 
-    def convrandom_bn_entries(t, p, stride=1, relu=True):
+    def conv_bn(t, p, stride=1, relu=True):
         w = sd[p + 'conv.weight']
         groups = t.shape[1] if w.shape[1] == 1 and t.shape[1] > 1 else 1
         t = bn(F.conv2d(t, w, None, stride, w.shape[-1] // 2, 1, groups), p + 'bn.')
         return F.relu(t) if relu else t
 
-    x = convrandom_bn_entries(x, 'stem.0.', 2)
-    x = convrandom_bn_entries(x, 'stem.1.')
-    x = convrandom_bn_entries(x, 'stem.2.')
-    x = convrandom_bn_entries(x, 'stem.3.', 2)
+    x = conv_bn(x, 'stem.0.', 2)
+    x = conv_bn(x, 'stem.1.')
+    x = conv_bn(x, 'stem.2.')
+    x = conv_bn(x, 'stem.3.', 2)
     for s, depth in enumerate(CFG['layers']):
         for b in range(2 * depth):
             p = f'stages.{s}.blocks.{b}.'
             if b % 2 == 0:
-                h = convrandom_bn_entries(bn(x, p + 'prelkb_bn.'), p + 'pw1.')
+                h = conv_bn(bn(x, p + 'prelkb_bn.'), p + 'pw1.')
                 lk = p + 'large_kernel.'
                 w = authors_kernel(sd, lk + 'smp.conv.')
                 c = h.shape[1]
                 big = bn(F.conv2d(h, w, None, 1, w.shape[-1] // 2, 1, c), lk + 'smp.bn.')
                 small = bn(F.conv2d(h, sd[lk + 'small_conv.conv.weight'], None, 1, 2, 1, c), lk + 'small_conv.bn.')
-                x = x + convrandom_bn_entries(F.relu(big + small), p + 'pw2.', relu=False)
+                x = x + conv_bn(F.relu(big + small), p + 'pw2.', relu=False)
             else:
-                h = convrandom_bn_entries(bn(x, p + 'preffn_bn.'), p + 'pw1.', relu=False)
-                x = x + convrandom_bn_entries(F.gelu(h), p + 'pw2.', relu=False)
+                h = conv_bn(bn(x, p + 'preffn_bn.'), p + 'pw1.', relu=False)
+                x = x + conv_bn(F.gelu(h), p + 'pw2.', relu=False)
         if s < 3:
-            x = convrandom_bn_entries(x, f'transitions.{s}.0.')
-            x = convrandom_bn_entries(x, f'transitions.{s}.1.', 2)
+            x = conv_bn(x, f'transitions.{s}.0.')
+            x = conv_bn(x, f'transitions.{s}.1.', 2)
     x = bn(x, 'norm.').mean((2, 3))
     return F.linear(x, sd['head.weight'], sd['head.bias'])
 

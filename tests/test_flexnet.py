@@ -372,7 +372,7 @@ def flexnet_authors_sd(seed=0, train_length=33):
     return sd
 
 
-def _refrandom_bn_entries(t, sd, p):
+def _ref_bn(t, sd, p):
     return F.batch_norm(t, sd[p + 'running_mean'], sd[p + 'running_var'], sd[p + 'weight'], sd[p + 'bias'],
                         False, 0., 1e-5)
 
@@ -412,12 +412,12 @@ def ref_flexconv(x, sd, F_, k, norm):
 
 
 def ref_flexnet(sd, x, k, norm=1.0):
-    y = F.relu(_refrandom_bn_entries(ref_flexconv(x, sd, 'cconv1.', k, norm), sd, 'norm1.'))
+    y = F.relu(_ref_bn(ref_flexconv(x, sd, 'cconv1.', k, norm), sd, 'norm1.'))
     for i in range(7):
         p = f'blocks.{i}.'
         s = F.conv2d(y, sd[p + 'shortcut.0.weight'], sd[p + 'shortcut.0.bias']) if p + 'shortcut.0.weight' in sd else y
-        h = F.relu(_refrandom_bn_entries(ref_flexconv(y, sd, p + 'cconv1.', k, norm), sd, p + 'norm1.'))
-        y = F.relu(_refrandom_bn_entries(ref_flexconv(h, sd, p + 'cconv2.', k, norm), sd, p + 'norm2.') + s)
+        h = F.relu(_ref_bn(ref_flexconv(y, sd, p + 'cconv1.', k, norm), sd, p + 'norm1.'))
+        y = F.relu(_ref_bn(ref_flexconv(h, sd, p + 'cconv2.', k, norm), sd, p + 'norm2.') + s)
     y = y.mean((2, 3), keepdim=True)
     return F.conv2d(y, sd['out_layer.weight'], sd['out_layer.bias']).flatten(1)
 
@@ -474,15 +474,15 @@ def ref_smp_net(sd, x, k):
         w = ref_smp_kernel(sd, S, k)
         return F.conv2d(t, w, sd.get(S + 'bias'), padding=k // 2)
 
-    y = F.relu(_refrandom_bn_entries(smp(x, 'cconv1.'), sd, 'norm1.')
-               + _refrandom_bn_entries(F.conv2d(x, sd['cconv1s.weight'], sd['cconv1s.bias'], padding=1), sd, 'norm1s.'))
+    y = F.relu(_ref_bn(smp(x, 'cconv1.'), sd, 'norm1.')
+               + _ref_bn(F.conv2d(x, sd['cconv1s.weight'], sd['cconv1s.bias'], padding=1), sd, 'norm1s.'))
     for i in range(7):
         p = f'blocks.{i}.'
         s = F.conv2d(y, sd[p + 'shortcut.0.weight'], sd[p + 'shortcut.0.bias']) if p + 'shortcut.0.weight' in sd else y
-        h = F.relu(_refrandom_bn_entries(smp(y, p + 'cconv1.'), sd, p + 'norm1.')
-                   + _refrandom_bn_entries(F.conv2d(y, sd[p + 'cconv1s.weight'], padding=1), sd, p + 'norm1s.'))
-        y = F.relu(_refrandom_bn_entries(smp(h, p + 'cconv2.'), sd, p + 'norm2.')
-                   + _refrandom_bn_entries(F.conv2d(h, sd[p + 'cconv2s.weight'], padding=1), sd, p + 'norm2s.') + s)
+        h = F.relu(_ref_bn(smp(y, p + 'cconv1.'), sd, p + 'norm1.')
+                   + _ref_bn(F.conv2d(y, sd[p + 'cconv1s.weight'], padding=1), sd, p + 'norm1s.'))
+        y = F.relu(_ref_bn(smp(h, p + 'cconv2.'), sd, p + 'norm2.')
+                   + _ref_bn(F.conv2d(h, sd[p + 'cconv2s.weight'], padding=1), sd, p + 'norm2s.') + s)
     y = y.mean((2, 3), keepdim=True)
     return F.conv2d(y, sd['out_layer.weight'], sd['out_layer.bias']).flatten(1)
 
