@@ -20,3 +20,67 @@ def fx_model(model, train: bool):
     model.train(train)
     return create_feature_extractor(
         model, return_nodes=[(train_nodes if train else eval_nodes)[-1]], tracer_kwargs=tracer_kwargs)
+
+
+def check_timm_model_contract(name: str, resize_input=None):
+    """The checks of timm's test_model_default_cfgs, on the meta device, for a registered model.
+
+    Returns (model, cfg, x) for model-specific checks; `resize_input` (a size) is also applied to the
+    frozen-parameter check through set_input_size, as timm does for models that have it.
+    """
+    import fnmatch
+    import inspect
+
+    import pytest
+    import timm
+    from timm.models import group_parameters
+
+    with pytest.raises(TypeError):
+        timm.create_model(name, device='meta', not_an_argument=1)
+    with torch.device('meta'):
+        model = timm.create_model(name, device='meta', dtype=torch.float32)
+    cfg = model.pretrained_cfg
+    assert inspect.signature(model.reset_classifier).parameters['global_pool'].default is None
+    assert len(group_parameters(model, model.group_matcher(coarse=False))) > 1
+    names = [n for n, _ in model.named_parameters()]
+    for pattern in model.no_weight_decay():
+        assert any(fnmatch.fnmatch(n, pattern) for n in names), pattern
+    assert model.num_classes == cfg['num_classes']
+    assert model.num_features > 0 and model.head_hidden_size > 0
+    assert model.in_chans == cfg['input_size'][0]
+    x = torch.empty((1,) + tuple(cfg['input_size']), device='meta')
+    feat = model.forward_features(x)
+    assert feat.shape[1] == model.num_features and tuple(feat.shape[2:]) == cfg['pool_size']
+    assert model.forward_head(feat, pre_logits=True).shape[1] == model.head_hidden_size
+    sd = model.state_dict()
+    assert cfg['classifier'] + '.weight' in sd and cfg['first_conv'] + '.weight' in sd
+    # bf16: output dtype follows the model
+    model.to(torch.bfloat16)
+    assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
+    model.to(torch.float32)
+    # a fresh model for the head checks, so callers can inspect `model` as created
+    head = timm.create_model(name, device='meta')
+    head.reset_classifier(0)
+    assert head.num_classes == 0 and head(x).shape == (1, head.head_hidden_size)
+    head.reset_classifier(0, '')
+    assert tuple(head(x).shape[2:]) == cfg['pool_size']
+    m0 = timm.create_model(name, device='meta', num_classes=0)
+    assert m0(x).shape == (1, m0.head_hidden_size)
+    m0 = timm.create_model(name, device='meta', num_classes=0, global_pool='')
+    assert m0(x).ndim == 4
+    # factory device without a device context: every param and buffer on meta
+    off = [n for n, t in list(head.named_parameters()) + list(head.named_buffers()) if t.device.type != 'meta']
+    assert not off
+    # reset_classifier keeps device, dtype, training flag; frozen params stay frozen
+    m64 = timm.create_model(name, device='meta', dtype=torch.float64).train()
+    m64.requires_grad_(False)
+    m64.reset_classifier(7)
+    assert m64.get_classifier().weight.dtype == torch.float64 and m64.get_classifier().training
+    assert m64.get_classifier().weight.device.type == 'meta'
+    m64.requires_grad_(False)
+    m64.reset_classifier(0)
+    m64.reset_classifier(0, '')
+    if resize_input is not None:
+        m64.set_input_size(resize_input)
+    assert not any(p.requires_grad for p in m64.parameters())
+    return model, cfg, x

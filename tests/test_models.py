@@ -1,7 +1,5 @@
 """ SMPConvNet models against the checks timm applies to every model it ships (tests/test_models.py of timm),
 written here because timm's own test file is not part of its wheel. Small inputs keep CI fast. """
-import fnmatch
-import inspect
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from timm.utils import reparameterize_model
 
 from timm_smpconv.layers import conv_impl
 import timm_smpconv  # noqa: F401  (registers the models)
-from helpers import fx_model
+from helpers import check_timm_model_contract, fx_model
 from timm_smpconv.layers import randomize_bn_stats_
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
 
@@ -42,52 +40,9 @@ def test_parameter_counts_equal_the_authors(name):
 @pytest.mark.parametrize('name', MODELS)
 def test_default_cfg_and_api_contract_on_meta(name):
     """timm's test_model_default_cfgs, on the meta device."""
-    with pytest.raises(TypeError):
-        timm.create_model(name, device='meta', not_an_argument=1)
-    with torch.device('meta'):
-        model = timm.create_model(name, device='meta', dtype=torch.float32)
-    cfg = model.pretrained_cfg
-    assert inspect.signature(model.reset_classifier).parameters['global_pool'].default is None
-    assert len(group_parameters(model, model.group_matcher(coarse=False))) > 1
+    model, cfg, _ = check_timm_model_contract(name)
     assert len(group_parameters(model, model.group_matcher(coarse=True))) > 1
-    names = [n for n, _ in model.named_parameters()]
-    for pattern in model.no_weight_decay():
-        assert any(fnmatch.fnmatch(n, pattern) for n in names), pattern
     assert model.num_classes == cfg['num_classes'] == 1000
-    assert model.num_features > 0 and model.head_hidden_size > 0
-    assert model.in_chans == cfg['input_size'][0]
-    x = torch.empty((1,) + tuple(cfg['input_size']), device='meta')
-    feat = model.forward_features(x)
-    assert feat.shape[1] == model.num_features and tuple(feat.shape[2:]) == cfg['pool_size']
-    assert model.forward_head(feat, pre_logits=True).shape[1] == model.head_hidden_size
-    sd = model.state_dict()
-    assert cfg['classifier'] + '.weight' in sd and cfg['first_conv'] + '.weight' in sd
-    # bf16: output dtype follows the model
-    model.to(torch.bfloat16)
-    assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
-    model.to(torch.float32)
-    model.reset_classifier(0)
-    assert model.num_classes == 0 and model(x).shape == (1, model.head_hidden_size)
-    model.reset_classifier(0, '')
-    assert tuple(model(x).shape[2:]) == cfg['pool_size']
-    m0 = timm.create_model(name, device='meta', num_classes=0)
-    assert m0(x).shape == (1, m0.head_hidden_size)
-    m0 = timm.create_model(name, device='meta', num_classes=0, global_pool='')
-    assert m0(x).ndim == 4
-    # factory device without a device context: every param and buffer on meta
-    mf = timm.create_model(name, device='meta')
-    off = [n for n, t in list(mf.named_parameters()) + list(mf.named_buffers()) if t.device.type != 'meta']
-    assert not off
-    # reset_classifier keeps device, dtype, training flag; frozen params stay frozen
-    m64 = timm.create_model(name, device='meta', dtype=torch.float64).train()
-    m64.requires_grad_(False)
-    m64.reset_classifier(7)
-    assert m64.get_classifier().weight.dtype == torch.float64 and m64.get_classifier().training
-    assert m64.get_classifier().weight.device.type == 'meta'
-    m64.requires_grad_(False)
-    m64.reset_classifier(0)
-    m64.reset_classifier(0, '')
-    assert not any(p.requires_grad for p in m64.parameters())
 
 
 @pytest.mark.parametrize('name', MODELS)
