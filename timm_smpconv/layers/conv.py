@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fuse import fold_bn, fold_preceding_bn
+from .fuse import fill_conv_, fold_bn, fold_preceding_bn
 
 __all__ = ['CausalConv1d', 'ConvBN', 'SameConv2d', 'conv2d_same', 'fft_conv2d', 'fft_size', 'use_fft', 'set_conv_impl', 'conv_impl']
 
@@ -68,9 +68,7 @@ class ConvBN(nn.Module):
         conv = nn.Conv2d(
             old.in_channels, old.out_channels, old.kernel_size, stride=old.stride, padding=old.padding,
             dilation=old.dilation, groups=old.groups, bias=True, device=weight.device, dtype=weight.dtype)
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias)
-        self.conv = conv.train(old.training)
+        self.conv = fill_conv_(conv, weight, bias, old.training)
 
     @torch.no_grad()
     def fold_input_bn_(self, bn: nn.Module):

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
 from .conv import SameConv2d, conv2d_same, fft_conv2d
-from .fuse import fold_bn
+from .fuse import fill_conv_, fold_bn
 from .smp import rescale_factor
 from .smp_conv import _SMPConvNd, _SMPLargeKernelNd
 
@@ -457,9 +457,7 @@ class FlexConv2d(nn.Module):
         kh, kw = weight.shape[-2], weight.shape[-1]
         conv = SameConv2d(self.in_channels, self.out_channels, (kh, kw), bias=True, device=weight.device,
                           dtype=weight.dtype)
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
-        return conv.train(training)
+        return fill_conv_(conv, weight, bias, training)
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:

@@ -6,7 +6,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-__all__ = ['fold_bn', 'fold_preceding_bn', 'pad_kernel', 'randomize_bn_stats_']
+__all__ = ['fill_conv_', 'fold_bn', 'fold_preceding_bn', 'pad_kernel', 'randomize_bn_stats_']
+
+
+@torch.no_grad()
+def fill_conv_(conv: nn.Module, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool) -> nn.Module:
+    """Load (weight, bias) into a freshly built conv with a bias (a zero bias if `bias` is None) and set its mode."""
+    conv.weight.copy_(weight)
+    conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+    return conv.train(training)
 
 
 def _check_running_stats(bn: nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from .conv import CausalConv1d, SameConv2d, conv2d_same
-from .fuse import fold_bn, pad_kernel
+from .fuse import fill_conv_, fold_bn, pad_kernel
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop
 
 __all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 'resize_smp_params']
@@ -285,10 +285,7 @@ class _SMPConvNd(nn.Module):
     @torch.no_grad()
     def to_plain_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Module:
         """A plain conv with this layer's geometry (stride, padding, groups) holding `weight` and `bias`."""
-        conv = self._plain_conv()
-        conv.weight.copy_(weight)
-        conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
-        return conv.train(training)
+        return fill_conv_(self._plain_conv(), weight, bias, training)
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
