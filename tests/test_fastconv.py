@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import timm_smpconv  # noqa: F401
 from timm_smpconv import flops
 from timm_smpconv.layers import SMPConv2d, conv2d_same, conv_impl, fft_conv2d, randomize_bn_stats_, use_fft
+from timm_smpconv.layers import conv as conv_mod
 from timm_smpconv.layers.conv import fft_size
 
 
@@ -56,6 +57,49 @@ def test_fft_handles_non_contiguous_and_channels_last_inputs():
         assert rel(fft_conv2d(x, w, None, groups=6), F.conv2d(x, w, None, padding=7, groups=6)) < 1e-5
 
 
+def test_fft_output_follows_the_input_memory_format_and_partial_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 12, 12).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 1, 9, 9)
+    y = fft_conv2d(x, w, None, groups=6)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert fft_conv2d(x.contiguous(), w, None, groups=6).is_contiguous()
+    # only one of input / kernel needs a gradient: the other is skipped, the one asked for is right
+    for need_x, need_w in ((True, False), (False, True)):
+        xg, wg = x.clone().requires_grad_(need_x), w.clone().requires_grad_(need_w)
+        gy = torch.randn(2, 6, 12, 12)
+        got = torch.autograd.grad(fft_conv2d(xg, wg, None, groups=6), xg if need_x else wg, gy)[0]
+        want = torch.autograd.grad(F.conv2d(xg, wg, None, padding=4, groups=6), xg if need_x else wg, gy)[0]
+        assert rel(got, want) < 1e-5
+
+
+def test_kernel_spectrum_cached_for_fixed_weights_and_refreshed_after_updates():
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 10, 10)
+    conv = nn.Conv2d(4, 4, 11, padding=5, groups=4, bias=False)
+    calls = []
+    orig = conv_mod._kernel_spectrum
+    conv_mod._kernel_spectrum = lambda *a: calls.append(1) or orig(*a)
+    try:
+        with torch.no_grad():
+            a = fft_conv2d(x, conv.weight, None, groups=4)
+            b = fft_conv2d(x, conv.weight, None, groups=4)
+            assert len(calls) == 1 and torch.equal(a, b)  # the second call reused the spectrum
+            fft_conv2d(torch.randn(1, 4, 14, 14), conv.weight, None, groups=4)
+            assert len(calls) == 2  # another grid size: another spectrum
+            conv.weight.mul_(2)  # an in-place update (what optimizer.step does) bumps the version
+            c = fft_conv2d(x, conv.weight, None, groups=4)
+            assert len(calls) == 3 and rel(c, 2 * a) < 1e-6
+        # with autograd on the weight the spectrum is part of the graph, never cached
+        fft_conv2d(x, conv.weight, None, groups=4).sum().backward()
+        assert len(calls) == 4 and conv.weight.grad is not None
+    finally:
+        conv_mod._kernel_spectrum = orig
+    n = len(conv_mod._SPECTRA)
+    del conv
+    assert len(conv_mod._SPECTRA) == n - 1  # freed weights leave the cache
+
+
 def test_fft_under_bf16_autocast_returns_the_autocast_dtype():
     torch.manual_seed(0)
     x = torch.randn(2, 8, 16, 16)
@@ -82,9 +126,10 @@ def test_bad_fft_arguments_raise():
 def test_fft_size_is_a_fast_length():
     for n in range(1, 300):
         m = fft_size(n)
-        assert m >= n and m - n < max(4, n // 8)
+        assert m >= n and m % 2 == 0 and m - n <= max(4, n // 8)
+        assert all(fft_size(k) != k for k in range(n, m))  # the smallest such length
         r = m
-        for p in (2, 3, 5):
+        for p in (2, 3, 5, 7):
             while r % p == 0:
                 r //= p
         assert r == 1
