@@ -130,8 +130,8 @@ def _freq_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """
     f, p, q = a.shape
     r = b.shape[-1]
-    br, bi = b.real, b.imag
-    block = torch.stack((torch.stack((br, bi), -1), torch.stack((-bi, br), -1)), 2).reshape(f, 2 * q, 2 * r)
+    # rows (q, re) hold (br, bi) = b, rows (q, im) hold (-bi, br) = i * b
+    block = torch.stack((torch.view_as_real(b), torch.view_as_real(b * 1j)), 2).reshape(f, 2 * q, 2 * r)
     out = torch.bmm(torch.view_as_real(a).reshape(f, p, 2 * q), block)
     return torch.view_as_complex(out.view(f, p, r, 2))
 
