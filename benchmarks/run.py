@@ -26,6 +26,9 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / 'results'
 IMAGENET = ['smpconv_t', 'smpconv_mobile31', 'convnext_tiny', 'resnet50']
 CIFAR = ['smp_flexnet_16', 'flexnet_16', 'flexnet_16@init']
+# interleaved ratio runs, a:b:memory format
+PAIRS = ['smpconv_t:convnext_tiny:nchw', 'smpconv_t:convnext_tiny:channels_last',
+         'flexnet_16:smp_flexnet_16:nchw', 'flexnet_16@init:smp_flexnet_16:nchw']
 
 
 def _median_time(fn, warmup, reps):
@@ -39,37 +42,96 @@ def _median_time(fn, warmup, reps):
     return statistics.median(ts)
 
 
-def worker(name: str, reps: int, threads: int, profile: bool) -> dict:
+def _build(name: str, memory_format=None):
+    """Model `name` ('flexnet_16' with its masks fully grown, 'flexnet_16@init' as initialised), its
+    training batch (inputs, targets) and an AdamW optimizer."""
     import torch
     import timm
-    from timm.utils import reparameterize_model
     import timm_smpconv  # noqa: F401
-    from timm_smpconv.layers import SMPConv2d
 
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    grown = name == 'flexnet_16'
     arch = name.split('@')[0]
     cifar = arch in ('smp_flexnet_16', 'flexnet_16')
     size, batch = (32, 64) if cifar else (224, 8)
     model = timm.create_model(arch, num_classes=10 if cifar else 1000)
-    if grown:  # masks fully grown: every FlexConv kernel spans the whole 33 x 33 horizon
+    if name == 'flexnet_16':  # masks fully grown: every FlexConv kernel spans the whole 33 x 33 horizon
         with torch.no_grad():
             for m in model.modules():
                 if getattr(m, 'mask_params', None) is not None:
                     m.mask_params[:, 1].fill_(1.0)
-    res = {'model': name, 'params': sum(p.numel() for p in model.parameters()), 'train_batch': batch, 'size': size}
-
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 10 if cifar else 1000, (batch,))
+    if memory_format is not None:
+        model = model.to(memory_format=memory_format)
+        x = x.contiguous(memory_format=memory_format)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, x, y, opt
+
+
+def _train_step(model, x, y, opt):
+    import torch
 
     def step():
         opt.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
+    return step
 
+
+def _interleaved(fa, fb, warmup: int, rounds: int):
+    """Median of per-round time ratios fa / fb, the two timed back to back in each round (so load that
+    drifts during the run hits both), with the median times of each."""
+    for _ in range(warmup):
+        fa()
+        fb()
+    ta, tb = [], []
+    for i in range(rounds):
+        for f, ts in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
+            t = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t)
+    return statistics.median(a / b for a, b in zip(ta, tb)), statistics.median(ta), statistics.median(tb)
+
+
+def pair_worker(spec: str, reps: int, threads: int) -> dict:
+    """Ratios of model a to model b measured in one process, interleaved: 'a:b:format' with format
+    'nchw' or 'channels_last'; training step, and (ImageNet models) reparameterized eval latency at
+    batch 1."""
+    import torch
+    from timm.utils import reparameterize_model
+
+    torch.set_num_threads(threads)
+    a, b, fmt = spec.split(':')
+    mf = torch.channels_last if fmt == 'channels_last' else None
+    ma, mb = _build(a, mf), _build(b, mf)
+    res = {'a': a, 'b': b, 'format': fmt}
+    res['train_ratio'], res['train_a_s'], res['train_b_s'] = _interleaved(
+        _train_step(*ma), _train_step(*mb), 1, 2 * reps + 1)
+    if ma[1].shape[-1] == 224:
+        x1 = torch.randn(1, 3, 224, 224)
+        if mf is not None:
+            x1 = x1.contiguous(memory_format=mf)
+        fa, fb = (reparameterize_model(m[0].eval()) for m in (ma, mb))
+        with torch.no_grad():
+            res['latency_ratio'], res['latency_a_ms'], res['latency_b_ms'] = _interleaved(
+                lambda: fa(x1), lambda: fb(x1), 3, 10 * reps + 1)
+        res['latency_a_ms'] *= 1e3
+        res['latency_b_ms'] *= 1e3
+    return res
+
+
+def worker(name: str, reps: int, threads: int, profile: bool) -> dict:
+    import torch
+    from timm.utils import reparameterize_model
+    from timm_smpconv.layers import SMPConv2d
+
+    torch.set_num_threads(threads)
+    model, x, y, opt = _build(name)
+    size, batch = x.shape[-1], x.shape[0]
+    res = {'model': name, 'params': sum(p.numel() for p in model.parameters()), 'train_batch': batch, 'size': size}
+
+    model.train()
+    step = _train_step(model, x, y, opt)
     res['train_step_s'] = _median_time(step, 1, reps)
     res['train_img_s'] = batch / res['train_step_s']
 
@@ -90,14 +152,6 @@ def worker(name: str, reps: int, threads: int, profile: bool) -> dict:
         res['step32_s'] = _median_time(step32, 1, max(1, reps - 1))
         res['render_s'] = _median_time(render, 1, reps)
         res['render_share'] = res['render_s'] / res['step32_s']
-        if profile:
-            from torch.profiler import ProfilerActivity, profile as tprofile
-            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
-                step()
-            (RESULTS / 'profile_smpconv_t.txt').write_text(
-                f'smpconv_t training step, batch {batch}, {size} px, {threads} threads\n'
-                + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=20))
-
     model.eval()
     x1 = torch.randn(1, 3, size, size)
     x8 = torch.randn(8, 3, size, size)
@@ -107,6 +161,16 @@ def worker(name: str, reps: int, threads: int, profile: bool) -> dict:
         res['latency_reparam_ms'] = 1e3 * _median_time(lambda: fused(x1), 2, reps * 2)
         res['infer_img_s'] = 8 / _median_time(lambda: fused(x8), 1, reps)
     res['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if name == 'smpconv_t' and profile:  # where a channels_last training step spends its time
+        from torch.profiler import ProfilerActivity, profile as tprofile
+        model, x, y, opt = _build(name, torch.channels_last)
+        step = _train_step(model, x, y, opt)
+        step()
+        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        (RESULTS / 'profile_smpconv_t.txt').write_text(
+            f'smpconv_t training step, batch {batch}, {size} px, channels_last, {threads} threads\n'
+            + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=25))
     return res
 
 
@@ -114,7 +178,7 @@ def _ratio(a, b):
     return f'{a / b:.2f}x' if a and b else '-'
 
 
-def write_report(rows: dict, threads: int, out_md: Path, out_png: Path):
+def write_report(rows: dict, pairs: dict, threads: int, out_md: Path, out_png: Path):
     import torch
     lines = [
         '# Benchmarks (CPU)',
@@ -131,8 +195,32 @@ def write_report(rows: dict, threads: int, out_md: Path, out_png: Path):
             f'| {name} | {r["params"]:,} | {r["train_batch"]} @ {r["size"]} | {r["train_step_s"]:.3f} | '
             f'{r["train_img_s"]:.1f} | {r["latency_ms"]:.1f} | {r["latency_reparam_ms"]:.1f} | '
             f'{r["infer_img_s"]:.1f} | {r["peak_rss_mb"]:.0f} |')
+    p = pairs.get
+    lines += ['', '## Ratios, interleaved (one process per pair, the two timed back to back, median of per-round '
+              'ratios)', '', '| ratio | memory format | value | goal |', '|---|---|---|---|']
+    for fmt in ('channels_last', 'nchw'):
+        r = p(f'smpconv_t:convnext_tiny:{fmt}')
+        if r:
+            lines.append(f'| smpconv_t / convnext_tiny training step (batch 8, 224 px) | {fmt} | '
+                         f'{r["train_ratio"]:.2f}x ({r["train_a_s"]:.2f} s / {r["train_b_s"]:.2f} s) | <= 1.3x |')
+            lines.append(f'| smpconv_t / convnext_tiny eval latency, both reparameterized (batch 1, 224 px) | {fmt} | '
+                         f'{r["latency_ratio"]:.2f}x ({r["latency_a_ms"]:.1f} ms / {r["latency_b_ms"]:.1f} ms) | '
+                         f'<= 1.3x |')
+    for spec, label, goal in (('flexnet_16:smp_flexnet_16:nchw', 'masks grown', '>= 3x'),
+                              ('flexnet_16@init:smp_flexnet_16:nchw', 'masks at init', '(paper: 2.2x on a GPU)')):
+        r = p(spec)
+        if r:
+            lines.append(f'| smp_flexnet_16 / flexnet_16 training throughput, {label} (batch 64, 32 px) | nchw | '
+                         f'{r["train_ratio"]:.2f}x ({r["train_b_s"]:.2f} s / {r["train_a_s"]:.2f} s per step) | {goal} |')
+    for spec, r in pairs.items():
+        if spec not in PAIRS:
+            lines.append(f'| {r["a"]} / {r["b"]} training step | {r["format"]} | {r["train_ratio"]:.2f}x | |')
+            if 'latency_ratio' in r:
+                lines.append(f'| {r["a"]} / {r["b"]} eval latency, reparameterized, batch 1 | {r["format"]} | '
+                             f'{r["latency_ratio"]:.2f}x | |')
     g = rows.get
-    lines += ['', '## Ratios (same run)', '', '| ratio | value | goal |', '|---|---|---|']
+    lines += ['', '## Ratios from the per-model rows above (separate processes, NCHW)', '',
+              '| ratio | value | goal |', '|---|---|---|']
     if g('smpconv_t') and g('convnext_tiny'):
         t, c = g('smpconv_t'), g('convnext_tiny')
         lines.append(f'| smpconv_t / convnext_tiny training step (batch 8, 224 px) | '
@@ -178,33 +266,49 @@ def write_report(rows: dict, threads: int, out_md: Path, out_png: Path):
     plt.close(fig)
 
 
+def _run_worker(extra, args, env) -> dict:
+    cmd = [sys.executable, __file__, *extra, '--reps', str(args.reps), '--threads', str(args.threads)]
+    if args.no_profile:
+        cmd.append('--no-profile')
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith('RESULT ')), None)
+    if out.returncode or line is None:
+        raise SystemExit(f'benchmark {" ".join(extra)} failed:\n{out.stderr[-3000:]}')
+    return json.loads(line[7:])
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--models', nargs='+', default=IMAGENET + CIFAR)
     parser.add_argument('--threads', type=int, default=2)
     parser.add_argument('--reps', type=int, default=3)
+    parser.add_argument('--pairs', nargs='*', default=PAIRS, help='interleaved ratio runs a:b:format')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
+    parser.add_argument('--pair', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--no-profile', action='store_true', help='skip the smpconv_t profile table')
     args = parser.parse_args(argv)
     RESULTS.mkdir(parents=True, exist_ok=True)
     if args.worker:
         print('RESULT ' + json.dumps(worker(args.worker, args.reps, args.threads, not args.no_profile)))
         return
+    if args.pair:
+        print('RESULT ' + json.dumps(pair_worker(args.pair, args.reps, args.threads)))
+        return
     rows = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for name in args.models:
-        cmd = [sys.executable, __file__, '--worker', name, '--reps', str(args.reps), '--threads', str(args.threads)]
-        if args.no_profile:
-            cmd.append('--no-profile')
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        line = next((l for l in out.stdout.splitlines() if l.startswith('RESULT ')), None)
-        if out.returncode or line is None:
-            raise SystemExit(f'benchmark of {name} failed:\n{out.stderr[-3000:]}')
-        rows[name] = json.loads(line[7:])
+        rows[name] = _run_worker(['--worker', name], args, env)
         r = rows[name]
         print(f'{name}: step {r["train_step_s"]:.3f} s, latency {r["latency_ms"]:.1f} ms, '
               f'reparam {r["latency_reparam_ms"]:.1f} ms', flush=True)
-    write_report(rows, args.threads, RESULTS / 'benchmark.md', RESULTS / 'benchmark.png')
+    pairs = {}
+    for spec in args.pairs:
+        a, b = spec.split(':')[:2]
+        if a not in args.models or b not in args.models:
+            continue
+        pairs[spec] = _run_worker(['--pair', spec], args, env)
+        print(f'{spec}: {json.dumps(pairs[spec])}', flush=True)
+    write_report(rows, pairs, args.threads, RESULTS / 'benchmark.md', RESULTS / 'benchmark.png')
     print((RESULTS / 'benchmark.md').read_text())
 
 

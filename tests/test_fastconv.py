@@ -221,6 +221,17 @@ def test_eval_kernel_cache_and_invalidation():
         torch.testing.assert_close(w2, layer._render())
         layer.set_kernel_size(13)
         assert layer.get_weight().shape[-1] == 13           # a new size too
+        layer.set_kernel_size(11)
+    # under inference_mode the cached kernel is still a normal tensor: its FFT spectrum is reused too
+    calls = []
+    orig = conv_mod._kernel_spectrum
+    conv_mod._kernel_spectrum = lambda *a: calls.append(1) or orig(*a)
+    try:
+        with torch.inference_mode(), conv_impl('fft'):
+            y1, y2 = layer(x), layer(x)
+        assert not layer.get_weight().is_inference() and len(calls) == 1 and torch.equal(y1, y2)
+    finally:
+        conv_mod._kernel_spectrum = orig
     layer.train()
     assert '_weight_cache' not in layer.__dict__
     with torch.no_grad():
