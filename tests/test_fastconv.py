@@ -1,5 +1,7 @@
 """ The large-kernel convolution: FFT == direct (values, gradients, layouts, dtypes), dispatch, FLOP
 counting through FFT-dispatched models, and the eval-mode kernel cache. """
+import copy
+
 import pytest
 import timm
 import torch
@@ -229,9 +231,11 @@ def test_eval_kernel_cache_and_invalidation():
     try:
         with torch.inference_mode(), conv_impl('fft'):
             y1, y2 = layer(x), layer(x)
-        assert not layer.get_weight().is_inference() and len(calls) == 1 and torch.equal(y1, y2)
+            cached = layer.get_weight()
+        assert not cached.is_inference() and not cached.requires_grad and len(calls) == 1 and torch.equal(y1, y2)
     finally:
         conv_mod._kernel_spectrum = orig
+    copy.deepcopy(layer)  # what timm.utils.reparameterize_model does first: the cache must not block it
     layer.train()
     assert '_weight_cache' not in layer.__dict__
     with torch.no_grad():

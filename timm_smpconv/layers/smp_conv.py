@@ -268,7 +268,9 @@ class _SMPConvNd(nn.Module):
         key = (self.kernel_size,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         cache = self.__dict__.get('_weight_cache')
         if cache is None or cache[0] != key:
-            with torch.inference_mode(False):  # a normal tensor, so conv2d_same can cache its spectrum too
+            # a normal tensor (not an inference tensor), so conv2d_same can cache its spectrum too;
+            # inference_mode(False) alone would turn autograd back on
+            with torch.inference_mode(False), torch.no_grad():
                 cache = (key, self._render())
             self.__dict__['_weight_cache'] = cache
         return cache[1]

@@ -1,0 +1,99 @@
+""" Direct (F.conv2d) against FFT (fft_conv2d) convolution, per shape: the measurements behind the
+dispatch rule in `timm_smpconv.layers.use_fft` and the README table.
+
+    python benchmarks/conv_paths.py [--threads 2] [--reps 5]
+
+For every shape: forward + backward (gradients of input and kernel) and forward without autograd, the
+two paths timed back to back in each round, medians in ms. Writes benchmarks/results/conv_paths.md.
+"""
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from timm_smpconv.layers import fft_conv2d
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+# (label, batch, in channels, out channels, groups, map, kernel)
+SHAPES = [
+    ('smpconv_t stage 1 (depthwise)', 8, 96, 96, 96, 56, 31),
+    ('smpconv_t stage 2 (depthwise)', 8, 192, 192, 192, 28, 29),
+    ('smpconv_t stage 3 (depthwise)', 8, 384, 384, 384, 14, 27),
+    ('smpconv_t stage 4 (depthwise)', 8, 768, 768, 768, 7, 13),
+    ('13 x 13 depthwise on 14 x 14', 8, 384, 384, 384, 14, 13),
+    ('15 x 15 depthwise on 14 x 14', 8, 384, 384, 384, 14, 15),
+    ('5 x 5 depthwise on 56 x 56', 8, 96, 96, 96, 56, 5),
+    ('5 x 5 depthwise on 14 x 14', 8, 384, 384, 384, 14, 5),
+    ('FlexNet 48->48 full conv', 8, 48, 48, 1, 32, 33),
+    ('smpconv_t stage 3, batch 1', 1, 384, 384, 384, 14, 27),
+]
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+    for f in fns.values():
+        f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def measure(batch, cin, cout, groups, size, k, reps):
+    torch.manual_seed(0)
+    x = torch.randn(batch, cin, size, size, requires_grad=True)
+    w = torch.randn(cout, cin // groups, k, k, requires_grad=True)
+    gy = torch.randn(batch, cout, size, size)
+
+    def direct():
+        return F.conv2d(x, w, None, 1, k // 2, 1, groups)
+
+    def fft():
+        return fft_conv2d(x, w, None, groups)
+
+    def train(f):
+        return lambda: torch.autograd.grad(f(), (x, w), gy)
+
+    def infer(f):
+        def run():
+            with torch.no_grad():
+                f()
+        return run
+
+    out = _interleaved({'direct_train': train(direct), 'fft_train': train(fft)}, reps)
+    out.update(_interleaved({'direct_infer': infer(direct), 'fft_infer': infer(fft)}, reps))
+    return out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=5)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lines = [
+        '# Direct vs FFT convolution (ms, medians)', '',
+        f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; '
+        f'torch {torch.__version__}. Command: `python benchmarks/conv_paths.py`.', '',
+        '| conv | input | kernel | direct fwd+bwd | FFT fwd+bwd | direct fwd (no grad) | FFT fwd (no grad) |',
+        '|---|---|---|---|---|---|---|',
+    ]
+    for label, batch, cin, cout, groups, size, k in SHAPES:
+        r = measure(batch, cin, cout, groups, size, k, args.reps)
+        lines.append(f'| {label} | {batch}x{cin}x{size}x{size} | {cout}x{cin // groups}x{k}x{k} | '
+                     f'{r["direct_train"]:.1f} | {r["fft_train"]:.1f} | {r["direct_infer"]:.1f} | {r["fft_infer"]:.1f} |')
+        print(lines[-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'conv_paths.md').write_text('\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+    main()
