@@ -4,7 +4,8 @@ dispatch rule in `timm_smpconv.layers.use_fft` and the README table.
     python benchmarks/conv_paths.py [--threads 2] [--reps 5]
 
 For every shape: forward + backward (gradients of input and kernel) and forward without autograd, the
-two paths timed back to back in each round, medians in ms. Writes benchmarks/results/conv_paths.md.
+two paths timed back to back in each round, medians in ms, for contiguous (NCHW) and channels_last
+inputs. Writes benchmarks/results/conv_paths.md.
 """
 import argparse
 import os
@@ -47,9 +48,9 @@ def _interleaved(fns: dict, reps: int) -> dict:
     return {k: 1e3 * statistics.median(v) for k, v in times.items()}
 
 
-def measure(batch, cin, cout, groups, size, k, reps):
+def measure(batch, cin, cout, groups, size, k, reps, memory_format=torch.contiguous_format):
     torch.manual_seed(0)
-    x = torch.randn(batch, cin, size, size, requires_grad=True)
+    x = torch.randn(batch, cin, size, size).contiguous(memory_format=memory_format).requires_grad_()
     w = torch.randn(cout, cin // groups, k, k, requires_grad=True)
     gy = torch.randn(batch, cout, size, size)
 
@@ -83,14 +84,16 @@ def main(argv=None):
         '# Direct vs FFT convolution (ms, medians)', '',
         f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; '
         f'torch {torch.__version__}. Command: `python benchmarks/conv_paths.py`.', '',
-        '| conv | input | kernel | direct fwd+bwd | FFT fwd+bwd | direct fwd (no grad) | FFT fwd (no grad) |',
-        '|---|---|---|---|---|---|---|',
+        '| conv | input | kernel | memory format | direct fwd+bwd | FFT fwd+bwd | direct fwd (no grad) | FFT fwd (no grad) |',
+        '|---|---|---|---|---|---|---|---|',
     ]
-    for label, batch, cin, cout, groups, size, k in SHAPES:
-        r = measure(batch, cin, cout, groups, size, k, args.reps)
-        lines.append(f'| {label} | {batch}x{cin}x{size}x{size} | {cout}x{cin // groups}x{k}x{k} | '
-                     f'{r["direct_train"]:.1f} | {r["fft_train"]:.1f} | {r["direct_infer"]:.1f} | {r["fft_infer"]:.1f} |')
-        print(lines[-1], flush=True)
+    for fmt_name, fmt in (('NCHW', torch.contiguous_format), ('channels_last', torch.channels_last)):
+        for label, batch, cin, cout, groups, size, k in SHAPES:
+            r = measure(batch, cin, cout, groups, size, k, args.reps, fmt)
+            lines.append(f'| {label} | {batch}x{cin}x{size}x{size} | {cout}x{cin // groups}x{k}x{k} | {fmt_name} | '
+                         f'{r["direct_train"]:.1f} | {r["fft_train"]:.1f} | {r["direct_infer"]:.1f} | '
+                         f'{r["fft_infer"]:.1f} |')
+            print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'conv_paths.md').write_text('\n'.join(lines) + '\n')
 

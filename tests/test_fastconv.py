@@ -149,6 +149,15 @@ def test_dispatch_rule():
     assert use_fft(x_(96, 56, True), torch.zeros(96, 1, 5, 5), 96)             # large maps: from 5
     assert use_fft(x_(48, 32, True), torch.zeros(48, 48, 33, 33), 1)           # full 33 x 33 (FlexNet)
     assert not use_fft(x_(48, 32, True), torch.zeros(48, 48, 3, 3), 1)
+    # channels_last: the direct kernels have no cliff without gradient, and are fast for 5 x 5 with it
+    def cl(c, h, grad):
+        return torch.zeros(2, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
+
+    with torch.no_grad():
+        assert not use_fft(cl(384, 14, False), torch.zeros(384, 1, 27, 27), 384)
+        assert use_fft(cl(96, 56, False), torch.zeros(96, 1, 31, 31), 96)
+    assert not use_fft(cl(96, 56, True), torch.zeros(96, 1, 5, 5), 96)
+    assert use_fft(cl(384, 14, True), torch.zeros(384, 1, 13, 13), 384)
     with conv_impl('direct'):
         assert not use_fft(x_(96, 56, True), torch.zeros(96, 1, 31, 31), 96)
     with conv_impl('fft'):

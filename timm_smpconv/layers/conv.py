@@ -299,12 +299,13 @@ class conv_impl:
 
 def use_fft(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     """The dispatch rule of `conv2d_same` for stride-1 convs (measured on a 2-core x86 CPU, torch 2.14,
-    batch 1 and 8; numbers in README 'Large-kernel convolution'):
+    batch 1 and 8: `python benchmarks/conv_paths.py`, table in README 'Large-kernel convolution'):
 
-    * CPU, depthwise, no gradient: PyTorch's direct kernel is fast up to 13 x 13 and falls off a cliff
-      above (15 x 15 is 7-40x slower than 13 x 13), so FFT for k > 13.
-    * CPU, depthwise, with gradient: the direct backward is slow for every size, so FFT from 9 x 9, and
-      from 5 x 5 on maps of 50 x 50 and more.
+    * CPU, depthwise, no gradient: PyTorch's direct NCHW kernel is fast up to 13 x 13 and falls off a
+      cliff above (15 x 15 is 7-40x slower than 13 x 13), so FFT for k > 13; its channels_last kernel has
+      no cliff (27 x 27 on 14 x 14 maps: 2.9 ms direct, 8.6 ms FFT), so FFT only from 31 x 31.
+    * CPU, depthwise, with gradient: the direct backward is slow for large kernels, so FFT from 9 x 9;
+      NCHW also from 5 x 5 on maps of 50 x 50 and more (channels_last 5 x 5 stays direct: 19 ms vs 42 ms).
     * CPU, full (or grouped) convs: FFT from 7 x 7.
     * CUDA and other devices: direct (cuDNN); no GPU was available to measure a crossover.
     """
@@ -317,8 +318,11 @@ def use_fft(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     depthwise = weight.shape[1] == 1 and groups == x.shape[1]
     if not depthwise:
         return kh * kw >= 49
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
-        return k > 13
+        return k >= 31 if channels_last else k > 13
+    if channels_last:
+        return k >= 9
     return k >= 9 or (k >= 5 and x.shape[-2] * x.shape[-1] >= 2500)
 
 
