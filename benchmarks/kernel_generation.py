@@ -1,0 +1,95 @@
+""" How much of a training step is kernel generation, and how the pointwise work of smpconv_t compares
+with convnext_tiny's: the numbers behind the README's reading of the FlexNet and SMPConv-T ratios.
+
+    python benchmarks/kernel_generation.py [--threads 2] [--reps 4]
+
+* flexnet_16 (masks fully grown) and smp_flexnet_16 at batch 64, 32 px: median training step and the
+  median time to generate every continuous kernel and backpropagate through it (MAGNet for FlexConv,
+  the SMP rendering for SMP), timed alternately in one process.
+* fvcore GMACs per 224 px image of the 1x1 convolutions (smpconv_t) and the Linear layers of the
+  blocks (convnext_tiny, whose pointwise layers are Linear).
+Writes benchmarks/results/kernel_generation.md.
+"""
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+from fvcore.nn import FlopCountAnalysis
+
+from run import _build, _train_step
+from timm_smpconv.layers import FlexConv2d, SMPConv2d
+
+RESULTS = Path(__file__).resolve().parent / 'results'
+
+
+def generation_share(name: str, reps: int) -> dict:
+    model, x, y, opt = _build(name)
+    step = _train_step(model, x, y, opt)
+    layers = [m for m in model.modules() if isinstance(m, (FlexConv2d, SMPConv2d))]
+
+    def generate():
+        sum(m.get_weight().sum() for m in layers).backward()
+
+    step()
+    generate()
+    steps, gens = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        step()
+        steps.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        generate()
+        gens.append(time.perf_counter() - t)
+    return {'layers': len(layers), 'step_s': statistics.median(steps), 'gen_s': statistics.median(gens)}
+
+
+def pointwise_gmacs(name: str) -> float:
+    model = timm.create_model(name).eval()
+    counts = FlopCountAnalysis(model, torch.randn(1, 3, 224, 224))
+    counts.unsupported_ops_warnings(False)
+    counts.uncalled_modules_warnings(False)
+    by_module = counts.by_module()
+    total = 0
+    for n, m in model.named_modules():
+        pointwise_conv = isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)
+        block_linear = isinstance(m, nn.Linear) and n.startswith('stages')
+        if pointwise_conv or block_linear:
+            total += by_module[n]
+    return total / 1e9
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=4)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    lines = [
+        '# Kernel generation share and pointwise work', '',
+        f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; '
+        f'torch {torch.__version__}. Command: `python benchmarks/kernel_generation.py`.', '',
+        '| model (batch 64, 32 px) | continuous-kernel layers | training step s | kernel generation fwd+bwd ms | share |',
+        '|---|---|---|---|---|',
+    ]
+    for name in ('flexnet_16', 'smp_flexnet_16'):
+        r = generation_share(name, args.reps)
+        label = 'flexnet_16 (masks grown)' if name == 'flexnet_16' else name
+        lines.append(f'| {label} | {r["layers"]} | {r["step_s"]:.3f} | {1e3 * r["gen_s"]:.1f} | '
+                     f'{100 * r["gen_s"] / r["step_s"]:.1f}% |')
+        print(lines[-1], flush=True)
+    lines += ['', '| model | pointwise GMACs per 224 px image (fvcore) |', '|---|---|']
+    for name in ('smpconv_t', 'convnext_tiny'):
+        lines.append(f'| {name} | {pointwise_gmacs(name):.2f} |')
+        print(lines[-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / 'kernel_generation.md').write_text('\n'.join(lines) + '\n')
+
+
+if __name__ == '__main__':
+    main()
