@@ -7,9 +7,6 @@ For every shape: forward + backward (gradients of input and kernel) and forward 
 two paths timed back to back in each round, medians in ms, for contiguous (NCHW) and channels_last
 inputs. Writes benchmarks/results/conv_paths.md.
 """
-import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -17,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from run import bench_start
 from timm_smpconv.layers import fft_conv2d
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -75,15 +73,8 @@ def measure(batch, cin, cout, groups, size, k, reps, memory_format=torch.contigu
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=5)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    lines = [
-        '# Direct vs FFT convolution (ms, medians)', '',
-        f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; '
-        f'torch {torch.__version__}. Command: `python benchmarks/conv_paths.py`.', '',
+    args, lines = bench_start(__doc__, 5, 'Direct vs FFT convolution (ms, medians)', 'python benchmarks/conv_paths.py', argv)
+    lines += [
         '| conv | input | kernel | memory format | direct fwd+bwd | FFT fwd+bwd | direct fwd (no grad) | FFT fwd (no grad) |',
         '|---|---|---|---|---|---|---|---|',
     ]

@@ -10,9 +10,6 @@ with convnext_tiny's: the numbers behind the README's reading of the FlexNet and
   blocks (convnext_tiny, whose pointwise layers are Linear).
 Writes benchmarks/results/kernel_generation.md.
 """
-import argparse
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -22,7 +19,7 @@ import torch
 import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
 
-from run import _build, _train_step
+from run import _build, _train_step, bench_start
 from timm_smpconv.layers import FlexConv2d, SMPConv2d
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -65,15 +62,8 @@ def pointwise_gmacs(name: str) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=4)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    lines = [
-        '# Kernel generation share and pointwise work', '',
-        f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; '
-        f'torch {torch.__version__}. Command: `python benchmarks/kernel_generation.py`.', '',
+    args, lines = bench_start(__doc__, 4, 'Kernel generation share and pointwise work', 'python benchmarks/kernel_generation.py', argv)
+    lines += [
         '| model (batch 64, 32 px) | continuous-kernel layers | training step s | kernel generation fwd+bwd ms | share |',
         '|---|---|---|---|---|',
     ]

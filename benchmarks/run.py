@@ -31,6 +31,29 @@ PAIRS = ['smpconv_t:convnext_tiny:nchw', 'smpconv_t:convnext_tiny:channels_last'
          'flexnet_16:smp_flexnet_16:nchw', 'flexnet_16@init:smp_flexnet_16:nchw']
 
 
+def machine_line(threads: int, command: str) -> str:
+    """The machine description every results file starts with."""
+    import torch
+    return (f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads; '
+            f'torch {torch.__version__}. Command: `{command}`.')
+
+
+def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
+    """Argument parser with the options all benchmark scripts share (--threads, --reps)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--threads', type=int, default=2)
+    parser.add_argument('--reps', type=int, default=reps)
+    return parser
+
+
+def bench_start(doc: str, reps: int, title: str, command: str, argv=None):
+    """Parse the shared options, set the thread count; returns (args, the results file's first lines)."""
+    import torch
+    args = bench_parser(doc, reps).parse_args(argv)
+    torch.set_num_threads(args.threads)
+    return args, [f'# {title}', '', machine_line(args.threads, command), '']
+
+
 def _median_time(fn, warmup, reps):
     for _ in range(warmup):
         fn()
@@ -179,12 +202,10 @@ def _ratio(a, b):
 
 
 def write_report(rows: dict, pairs: dict, threads: int, out_md: Path, out_png: Path):
-    import torch
     lines = [
         '# Benchmarks (CPU)',
         '',
-        f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads; '
-        f'torch {torch.__version__}. Command: `python benchmarks/run.py`. Medians; every number from one run.',
+        machine_line(threads, 'python benchmarks/run.py') + ' Medians; every number from one run.',
         '',
         '| model | params | train batch @ px | train step s | train img/s | eval latency ms (bs 1) | '
         'reparam latency ms | reparam img/s (bs 8) | peak RSS MB |',
@@ -278,10 +299,8 @@ def _run_worker(extra, args, env) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser(__doc__, 3)
     parser.add_argument('--models', nargs='+', default=IMAGENET + CIFAR)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=3)
     parser.add_argument('--pairs', nargs='*', default=PAIRS, help='interleaved ratio runs a:b:format')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--pair', default=None, help=argparse.SUPPRESS)
