@@ -41,7 +41,7 @@ from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
     AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn,
-    get_outdir, init_distributed_device, random_seed, reduce_tensor, reparameterize_model, update_summary,
+    init_distributed_device, random_seed, reduce_tensor, reparameterize_model, update_summary,
 )
 
 import timm_smpconv  # noqa: F401  (registers our models)
@@ -538,8 +538,14 @@ def run(args):
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
 
-    output_dir = get_outdir(args.output, args.experiment or '-'.join([
-        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])]))
+    run_name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
+    if args.distributed:  # one folder for all ranks, even if their clocks straddle a second
+        names = [run_name]
+        torch.distributed.broadcast_object_list(names, src=0)
+        run_name = names[0]
+    output_dir = os.path.join(args.output, run_name)
+    os.makedirs(output_dir, exist_ok=True)  # every rank may get here first (timm's get_outdir races)
     resume_path = args.resume
     if not resume_path and args.auto_resume and os.path.isfile(os.path.join(output_dir, 'last.pth.tar')):
         resume_path = os.path.join(output_dir, 'last.pth.tar')

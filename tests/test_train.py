@@ -138,7 +138,8 @@ def test_radius_lr_ratio_and_clamp_in_a_real_run(data_dir, tmp_path):
 
 
 def test_killed_rank_ends_torchrun_with_error(data_dir, tmp_path):
-    args = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'kill', '--epochs', '200',
+    # no --experiment: both ranks must agree on the generated run folder (and both create it, without racing)
+    args = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--epochs', '200',
                    '--batch-size', '2', '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0', '--no-model-ema']
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', SCRIPT] + args
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
@@ -161,6 +162,7 @@ def test_killed_rank_ends_torchrun_with_error(data_dir, tmp_path):
     assert proc.returncode != 0
     assert elapsed < 120
     assert 'SIGKILL' in rest or 'failed' in rest.lower() or 'Signal 9' in rest
+    assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 1
 
 
 @pytest.mark.parametrize('case', ['missing_dir', 'empty_dir', 'unknown_model', 'corrupt_resume', 'corrupt_pretrained',
