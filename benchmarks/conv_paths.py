@@ -5,7 +5,8 @@ dispatch rule in `timm_smpconv.layers.use_fft` and the README table.
 
 For every shape: forward + backward (gradients of input and kernel) and forward without autograd, the
 two paths timed back to back in each round, medians in ms, for contiguous (NCHW) and channels_last
-inputs. Writes benchmarks/results/conv_paths.md.
+inputs; then the FFT grid lengths compared (forward + inverse transforms alone) for the smpconv_t
+stage shapes. Writes benchmarks/results/conv_paths.md.
 """
 import statistics
 import time
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from run import bench_start
 from timm_smpconv.layers import fft_conv2d
+from timm_smpconv.layers.conv import _irfft2_rows, _rfft2_rows, fft_size
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 
@@ -32,6 +34,10 @@ SHAPES = [
     ('FlexNet 48->48 full conv', 8, 48, 48, 1, 32, 33),
     ('smpconv_t stage 3, batch 1', 1, 384, 384, 384, 14, 27),
 ]
+
+
+# grid lengths compared for the transforms alone: (channels, map, candidate lengths incl. the minimum)
+GRIDS = [(96, 56, (71, 72, 75, 80)), (192, 28, (42, 44, 45, 48)), (384, 14, (27, 28, 30, 32)), (768, 7, (13, 14, 15, 16))]
 
 
 def _interleaved(fns: dict, reps: int) -> dict:
@@ -85,6 +91,16 @@ def main(argv=None):
                          f'{r["direct_train"]:.1f} | {r["fft_train"]:.1f} | {r["direct_infer"]:.1f} | '
                          f'{r["fft_infer"]:.1f} |')
             print(lines[-1], flush=True)
+    # forward + inverse transform of an 8 x C x H x H batch (row-pruned, as fft_conv2d does) per grid length
+    lines += ['', '| map (batch 8) | ' + ' | '.join(f'grid {i + 1}' for i in range(4)) + ' | fft_size picks |',
+              '|---|---|---|---|---|---|']
+    for c, h, lengths in GRIDS:
+        x = torch.randn(8, c, h, h)
+        fns = {n: (lambda n=n: _irfft2_rows(_rfft2_rows(x, n, n), h, h, n)) for n in lengths}
+        t = _interleaved(fns, 3 * args.reps)
+        lines.append(f'| {c} x {h} x {h} | ' + ' | '.join(f'{n}: {t[n]:.1f} ms' for n in lengths) +
+                     f' | {fft_size(lengths[0])} |')
+        print(lines[-1], flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / 'conv_paths.md').write_text('\n'.join(lines) + '\n')
 

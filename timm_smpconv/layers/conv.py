@@ -303,9 +303,9 @@ def use_fft(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
 
     * CPU, depthwise, no gradient: PyTorch's direct NCHW kernel is fast up to 13 x 13 and falls off a
       cliff above (15 x 15 is 7-40x slower than 13 x 13), so FFT for k > 13; its channels_last kernel has
-      no cliff (27 x 27 on 14 x 14 maps: 2.9 ms direct, 8.6 ms FFT), so FFT only from 31 x 31.
+      no cliff (27 x 27 on 14 x 14 maps: 2.9 ms direct, 8.0 ms FFT), so FFT only from 31 x 31.
     * CPU, depthwise, with gradient: the direct backward is slow for large kernels, so FFT from 9 x 9;
-      NCHW also from 5 x 5 on maps of 50 x 50 and more (channels_last 5 x 5 stays direct: 19 ms vs 42 ms).
+      NCHW also from 5 x 5 on maps of 50 x 50 and more (channels_last 5 x 5 stays direct: 16 ms vs 29 ms).
     * CPU, full (or grouped) convs: FFT from 7 x 7.
     * CUDA and other devices: direct (cuDNN); no GPU was available to measure a crossover.
     """
