@@ -167,26 +167,26 @@ class _FFTConv2dFn(torch.autograd.Function):
         xs = _rfft2_rows(x, nh, nw)
         if wspec is None:
             wspec = _kernel_spectrum(weight, nh, nw)
-        if _depthwise(x, weight, groups):
+        depthwise = _depthwise(x, weight, groups)
+        if depthwise:
             ys = xs * wspec[:, 0].conj()
         else:
             c, o = x.shape[1], weight.shape[0]
             wg = wspec.conj().reshape(groups, o // groups, c // groups, nh, nw // 2 + 1).transpose(1, 2)
             ys = _mix(xs, wg, groups)
         ctx.save_for_backward(xs, wspec)
-        ctx.meta = (groups, h, w, kh, kw, nh, nw)
+        ctx.meta = (groups, depthwise, h, w, kh, kw, nh, nw)
         return _irfft2_rows(ys, h, w, nw)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy: torch.Tensor):
         xs, wspec = ctx.saved_tensors
-        groups, h, w, kh, kw, nh, nw = ctx.meta
+        groups, depthwise, h, w, kh, kw, nh, nw = ctx.meta
         gs = _rfft2_rows(gy.float(), nh, nw)
         gx = gw = None
         n, c = xs.shape[:2]
         o = wspec.shape[0]
-        depthwise = groups == c and wspec.shape[1] == 1 and o == c
         if ctx.needs_input_grad[0]:
             if depthwise:
                 gxs = gs * wspec[:, 0]
