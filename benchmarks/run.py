@@ -242,27 +242,23 @@ def write_report(rows: dict, pairs: dict, threads: int, out_md: Path, out_png: P
     g = rows.get
     lines += ['', '## Ratios from the per-model rows above (separate processes, NCHW)', '',
               '| ratio | value | goal |', '|---|---|---|']
-    if g('smpconv_t') and g('convnext_tiny'):
-        t, c = g('smpconv_t'), g('convnext_tiny')
-        lines.append(f'| smpconv_t / convnext_tiny training step (batch 8, 224 px) | '
-                     f'{_ratio(t["train_step_s"], c["train_step_s"])} | <= 1.3x |')
-        lines.append(f'| smpconv_t reparameterized / convnext_tiny eval latency (batch 1, 224 px) | '
-                     f'{_ratio(t["latency_reparam_ms"], c["latency_ms"])} | <= 1.3x |')
-        lines.append(f'| smpconv_t (not reparameterized) / convnext_tiny eval latency | '
-                     f'{_ratio(t["latency_ms"], c["latency_ms"])} | |')
-    if g('smpconv_t') and g('resnet50'):
-        lines.append(f'| smpconv_t / resnet50 training step | '
-                     f'{_ratio(g("smpconv_t")["train_step_s"], g("resnet50")["train_step_s"])} | |')
-    if g('smpconv_mobile31') and g('convnext_tiny'):
-        lines.append(f'| smpconv_mobile31 / convnext_tiny training step | '
-                     f'{_ratio(g("smpconv_mobile31")["train_step_s"], g("convnext_tiny")["train_step_s"])} | |')
-    if g('smp_flexnet_16') and g('flexnet_16'):
-        lines.append(f'| smp_flexnet_16 / flexnet_16 training throughput, masks grown (batch 64, 32 px) | '
-                     f'{_ratio(g("smp_flexnet_16")["train_img_s"], g("flexnet_16")["train_img_s"])} | >= 3x |')
-    if g('smp_flexnet_16') and g('flexnet_16@init'):
-        lines.append(f'| smp_flexnet_16 / flexnet_16 training throughput, masks at init | '
-                     f'{_ratio(g("smp_flexnet_16")["train_img_s"], g("flexnet_16@init")["train_img_s"])} | '
-                     f'(paper: 2.2x on a GPU) |')
+    # (label, model a, its key, model b, its key, goal): ratio a / b of the rows above
+    for label, a, ka, b, kb, goal in (
+            ('smpconv_t / convnext_tiny training step (batch 8, 224 px)',
+             'smpconv_t', 'train_step_s', 'convnext_tiny', 'train_step_s', '<= 1.3x'),
+            ('smpconv_t reparameterized / convnext_tiny eval latency (batch 1, 224 px)',
+             'smpconv_t', 'latency_reparam_ms', 'convnext_tiny', 'latency_ms', '<= 1.3x'),
+            ('smpconv_t (not reparameterized) / convnext_tiny eval latency',
+             'smpconv_t', 'latency_ms', 'convnext_tiny', 'latency_ms', ''),
+            ('smpconv_t / resnet50 training step', 'smpconv_t', 'train_step_s', 'resnet50', 'train_step_s', ''),
+            ('smpconv_mobile31 / convnext_tiny training step',
+             'smpconv_mobile31', 'train_step_s', 'convnext_tiny', 'train_step_s', ''),
+            ('smp_flexnet_16 / flexnet_16 training throughput, masks grown (batch 64, 32 px)',
+             'smp_flexnet_16', 'train_img_s', 'flexnet_16', 'train_img_s', '>= 3x'),
+            ('smp_flexnet_16 / flexnet_16 training throughput, masks at init',
+             'smp_flexnet_16', 'train_img_s', 'flexnet_16@init', 'train_img_s', '(paper: 2.2x on a GPU)')):
+        if g(a) and g(b):
+            lines.append(f'| {label} | {_ratio(g(a)[ka], g(b)[kb])} | {goal} |'.replace('|  |', '| |'))
     if g('smpconv_t') and 'render_share' in g('smpconv_t'):
         r = g('smpconv_t')
         lines.append(f'| SMP kernel rendering / smpconv_t training step (batch 32) | '
