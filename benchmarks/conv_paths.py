@@ -9,13 +9,12 @@ inputs; then the FFT grid lengths compared (forward + inverse transforms alone) 
 stage shapes. Writes benchmarks/results/conv_paths.md.
 """
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from run import bench_start
+from run import bench_start, interleaved_times
 from timm_smpconv.layers import fft_conv2d
 from timm_smpconv.layers.conv import _irfft2_rows, _rfft2_rows, fft_size
 
@@ -40,16 +39,8 @@ SHAPES = [
 GRIDS = [(96, 56, (71, 72, 75, 80)), (192, 28, (42, 44, 45, 48)), (384, 14, (27, 28, 30, 32)), (768, 7, (13, 14, 15, 16))]
 
 
-def _interleaved(fns: dict, reps: int) -> dict:
-    for f in fns.values():
-        f()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+def _median_ms(fns: dict, reps: int) -> dict:
+    return {k: 1e3 * statistics.median(v) for k, v in interleaved_times(fns, 1, reps).items()}
 
 
 def measure(batch, cin, cout, groups, size, k, reps, memory_format=torch.contiguous_format):
@@ -73,8 +64,8 @@ def measure(batch, cin, cout, groups, size, k, reps, memory_format=torch.contigu
                 f()
         return run
 
-    out = _interleaved({'direct_train': train(direct), 'fft_train': train(fft)}, reps)
-    out.update(_interleaved({'direct_infer': infer(direct), 'fft_infer': infer(fft)}, reps))
+    out = _median_ms({'direct_train': train(direct), 'fft_train': train(fft)}, reps)
+    out.update(_median_ms({'direct_infer': infer(direct), 'fft_infer': infer(fft)}, reps))
     return out
 
 
@@ -97,7 +88,7 @@ def main(argv=None):
     for c, h, lengths in GRIDS:
         x = torch.randn(8, c, h, h)
         fns = {n: (lambda n=n: _irfft2_rows(_rfft2_rows(x, n, n), h, h, n)) for n in lengths}
-        t = _interleaved(fns, 3 * args.reps)
+        t = _median_ms(fns, 3 * args.reps)
         lines.append(f'| {c} x {h} x {h} | ' + ' | '.join(f'{n}: {t[n]:.1f} ms' for n in lengths) +
                      f' | {fft_size(lengths[0])} |')
         print(lines[-1], flush=True)

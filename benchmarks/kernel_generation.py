@@ -11,7 +11,6 @@ with convnext_tiny's: the numbers behind the README's reading of the FlexNet and
 Writes benchmarks/results/kernel_generation.md.
 """
 import statistics
-import time
 from pathlib import Path
 
 import timm
@@ -19,7 +18,7 @@ import torch
 import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
 
-from run import _build, _train_step, bench_start
+from run import _build, _train_step, bench_start, interleaved_times
 from timm_smpconv.layers import FlexConv2d, SMPConv2d
 
 RESULTS = Path(__file__).resolve().parent / 'results'
@@ -33,17 +32,8 @@ def generation_share(name: str, reps: int) -> dict:
     def generate():
         sum(m.get_weight().sum() for m in layers).backward()
 
-    step()
-    generate()
-    steps, gens = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        step()
-        steps.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        generate()
-        gens.append(time.perf_counter() - t)
-    return {'layers': len(layers), 'step_s': statistics.median(steps), 'gen_s': statistics.median(gens)}
+    t = interleaved_times({'step': step, 'gen': generate}, 1, reps)
+    return {'layers': len(layers), 'step_s': statistics.median(t['step']), 'gen_s': statistics.median(t['gen'])}
 
 
 def pointwise_gmacs(name: str) -> float:

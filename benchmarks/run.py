@@ -101,18 +101,26 @@ def _train_step(model, x, y, opt):
     return step
 
 
-def _interleaved(fa, fb, warmup: int, rounds: int):
-    """Median of per-round time ratios fa / fb, the two timed back to back in each round (so load that
-    drifts during the run hits both), with the median times of each."""
+def interleaved_times(fns: dict, warmup: int, rounds: int) -> dict:
+    """Times (s) of every function in `fns`, all timed back to back in each round (in reverse order on
+    odd rounds), so load that drifts during the run hits them alike. {name: [time per round]}."""
     for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
+        for f in fns.values():
+            f()
+    items = list(fns.items())
+    times = {k: [] for k in fns}
     for i in range(rounds):
-        for f, ts in ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta)):
+        for k, f in items if i % 2 == 0 else items[::-1]:
             t = time.perf_counter()
             f()
-            ts.append(time.perf_counter() - t)
+            times[k].append(time.perf_counter() - t)
+    return times
+
+
+def _interleaved(fa, fb, warmup: int, rounds: int):
+    """Median of per-round time ratios fa / fb (interleaved_times), with the median times of each."""
+    t = interleaved_times({'a': fa, 'b': fb}, warmup, rounds)
+    ta, tb = t['a'], t['b']
     return statistics.median(a / b for a, b in zip(ta, tb)), statistics.median(ta), statistics.median(tb)
 
 

@@ -321,6 +321,18 @@ def _flexconv_sd(sd, F_, cin, cout, g, train_length):
         sd[F_ + f'Kernel.filters.{l}.linear.bias'] = _uniform((H,), math.pi, g)
 
 
+def _shortcut_sd(sd, p, cin, cout, g):
+    """The authors' 1x1 shortcut of a block that changes width."""
+    sd[p + 'shortcut.0.weight'] = torch.randn(cout, cin, 1, 1, generator=g) / math.sqrt(cin)
+    sd[p + 'shortcut.0.bias'] = torch.randn(cout, generator=g) * 0.1
+
+
+def _out_layer_sd(sd, g):
+    """The authors' 1x1 output layer (48 -> 10 classes)."""
+    sd['out_layer.weight'] = torch.randn(10, 48, 1, 1, generator=g) * math.sqrt(2 / 48)
+    sd['out_layer.bias'] = torch.randn(10, generator=g) * 0.1
+
+
 def flexnet_authors_sd(seed=0, train_length=33):
     """FlexNet-16 in the authors' layout (spec 6.3)."""
     g = torch.Generator().manual_seed(seed)
@@ -334,10 +346,8 @@ def flexnet_authors_sd(seed=0, train_length=33):
         random_bn_entries(sd, p + 'norm1.', cout, g)
         random_bn_entries(sd, p + 'norm2.', cout, g)
         if cin != cout:
-            sd[p + 'shortcut.0.weight'] = torch.randn(cout, cin, 1, 1, generator=g) / math.sqrt(cin)
-            sd[p + 'shortcut.0.bias'] = torch.randn(cout, generator=g) * 0.1
-    sd['out_layer.weight'] = torch.randn(10, 48, 1, 1, generator=g) * math.sqrt(2 / 48)
-    sd['out_layer.bias'] = torch.randn(10, generator=g) * 0.1
+            _shortcut_sd(sd, p, cin, cout, g)
+    _out_layer_sd(sd, g)
     return sd
 
 
@@ -418,10 +428,8 @@ def smp_authors_sd(seed=0, train_length=17, conv_bias=False, n_points=16):
         for n in ('norm1.', 'norm2.', 'norm1s.', 'norm2s.'):
             random_bn_entries(sd, p + n, cout, g)
         if cin != cout:
-            sd[p + 'shortcut.0.weight'] = torch.randn(cout, cin, 1, 1, generator=g) / math.sqrt(cin)
-            sd[p + 'shortcut.0.bias'] = torch.randn(cout, generator=g) * 0.1
-    sd['out_layer.weight'] = torch.randn(10, 48, 1, 1, generator=g) * math.sqrt(2 / 48)
-    sd['out_layer.bias'] = torch.randn(10, generator=g) * 0.1
+            _shortcut_sd(sd, p, cin, cout, g)
+    _out_layer_sd(sd, g)
     return sd
 
 

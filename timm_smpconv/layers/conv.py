@@ -88,9 +88,9 @@ class ConvBN(nn.Module):
 def fft_size(n: int) -> int:
     """Smallest even m >= n whose prime factors are 2, 3, 5 and 7.
 
-    Measured (2-core x86, pocketfft, 8 x C maps): even lengths beat odd ones of similar size by 1.3-1.7x
-    for the real transforms (28 vs 27 on 14 x 14 maps, 14 vs 13 on 7 x 7), and 7 is as fast a factor as
-    5 (42 for 28 x 28 maps).
+    Measured (2-core x86, pocketfft, 8 x C maps; `python benchmarks/conv_paths.py`, grid table): even
+    lengths beat the odd ones next to them by 1.3-1.5x for the forward + inverse transforms (28 vs 27 on
+    14 x 14 maps, 14 vs 13 on 7 x 7), and 7 is as fast a factor as 5 (42 for 28 x 28 maps).
     """
     m = max(2, n + (n % 2))
     while True:
@@ -110,6 +110,11 @@ def _check_fft_args(x: torch.Tensor, weight: torch.Tensor, groups: int):
     c, out_chs = x.shape[1], weight.shape[0]
     if c % groups or out_chs % groups or weight.shape[1] != c // groups:
         raise ValueError(f'weight {list(weight.shape)} does not fit input channels {c} with groups={groups}')
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (not one that is contiguous either way, e.g. with C = 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _rfft2_rows(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
@@ -258,7 +263,7 @@ def fft_conv2d(
     kh, kw = weight.shape[-2], weight.shape[-1]
     # at least kernel-sized, so every kernel tap has its own grid cell (the kernel gradient needs it)
     nh, nw = fft_size(max(h + kh // 2, kh)), fft_size(max(w + kw // 2, kw))
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _is_channels_last(x)
     with torch.autocast(x.device.type, enabled=False):
         wspec = None
         if not (torch.is_grad_enabled() and weight.requires_grad):
@@ -318,7 +323,7 @@ def use_fft(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     depthwise = weight.shape[1] == 1 and groups == x.shape[1]
     if not depthwise:
         return kh * kw >= 49
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _is_channels_last(x)
     if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return k >= 31 if channels_last else k > 13
     if channels_last:
