@@ -10,9 +10,11 @@ import torch.nn.functional as F
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv import flops
-from timm_smpconv.layers import SMPConv2d, conv2d_same, conv_impl, fft_conv2d, randomize_bn_stats_, use_fft
-from timm_smpconv.layers import conv as conv_mod
-from timm_smpconv.layers.conv import fft_size
+from timm_smpconv.layers import LargeKernelConv2d, SMPConv2d, randomize_bn_stats_
+from timm_smpconv.ops import (
+    conv_impl, default_backend, fft_conv2d, fft_size, get_conv_impl, large_kernel_conv2d, select_conv_backend,
+)
+from timm_smpconv.ops import dispatch, fft as fft_mod
 
 
 def rel(a, b):
@@ -75,31 +77,31 @@ def test_fft_output_follows_the_input_memory_format_and_partial_gradients():
         assert rel(got, want) < 1e-5
 
 
-def test_kernel_spectrum_cached_for_fixed_weights_and_refreshed_after_updates():
+def test_kernel_spectrum_kept_by_the_module_for_fixed_weights_and_refreshed_after_updates(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(1, 4, 10, 10)
-    conv = nn.Conv2d(4, 4, 11, padding=5, groups=4, bias=False)
+    conv = LargeKernelConv2d(4, 4, 11, groups=4, bias=False)
     calls = []
-    orig = conv_mod._kernel_spectrum
-    conv_mod._kernel_spectrum = lambda *a: calls.append(1) or orig(*a)
-    try:
+    orig = fft_mod.kernel_spectrum
+    monkeypatch.setattr(dispatch, 'kernel_spectrum', lambda *a: calls.append(1) or orig(*a))
+    with conv_impl('fft'):
         with torch.no_grad():
-            a = fft_conv2d(x, conv.weight, None, groups=4)
-            b = fft_conv2d(x, conv.weight, None, groups=4)
+            a, b = conv(x), conv(x)
             assert len(calls) == 1 and torch.equal(a, b)  # the second call reused the spectrum
-            fft_conv2d(torch.randn(1, 4, 14, 14), conv.weight, None, groups=4)
+            assert conv._conv_cache['fft_spectrum'][0]() is conv.weight  # owned by the module, not a global table
+            conv(torch.randn(1, 4, 14, 14))
             assert len(calls) == 2  # another grid size: another spectrum
             conv.weight.mul_(2)  # an in-place update (what optimizer.step does) bumps the version
-            c = fft_conv2d(x, conv.weight, None, groups=4)
+            c = conv(x)
             assert len(calls) == 3 and rel(c, 2 * a) < 1e-6
+            # a new tensor at a freed one's address is not mistaken for it: the cache holds a weak reference
+            w_new = conv.weight.detach().clone()
+            conv.weight = nn.Parameter(w_new.neg())
+            assert rel(conv(x), -c) < 1e-6 and len(calls) == 4
         # with autograd on the weight the spectrum is part of the graph, never cached
-        fft_conv2d(x, conv.weight, None, groups=4).sum().backward()
+        conv(x).sum().backward()
         assert len(calls) == 4 and conv.weight.grad is not None
-    finally:
-        conv_mod._kernel_spectrum = orig
-    n = len(conv_mod._SPECTRA)
-    del conv
-    assert len(conv_mod._SPECTRA) == n - 1  # freed weights leave the cache
+    assert not hasattr(fft_mod, '_SPECTRA') and not hasattr(dispatch, '_SPECTRA')
 
 
 def test_fft_under_bf16_autocast_returns_the_autocast_dtype():
@@ -123,6 +125,9 @@ def test_bad_fft_arguments_raise():
         fft_conv2d(torch.randn(1, 3, 8, 8), torch.randn(2, 1, 5, 5), groups=2)
     with pytest.raises(ValueError, match='conv impl'):
         conv_impl('winograd').__enter__()
+    with pytest.raises(ValueError, match='wspec'):
+        fft_conv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 5, 5), groups=2, wspec=torch.zeros(2, 1, 12, 7, 2))
+    assert get_conv_impl() == 'auto'
 
 
 def test_fft_size_is_a_fast_length():
@@ -138,43 +143,62 @@ def test_fft_size_is_a_fast_length():
 
 
 def test_dispatch_rule():
-    def x_(c, h, grad):
-        return torch.zeros(1, c, h, h, requires_grad=grad)
+    def pick(c, h, k, grad, channels_last=False, groups=None, out=None, impl='auto'):
+        x = torch.zeros(2, c, h, h)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        groups = c if groups is None else groups
+        w = torch.zeros(out or c, c // groups, *((k, k) if isinstance(k, int) else k))
+        with conv_impl(impl), torch.set_grad_enabled(grad):
+            return select_conv_backend(x.requires_grad_(grad), w, 1, groups)
 
-    with torch.no_grad():
-        assert not use_fft(x_(96, 56, False), torch.zeros(96, 1, 13, 13), 96)   # direct fast path
-        assert use_fft(x_(96, 56, False), torch.zeros(96, 1, 15, 15), 96)       # direct falls off above 13
-    assert use_fft(x_(96, 56, True), torch.zeros(96, 1, 9, 9), 96)             # training: FFT from 9
-    assert not use_fft(x_(384, 14, True), torch.zeros(384, 1, 5, 5), 384)
-    assert use_fft(x_(96, 56, True), torch.zeros(96, 1, 5, 5), 96)             # large maps: from 5
-    assert use_fft(x_(48, 32, True), torch.zeros(48, 48, 33, 33), 1)           # full 33 x 33 (FlexNet)
-    assert not use_fft(x_(48, 32, True), torch.zeros(48, 48, 3, 3), 1)
-    # channels_last: the direct kernels have no cliff without gradient, and are fast for 5 x 5 with it
-    def cl(c, h, grad):
-        return torch.zeros(2, c, h, h).contiguous(memory_format=torch.channels_last).requires_grad_(grad)
-
-    with torch.no_grad():
-        assert not use_fft(cl(384, 14, False), torch.zeros(384, 1, 27, 27), 384)
-        assert use_fft(cl(96, 56, False), torch.zeros(96, 1, 31, 31), 96)
-    assert not use_fft(cl(96, 56, True), torch.zeros(96, 1, 5, 5), 96)
-    assert use_fft(cl(384, 14, True), torch.zeros(384, 1, 13, 13), 384)
-    with conv_impl('direct'):
-        assert not use_fft(x_(96, 56, True), torch.zeros(96, 1, 31, 31), 96)
+    # CPU, NCHW: without gradient the direct kernel is fast up to 13 x 13 and falls off a cliff above
+    assert pick(96, 56, 13, False) == 'direct' and pick(96, 56, 15, False) == 'fft'
+    assert pick(96, 56, 9, True) == 'fft'                                # training: FFT from 9
+    assert pick(384, 14, 5, True) == 'direct' and pick(96, 56, 5, True) == 'fft'  # 5 x 5: large maps only
+    assert pick(48, 32, 33, True, groups=1) == 'fft'                     # full 33 x 33 (FlexNet)
+    assert pick(48, 32, 3, True, groups=1) == 'direct'
+    # channels_last: no cliff without gradient; 5 x 5 with gradient stays direct
+    assert pick(384, 14, 27, False, True) == 'direct' and pick(96, 56, 31, False, True) == 'fft'
+    assert pick(96, 56, 5, True, True) == 'direct' and pick(384, 14, 13, True, True) == 'fft'
+    # settings; a forced backend applies only where it supports the conv, even kernels go direct
+    assert pick(96, 56, 31, True, impl='direct') == 'direct' and pick(96, 56, 3, True, impl='fft') == 'fft'
+    assert pick(96, 56, (4, 4), True, impl='fft') == 'direct'
     with conv_impl('fft'):
-        assert use_fft(x_(96, 56, True), torch.zeros(96, 1, 3, 3), 96)
+        x, w = torch.zeros(1, 8, 16, 16), torch.zeros(8, 1, 17, 17)
+        assert select_conv_backend(x, w, 2, 8) == 'direct'              # strided: direct
+    # CUDA (the rule from the H100 table): depthwise from 13 x 13 through the FFT, the rest cuDNN
+    for cl in (False, True):
+        for grad in (False, True):
+            assert default_backend('cuda', True, (13, 13), (7, 7), cl, grad) == 'fft'
+            assert default_backend('cuda', True, (31, 31), (56, 56), cl, grad) == 'fft'
+            assert default_backend('cuda', True, (5, 5), (56, 56), cl, grad) == 'direct'
+            assert default_backend('cuda', False, (33, 33), (32, 32), cl, grad) == 'direct'
+    assert default_backend('mps', True, (31, 31), (56, 56), False, True) == 'direct'
+    # the CPU rows above come from the same pure rule
+    assert default_backend('cpu', True, (15, 15), (56, 56), False, False) == 'fft'
 
 
-def test_conv2d_same_paths_agree_and_strides_go_direct():
-    torch.manual_seed(0)
-    x = torch.randn(2, 8, 21, 21)
-    w = torch.randn(8, 1, 17, 17)
-    with conv_impl('fft'):
-        a = conv2d_same(x, w, None, 1, 8)
-        s2 = conv2d_same(x, w, None, 2, 8)  # stride 2: always direct
-    with conv_impl('direct'):
-        b = conv2d_same(x, w, None, 1, 8)
-    assert rel(a, b) < 1e-5
-    torch.testing.assert_close(s2, F.conv2d(x, w, None, 2, 8, 1, 8))
+def test_autotune_times_once_per_shape_and_keeps_the_fastest(monkeypatch):
+    timed = []
+
+    def fake_time(backend, x, weight, stride, groups, grad, reps=5):
+        timed.append(backend.name)
+        return {'direct': 2.0, 'fft': 1.0}.get(backend.name, 3.0)
+
+    monkeypatch.setattr(dispatch, '_time_backend', fake_time)
+    monkeypatch.setattr(dispatch, '_tuned', {})
+    x, w = torch.randn(1, 4, 12, 12), torch.randn(4, 1, 3, 3)
+    with conv_impl('autotune'):
+        assert select_conv_backend(x, w, 1, 4) == 'fft'      # the rule would say direct; timing says fft
+        assert select_conv_backend(x, w, 1, 4) == 'fft'
+        supported = [n for n, b in dispatch._BACKENDS.items() if b.supports(x, w, 1, 4)]
+        assert sorted(timed) == sorted(supported) and {'direct', 'fft'} <= set(timed)  # each timed once
+        y = large_kernel_conv2d(x, w, None, 1, 4)
+    assert rel(y, F.conv2d(x, w, None, 1, 1, 1, 4)) < 1e-5
+    # the real timer runs both directions and returns seconds
+    t = dispatch._time_backend(dispatch._BACKENDS['fft'], x.requires_grad_(), w, 1, 4, True, reps=1)
+    assert 0 < t < 10
 
 
 def test_smp_model_same_logits_and_grads_on_both_paths():
@@ -210,12 +234,12 @@ def test_torchscript_and_fx_of_dispatched_layers():
     with torch.no_grad(), conv_impl('fft'):
         y = model(x)
         traced = torch.fx.symbolic_trace(model)
-        assert 'conv2d_same' in traced.code
+        assert 'large_kernel_conv2d' in traced.code
         assert rel(traced(x), y) < 1e-5
         assert rel(torch.jit.script(model)(x), y) < 1e-5  # scripted: direct conv
 
 
-def test_eval_kernel_cache_and_invalidation():
+def test_eval_kernel_cache_and_invalidation(monkeypatch):
     torch.manual_seed(0)
     layer = SMPConv2d(4, 4, 11, groups=4)
     opt = torch.optim.SGD(layer.parameters(), lr=0.5)
@@ -235,15 +259,12 @@ def test_eval_kernel_cache_and_invalidation():
         layer.set_kernel_size(11)
     # under inference_mode the cached kernel is still a normal tensor: its FFT spectrum is reused too
     calls = []
-    orig = conv_mod._kernel_spectrum
-    conv_mod._kernel_spectrum = lambda *a: calls.append(1) or orig(*a)
-    try:
-        with torch.inference_mode(), conv_impl('fft'):
-            y1, y2 = layer(x), layer(x)
-            cached = layer.get_weight()
-        assert not cached.is_inference() and not cached.requires_grad and len(calls) == 1 and torch.equal(y1, y2)
-    finally:
-        conv_mod._kernel_spectrum = orig
+    orig = fft_mod.kernel_spectrum
+    monkeypatch.setattr(dispatch, 'kernel_spectrum', lambda *a: calls.append(1) or orig(*a))
+    with torch.inference_mode(), conv_impl('fft'):
+        y1, y2 = layer(x), layer(x)
+        cached = layer.get_weight()
+    assert not cached.is_inference() and not cached.requires_grad and len(calls) == 1 and torch.equal(y1, y2)
     copy.deepcopy(layer)  # what timm.utils.reparameterize_model does first: the cache must not block it
     layer.train()
     assert '_weight_cache' not in layer.__dict__

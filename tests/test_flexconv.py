@@ -8,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_smpconv.layers import (
-    CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, SMPConv2d, SMPLargeKernel2d, anti_aliasing_penalty, fft_conv2d,
+    CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, SMPConv2d, SMPLargeKernel2d, anti_aliasing_penalty,
     gaussian_mask_crop, randomize_bn_stats_, retarget_resolution,
 )
+from timm_smpconv.ops import fft_conv2d
 
 TAU_C = math.sqrt(-2 * math.log(0.1))  # 2.14597
 
@@ -261,7 +262,7 @@ def test_fuse_gives_plain_conv_with_same_output():
             conv.mask_params.copy_(torch.tensor(mp))
             conv.bias.normal_()
         plain = conv.fuse()
-        assert isinstance(plain, nn.Conv2d) and type(plain).__name__ == "SameConv2d" and plain.bias is not None
+        assert isinstance(plain, nn.Conv2d) and type(plain).__name__ == "LargeKernelConv2d" and plain.bias is not None
         with torch.no_grad():
             torch.testing.assert_close(plain(x), conv(x), rtol=1e-5, atol=1e-5)
     branch = FlexConvBN2d(3, 5, kernel_size=17, hidden_dim=8).eval()

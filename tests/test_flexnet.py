@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import timm
-from timm_smpconv.layers import conv_impl
+from timm_smpconv.ops import conv_impl
 from timm.layers import set_scriptable
 
 from timm.optim import create_optimizer_v2

@@ -10,7 +10,7 @@ from timm.layers import set_scriptable
 from timm.models import group_parameters
 from timm.utils import reparameterize_model
 
-from timm_smpconv.layers import conv_impl
+from timm_smpconv.ops import conv_impl
 import timm_smpconv  # noqa: F401  (registers the models)
 from helpers import check_timm_model_contract, fx_model
 from timm_smpconv.layers import randomize_bn_stats_

@@ -38,7 +38,7 @@ def test_demo_prints_params_and_identical_outputs(capsys):
     out = capsys.readouterr().out
     assert rel <= 1e-5
     assert 'parameters (continuous kernels)' in out and 'parameters (reparameterized)' in out
-    assert 'modules left after reparameterization: Conv2d, GELU, SameConv2d' in out
+    assert 'modules left after reparameterization: Conv2d, GELU, LargeKernelConv2d' in out
     assert 'outputs identical (relative error <= 1e-5): yes' in out
 
 

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
 
-from timm_smpconv.layers import conv_impl
+from timm_smpconv.ops import conv_impl
 
 from timm_smpconv.layers import randomize_bn_stats_
 from timm_smpconv.layers import CausalConv1d, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d

@@ -8,6 +8,7 @@ from .layers import (
 )
 from .layers import CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, anti_aliasing_penalty, retarget_resolution
 from . import models  # registers the models with timm
+from .ops import conv_impl, large_kernel_conv2d, set_conv_impl
 from .optim import (
     RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL, clamp_smp_radius_, param_groups_smp,
 )

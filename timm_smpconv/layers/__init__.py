@@ -1,5 +1,5 @@
 """ Building blocks of timm_smpconv; no model knowledge lives here. """
-from .conv import CausalConv1d, ConvBN, conv2d_same, conv_impl, fft_conv2d, set_conv_impl, use_fft
+from .conv import CausalConv1d, ConvBN, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fold_bn, fold_preceding_bn, pad_kernel, randomize_bn_stats_
 from .smp import (
     default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop,

@@ -15,7 +15,7 @@ Also here:
     and "gabor+mask" = f_FlexConv+, method "together").
   * `retarget_resolution`: deploy a model trained at one input resolution at another (FlexConv and SMP
     layers): horizon follows the resolution, values are scaled by (source / target)^d.
-  * `fft_conv2d` (from `conv.py`): the FFT form of the 'same' correlation, exact for non-square kernels.
+  * `fft_conv2d` (from `timm_smpconv.ops`): the FFT form of the 'same' correlation, exact for non-square kernels.
 
 Decisions about the authors' code (numbers refer to the defect list of the spec, section 6.1):
   1. Regulariser broadcasting: their per-filter frequency is max|W|/2pi + S max|gamma|/2pi (maxima over
@@ -52,7 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from .conv import SameConv2d, conv2d_same, fft_conv2d
+from ..ops import fft_conv2d
+from .conv import DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn
 from .smp import rescale_factor
 from .smp_conv import _SMPConvNd, _SMPLargeKernelNd
@@ -258,7 +259,7 @@ def gaussian_mask_crop(mask_params: torch.Tensor, kernel_size: int, threshold: f
 
 
 @register_notrace_module  # data-dependent kernel shape: a leaf for torch.fx
-class FlexConv2d(nn.Module):
+class FlexConv2d(DispatchConvMixin, nn.Module):
     """2-D FlexConv: a continuous kernel from a kernel network times a learned Gaussian mask.
 
     'Same' convolution with stride 1 and a per-output-channel bias. Every forward regenerates the
@@ -412,7 +413,7 @@ class FlexConv2d(nn.Module):
             return F.conv2d(x, weight, bias, 1, (kh // 2, kw // 2))
         if self.use_fft and kh > self.fft_threshold and kw > self.fft_threshold:
             return fft_conv2d(x, weight, bias)
-        return conv2d_same(x, weight, bias)  # the measured direct / FFT dispatch (same result)
+        return self._dispatch_conv(x, weight, bias, 1, 1)  # the measured backend dispatch (same result)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -453,9 +454,10 @@ class FlexConv2d(nn.Module):
 
     @torch.no_grad()
     def to_plain_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Conv2d:
-        """A plain 'same' conv (SameConv2d, an nn.Conv2d with bias) holding `weight` (any odd h x w) and `bias`."""
+        """A plain 'same' conv (LargeKernelConv2d, an nn.Conv2d with bias) holding `weight` (any odd h x w) and
+        `bias`."""
         kh, kw = weight.shape[-2], weight.shape[-1]
-        conv = SameConv2d(self.in_channels, self.out_channels, (kh, kw), bias=True, device=weight.device,
+        conv = LargeKernelConv2d(self.in_channels, self.out_channels, (kh, kw), bias=True, device=weight.device,
                           dtype=weight.dtype)
         return fill_conv_(conv, weight, bias, training)
 

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
-from .conv import CausalConv1d, SameConv2d, conv2d_same
+from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn, pad_kernel
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop
 
@@ -26,7 +26,6 @@ __all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 're
 
 # torch.fx records these as single calls (leaves) instead of tracing their shape logic
 torch.fx.wrap('render_smp_kernel')
-torch.fx.wrap('conv2d_same')
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -268,7 +267,7 @@ class _SMPConvNd(nn.Module):
         key = (self.kernel_size,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         cache = self.__dict__.get('_weight_cache')
         if cache is None or cache[0] != key:
-            # a normal tensor (not an inference tensor), so conv2d_same can cache its spectrum too;
+            # a normal tensor (not an inference tensor), so the FFT backend can cache its spectrum too;
             # inference_mode(False) alone would turn autograd back on
             with torch.inference_mode(False), torch.no_grad():
                 cache = (key, self._render())
@@ -296,16 +295,19 @@ class _SMPConvNd(nn.Module):
         return self.to_plain_conv(self.get_weight(), self.bias, training=self.training)
 
 
-class SMPConv2d(_SMPConvNd):
-    """2D convolution with an SMP continuous kernel, 'same' padding (k // 2)."""
+class SMPConv2d(DispatchConvMixin, _SMPConvNd):
+    """2D convolution with an SMP continuous kernel, 'same' padding (k // 2); convolves through
+    `timm_smpconv.ops.large_kernel_conv2d` (direct, FFT or Triton, the same result)."""
     dims = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if not torch.jit.is_scripting():
-            if self.crop_to_support:
-                return self._forward_cropped(x)
-        return conv2d_same(x, self.get_weight(), self.bias, self.stride, self.groups)
+        if torch.jit.is_scripting():
+            k = self.kernel_size
+            return F.conv2d(x, self.get_weight(), self.bias, self.stride, (k // 2, k // 2), 1, self.groups)
+        if self.crop_to_support:
+            return self._forward_cropped(x)
+        return self._dispatch_conv(x, self.get_weight(), self.bias, self.stride, self.groups)
 
     @torch.jit.unused
     def _forward_cropped(self, x: torch.Tensor) -> torch.Tensor:
@@ -316,10 +318,10 @@ class SMPConv2d(_SMPConvNd):
                 self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize, crop=crop)
         else:
             w = self.get_weight()
-        return conv2d_same(x, w, self.bias, self.stride, self.groups)
+        return self._dispatch_conv(x, w, self.bias, self.stride, self.groups)
 
-    def _plain_conv(self) -> SameConv2d:
-        return SameConv2d(
+    def _plain_conv(self) -> LargeKernelConv2d:
+        return LargeKernelConv2d(
             self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, groups=self.groups,
             bias=True, device=self.points.device, dtype=self.points.dtype)
 

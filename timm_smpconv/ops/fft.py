@@ -1,0 +1,263 @@
+""" 'Same' cross-correlation through the FFT, as the `timm_smpconv::fft_conv2d` custom op.
+
+Forward: Y = X * conj(Wr), X the spectrum of the zero-padded input and Wr that of the kernel rolled so its
+centre sits at grid index 0; no wrap-around reaches the kept outputs on a grid of H + kh // 2 by
+W + kw // 2 (rounded up to a fast FFT length). Backward: the input gradient is the convolution of the
+output gradient with the kernel (G * Wr), the kernel gradient the correlation of the input with the output
+gradient (the batch sum of X * conj(G)), rolled back and cropped to the kernel.
+
+Both directions are `torch.library` custom ops with fake implementations, so torch.compile and
+torch.export see one opaque node each (Inductor cannot lower complex tensors) and no graph breaks. The
+backward transforms the saved input again instead of keeping its float32 spectrum (less memory: the
+input is often bf16, its spectrum is float32 and larger than the map). Conjugation is always physical
+(`torch.conj_physical`): a lazily conjugated tensor lost its conjugate bit inside compiled graphs
+(torch 2.14, CPU: wrong outputs under aot_eager and inductor, exact in eager).
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['fft_conv2d', 'fft_grid', 'fft_size', 'kernel_spectrum']
+
+
+def fft_size(n: int) -> int:
+    """Smallest even m >= n whose prime factors are 2, 3, 5 and 7.
+
+    Measured (2-core x86, pocketfft, 8 x C maps; `python benchmarks/conv_paths.py`, grid table): even
+    lengths beat the odd ones next to them by 1.3-1.5x for the forward + inverse transforms (28 vs 27 on
+    14 x 14 maps, 14 vs 13 on 7 x 7), and 7 is as fast a factor as 5 (42 for 28 x 28 maps).
+    """
+    m = max(2, n + (n % 2))
+    while True:
+        r = m
+        for p in (2, 3, 5, 7):
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 2
+
+
+def fft_grid(h: int, w: int, kh: int, kw: int) -> Tuple[int, int]:
+    """The FFT grid for an h x w map and a kh x kw kernel: at least map + half kernel (no wrap-around
+    reaches a kept output) and at least kernel-sized (every tap has its own cell for the kernel gradient)."""
+    return fft_size(max(h + kh // 2, kh)), fft_size(max(w + kw // 2, kw))
+
+
+def check_conv_args(x: torch.Tensor, weight: torch.Tensor, groups: int, who: str):
+    """Raise a ValueError naming what is wrong with a 'same' conv's input, odd kernel and grouping."""
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(f'{who} needs a 4-D input and weight, got {list(x.shape)} and {list(weight.shape)}')
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    if kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f'{who} needs odd kernel dims, got {kh}x{kw}')
+    c, out_chs = x.shape[1], weight.shape[0]
+    if groups < 1 or c % groups or out_chs % groups or weight.shape[1] != c // groups:
+        raise ValueError(f'weight {list(weight.shape)} does not fit input channels {c} with groups={groups}')
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last (not one that is contiguous either way, e.g. with C = 1)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _output_like(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+def _rfft2_rows(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """rfft2 of x zero-padded to nh x nw, transforming only the x.shape[-2] rows that hold data."""
+    return torch.fft.fft(torch.fft.rfft(x, n=nw, dim=-1), n=nh, dim=-2)
+
+
+def _irfft2_rows(spec: torch.Tensor, h: int, w: int, nw: int) -> torch.Tensor:
+    """The top-left h x w of irfft2(spec) on an nh x nw grid, inverting only the h rows that are kept."""
+    return torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :h, :], n=nw, dim=-1)[..., :w]
+
+
+def _freq_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-frequency complex matmul a[f] @ b[f] ((F, p, q) x (F, q, r)) as one real bmm.
+
+    PyTorch's complex bmm on CPU loops over the batch; here a is read as interleaved (re, im) pairs and b
+    becomes the real block matrix [[br, bi], [-bi, br]] laid out to match, so one real bmm does it all.
+    """
+    f, p, q = a.shape
+    r = b.shape[-1]
+    # rows (q, re) hold (br, bi) = b, rows (q, im) hold (-bi, br) = i * b
+    block = torch.stack((torch.view_as_real(b), torch.view_as_real(b * 1j)), 2).reshape(f, 2 * q, 2 * r)
+    out = torch.bmm(torch.view_as_real(a.contiguous()).reshape(f, p, 2 * q), block)
+    return torch.view_as_complex(out.view(f, p, r, 2))
+
+
+def _mix(a: torch.Tensor, b: torch.Tensor, groups: int) -> torch.Tensor:
+    """out[n, g, o] = sum_i a[n, g, i] * b[g, i, o] at every frequency; a (N, G*I, nh, nwf), b (G, I, O, nh, nwf)."""
+    n, _, nh, nwf = a.shape
+    g, i, o = b.shape[:3]
+    fa = a.reshape(n, g, i, nh * nwf).permute(3, 1, 0, 2).reshape(nh * nwf * g, n, i)
+    fb = b.reshape(g, i, o, nh * nwf).permute(3, 0, 1, 2).reshape(nh * nwf * g, i, o)
+    out = _freq_bmm(fa, fb).reshape(nh * nwf, g, n, o)
+    return out.permute(2, 1, 3, 0).reshape(n, g * o, nh, nwf)
+
+
+def _is_depthwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    return groups == x.shape[1] and weight.shape[1] == 1 and weight.shape[0] == groups
+
+
+def kernel_spectrum(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
+    """rfft2 of the kernel zero-padded to nh x nw with its centre rolled to index 0, as a real tensor
+    (..., nh, nw // 2 + 1, 2) (the form `fft_conv2d` takes as `wspec`, so no complex tensor crosses an op)."""
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    wp = F.pad(weight.float(), (0, nw - kw, 0, nh - kh)).roll((-(kh // 2), -(kw // 2)), (-2, -1))
+    return torch.view_as_real(_rfft2_rows(wp, nh, nw))  # the input's transforms: the spectra share a layout
+
+
+def _forward(x, weight, groups: int, wspec: Optional[torch.Tensor]) -> torch.Tensor:
+    h, w = x.shape[-2], x.shape[-1]
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    nh, nw = fft_grid(h, w, kh, kw)
+    xs = _rfft2_rows(x.float(), nh, nw)
+    ws = torch.view_as_complex(kernel_spectrum(weight, nh, nw) if wspec is None else wspec)
+    wconj = torch.conj_physical(ws)
+    if _is_depthwise(x, weight, groups):
+        ys = xs * wconj[:, 0]
+    else:
+        c, o = x.shape[1], weight.shape[0]
+        ys = _mix(xs, wconj.reshape(groups, o // groups, c // groups, nh, nw // 2 + 1).transpose(1, 2), groups)
+    return _irfft2_rows(ys, h, w, nw)
+
+
+def _backward(gy, x, weight, groups: int, need_x: bool, need_w: bool):
+    h, w = x.shape[-2], x.shape[-1]
+    kh, kw = weight.shape[-2], weight.shape[-1]
+    nh, nw = fft_grid(h, w, kh, kw)
+    nwf = nw // 2 + 1
+    gs = _rfft2_rows(gy.float(), nh, nw)
+    ws = torch.view_as_complex(kernel_spectrum(weight, nh, nw))
+    depthwise = _is_depthwise(x, weight, groups)
+    n, c, o = x.shape[0], x.shape[1], weight.shape[0]
+    gx = gw = None
+    if need_x:
+        if depthwise:
+            gxs = gs * ws[:, 0]
+        else:  # gx[n, g, i] = sum_o g[n, g, o] w[g, o, i]
+            gxs = _mix(gs, ws.reshape(groups, o // groups, c // groups, nh, nwf), groups)
+        gx = _irfft2_rows(gxs, h, w, nw)
+    if need_w:
+        xs = _rfft2_rows(x.float(), nh, nw)
+        gconj = torch.conj_physical(gs)
+        if depthwise:
+            gws = (xs * gconj).sum(0).unsqueeze(1)
+        else:  # gw[g, o, i] = sum_n conj(g[n, g, o]) x[n, g, i]
+            ci, co = c // groups, o // groups
+            a = gconj.reshape(n, groups, co, nh, nwf).permute(2, 1, 0, 3, 4).reshape(co, groups * n, nh, nwf)
+            b = xs.reshape(n, groups, ci, nh, nwf).transpose(0, 1)
+            gws = _mix(a, b, groups).reshape(co, groups, ci, nh, nwf).transpose(0, 1).reshape(o, ci, nh, nwf)
+        grid = torch.fft.irfft2(gws, s=(nh, nw))
+        gw = grid.roll((kh // 2, kw // 2), (-2, -1))[..., :kh, :kw]
+    return gx, gw
+
+
+@torch.library.custom_op('timm_smpconv::fft_conv2d', mutates_args=())
+def _fft_conv2d_op(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        groups: int,
+        wspec: Optional[torch.Tensor],
+        out_dtype: torch.dtype,
+) -> torch.Tensor:
+    y = _forward(x, weight, groups, wspec)
+    if bias is not None:
+        y = y + bias.float().reshape(1, -1, 1, 1)
+    return y.to(out_dtype).contiguous(memory_format=_output_like(x))
+
+
+@_fft_conv2d_op.register_fake
+def _(x, weight, bias, groups, wspec, out_dtype):
+    shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
+    return x.new_empty(shape, dtype=out_dtype).contiguous(memory_format=_output_like(x))
+
+
+@torch.library.custom_op('timm_smpconv::fft_conv2d_backward', mutates_args=())
+def _fft_conv2d_backward_op(
+        gy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        groups: int,
+        need_x: bool,
+        need_w: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(input gradient, kernel gradient) in the dtypes and layouts of x and weight; an empty tensor for one
+    that is not needed."""
+    gx, gw = _backward(gy, x, weight, groups, need_x, need_w)
+    gx = x.new_empty(0) if gx is None else gx.to(x.dtype).contiguous(memory_format=_output_like(x))
+    gw = weight.new_empty(0) if gw is None else gw.to(weight.dtype).contiguous()
+    return gx, gw
+
+
+@_fft_conv2d_backward_op.register_fake
+def _(gy, x, weight, groups, need_x, need_w):
+    gx = x.new_empty(x.shape).contiguous(memory_format=_output_like(x)) if need_x else x.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
+    return gx, gw
+
+
+def bias_grad(gy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gradient of a per-channel bias added to a (N, C, H, W) output, summed in at least float32."""
+    return gy.sum((0, 2, 3), dtype=torch.promote_types(gy.dtype, torch.float32)).to(dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, groups, wspec, out_dtype = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.groups = groups
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_fn(ctx, gy):
+    x, weight = ctx.saved_tensors
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    gx = gw = gb = None
+    if need_x or need_w:
+        gx, gw = torch.ops.timm_smpconv.fft_conv2d_backward(gy, x, weight, ctx.groups, need_x, need_w)
+        gx = gx if need_x else None
+        gw = gw if need_w else None
+    if need_b:
+        gb = bias_grad(gy, ctx.bias_dtype)
+    return gx, gw, gb, None, None, None
+
+
+_fft_conv2d_op.register_autograd(_backward_fn, setup_context=_setup_context)
+
+
+def conv_out_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype F.conv2d gives for input x here: the autocast dtype under autocast, else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def fft_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        groups: int = 1,
+        wspec: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=groups) through the FFT.
+
+    Computed in float32 (complex64 spectra) and returned in the dtype F.conv2d would give (the autocast
+    dtype under autocast) and in the input's memory format. Stride 1, odd kernel dims; depthwise is an
+    elementwise product of spectra, other groupings mix channels per frequency. `wspec`: the kernel's
+    `kernel_spectrum` on this map's `fft_grid`, when the caller keeps it (fixed weights only: no gradient
+    reaches the kernel through it).
+    """
+    check_conv_args(x, weight, groups, 'fft_conv2d')
+    if wspec is not None:
+        nh, nw = fft_grid(x.shape[-2], x.shape[-1], weight.shape[-2], weight.shape[-1])
+        want = (weight.shape[0], weight.shape[1], nh, nw // 2 + 1, 2)
+        if tuple(wspec.shape) != want or wspec.dtype != torch.float32:
+            raise ValueError(f'wspec must be a float32 kernel_spectrum of shape {list(want)}, got '
+                             f'{list(wspec.shape)} {wspec.dtype}')
+    return torch.ops.timm_smpconv.fft_conv2d(x, weight, bias, groups, wspec, conv_out_dtype(x))
