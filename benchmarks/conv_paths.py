@@ -1,5 +1,5 @@
 """ Direct (F.conv2d) against FFT (fft_conv2d) convolution, per shape: the measurements behind the
-dispatch rule in `timm_smpconv.layers.use_fft` and the README table.
+CPU dispatch rule in `timm_smpconv.ops.default_backend` and the README table.
 
     python benchmarks/conv_paths.py [--threads 2] [--reps 5]
 
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from run import bench_start, interleaved_times
-from timm_smpconv.layers import fft_conv2d
-from timm_smpconv.layers.conv import _irfft2_rows, _rfft2_rows, fft_size
+from timm_smpconv.ops import fft_conv2d, fft_size
+from timm_smpconv.ops.fft import _irfft2_rows, _rfft2_rows
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 

@@ -45,3 +45,27 @@ def test_report_has_every_ratio(run, tmp_path):
     assert '| smpconv_t / convnext_tiny training step (batch 8, 224 px) | 1.50x | <= 1.3x |' in text  # 3.0 / 2.0
     assert '| smpconv_t / resnet50 training step | 2.00x |' in text
     assert '0.20% (50 ms of 25.00 s)' in text
+
+
+def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
+    """`benchmarks/gpu.py --device cpu --smoke` runs end to end and writes every section (tiny sizes; the
+    compiled runs use aot_eager to keep the test short; Triton's interpreter is left out: too slow here)."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / 'gpu.md'
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    cmd = [sys.executable, str(RUN.parent / 'gpu.py'), '--device', 'cpu', '--smoke', '--models', 'smpconv_mobile31',
+           'smp_flexnet_16', '--compile-backend', 'aot_eager', '--out', str(out)]
+    subprocess.run(cmd, check=True, env=env, cwd=RUN.parents[1], timeout=600, capture_output=True)
+    text = out.read_text()
+    assert text.startswith('# GPU benchmark (smoke run: tiny sizes, not a measurement)')
+    rows = {line.split(' | ')[0]: line for line in text.splitlines() if line.startswith('| ')}
+    for name in ('smpconv_mobile31', 'smp_flexnet_16'):
+        cells = rows[f'| {name}'].strip('| ').split(' | ')
+        assert float(cells[1]) >= 0 and cells[2] != '-'  # eager and compiled throughput measured
+    assert float(rows['| smpconv_mobile31'].split(' | ')[1]) >= 0
+    layer = [line for line in text.splitlines() if line.startswith('| stage 1 |')]
+    assert len(layer) == 2 and all(float(line.split(' | ')[3]) > 0 and float(line.split(' | ')[4]) > 0 for line in layer)
+    assert '| smp_flexnet_16 / flexnet_16 training throughput, eager | - |' in text  # flexnet_16 not run
+    assert 'Device: ' in text and "conv impl 'auto'" in text

@@ -285,3 +285,18 @@ def test_aliasing_regulariser_reaches_the_loss(monkeypatch):
     train_imagenet.train_one_epoch(0, model, loader, opt, torch.nn.CrossEntropyLoss(), args, torch.device('cpu'),
                                    None, None, None, None, train_imagenet.nullcontext, None, 0)
     assert calls and calls[0]['factor'] == 0.1 and calls[0]['target'] == 'gabor'
+
+
+def test_torchcompile_trains_the_same_model(data_dir, tmp_path):
+    """--torchcompile (timm's flag; Inductor by default) trains through the custom conv ops without graph
+    breaks: the first batch's loss equals the eager run's."""
+    common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--epochs', '1', '--batch-size', '4',
+                     '--grad-accum-steps', '1', '--warmup-epochs', '0']
+    eager = run_script(common + ['--experiment', 'eager'])
+    res = run_script(common + ['--experiment', 'compiled', '--torchcompile'], timeout=900)
+    assert eager.returncode == 0 and res.returncode == 0, res.stderr[-2000:]
+
+    def first_loss(out):
+        return float(next(line.split('loss ')[1].split()[0] for line in out.splitlines() if '[   1/6] loss' in line))
+    assert abs(first_loss(res.stdout) - first_loss(eager.stdout)) < 1e-3 * abs(first_loss(eager.stdout))
+    assert (tmp_path / 'compiled' / 'last.pth.tar').exists()

@@ -168,9 +168,11 @@ def _fft_conv2d_op(
         out_dtype: torch.dtype,
 ) -> torch.Tensor:
     y = _forward(x, weight, groups, wspec)
-    if bias is not None:
-        y = y + bias.float().reshape(1, -1, 1, 1)
-    return y.to(out_dtype).contiguous(memory_format=_output_like(x))
+    # bias, cast and layout in one pass over the output
+    out = torch.empty(y.shape, dtype=out_dtype, device=y.device, memory_format=_output_like(x))
+    if bias is None:
+        return out.copy_(y)
+    return torch.add(y, bias.float().reshape(1, -1, 1, 1), out=out)
 
 
 @_fft_conv2d_op.register_fake
@@ -191,7 +193,8 @@ def _fft_conv2d_backward_op(
     """(input gradient, kernel gradient) in the dtypes and layouts of x and weight; an empty tensor for one
     that is not needed."""
     gx, gw = _backward(gy, x, weight, groups, need_x, need_w)
-    gx = x.new_empty(0) if gx is None else gx.to(x.dtype).contiguous(memory_format=_output_like(x))
+    gx = (x.new_empty(0) if gx is None  # cast and layout in one pass
+          else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_output_like(x)).copy_(gx))
     gw = weight.new_empty(0) if gw is None else gw.to(weight.dtype).contiguous()
     return gx, gw
 

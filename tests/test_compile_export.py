@@ -1,0 +1,98 @@
+""" torch.compile (fullgraph, Inductor on CPU), torch.export, ONNX export and the custom ops' opcheck. """
+import os
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.utils import reparameterize_model
+
+import timm_smpconv  # noqa: F401
+from timm_smpconv.layers import LargeKernelConv2d, randomize_bn_stats_
+from timm_smpconv.ops import conv_impl, fft_grid, kernel_spectrum
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize('name,size,kwargs', [
+    ('smpconv_mobile31', 64, {}),
+    ('smp_flexnet_16', 32, {'block_drop_rate': 0.}),
+])
+def test_torch_compile_fullgraph_equals_eager_and_no_grad_calls_do_not_recompile(name, size, kwargs):
+    # eval-mode BatchNorm (random statistics): gradients are well conditioned at this tiny batch, so compiled
+    # and eager agree to float32 rounding (train-mode BN over 8 values per channel amplifies rounding)
+    torch.manual_seed(0)
+    model = randomize_bn_stats_(timm.create_model(name, num_classes=5, **kwargs)).eval()
+    x = torch.randn(2, 3, size, size)
+    ref = model(x)  # the large-kernel convs take the FFT custom op here (CPU, with gradient)
+    ref.square().sum().backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    compiled = torch.compile(model, fullgraph=True)  # Inductor; fullgraph: any graph break is an error
+    y = compiled(x)
+    y.square().sum().backward()
+    assert _rel(y, ref) < 1e-5
+    for n, p in model.named_parameters():
+        assert _rel(p.grad, want[n]) < 1e-4, n
+    with torch.no_grad():
+        ref = model(x)
+        assert _rel(compiled(x), ref) < 1e-5  # one recompile: no grad
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(3):
+                assert _rel(compiled(x), ref) < 1e-5
+
+
+def test_torch_export_keeps_each_large_kernel_conv_as_one_custom_op():
+    torch.manual_seed(0)
+    model = nn.Sequential(LargeKernelConv2d(4, 4, 15, groups=4), nn.GELU(), LargeKernelConv2d(4, 6, 9)).eval()
+    x = torch.randn(2, 4, 20, 20)
+    with conv_impl('fft'), torch.no_grad():
+        ref = model(x)
+        ep = torch.export.export(model, (x,))
+    targets = [str(n.target) for n in ep.graph.nodes if n.op == 'call_function']
+    assert targets.count('timm_smpconv.fft_conv2d.default') == 2
+    assert not any('fft_r2c' in t or 'complex' in t for t in targets)  # no complex tensor in the graph
+    torch.testing.assert_close(ep.module()(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_export_default_exporter_matches_onnxruntime(tmp_path):
+    ort = pytest.importorskip('onnxruntime')
+    pytest.importorskip('onnxscript')
+    torch.manual_seed(0)
+    model = randomize_bn_stats_(timm.create_model('smpconv_mobile31', num_classes=5)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    for tag, m in (('original', model), ('reparameterized', reparameterize_model(model))):
+        path = os.fspath(tmp_path / f'{tag}.onnx')
+        with torch.no_grad(), conv_impl('fft'):  # even with FFT forced, the export holds plain convolutions
+            ref = m(x)
+            torch.onnx.export(m, (x,), path, dynamo=True)
+        import onnx
+        ops = {n.op_type for n in onnx.load(path).graph.node}
+        assert 'Conv' in ops and not ops & {'DFT', 'STFT'}
+        sess = ort.InferenceSession(path, providers=['CPUExecutionProvider'])
+        out = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-4, atol=1e-4, msg=tag)
+
+
+@pytest.mark.parametrize('groups,out_chs', [(4, 4), (1, 6), (2, 6)])
+def test_fft_custom_ops_pass_opcheck(groups, out_chs):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 9, 10, generator=g).requires_grad_()
+    w = torch.randn(out_chs, 4 // groups, 5, 7, generator=g).requires_grad_()
+    b = torch.randn(out_chs, generator=g).requires_grad_()
+    op = torch.ops.timm_smpconv.fft_conv2d.default
+    torch.library.opcheck(op, (x, w, b, groups, None, torch.float32))
+    torch.library.opcheck(op, (x.contiguous(memory_format=torch.channels_last), w, None, groups, None,
+                               torch.bfloat16))
+    wspec = kernel_spectrum(w.detach(), *fft_grid(9, 10, 5, 7))
+    torch.library.opcheck(op, (x, w.detach(), b, groups, wspec, torch.float32))
+    gy = torch.randn(2, out_chs, 9, 10, generator=g)
+    for need_x, need_w in ((True, True), (True, False), (False, True)):
+        torch.library.opcheck(torch.ops.timm_smpconv.fft_conv2d_backward.default,
+                              (gy, x.detach(), w.detach(), groups, need_x, need_w))
+    # the op itself equals F.conv2d
+    torch.testing.assert_close(op(x, w, b, groups, None, torch.float32),
+                               F.conv2d(x, w, b, padding=(2, 3), groups=groups), rtol=1e-4, atol=1e-4)
