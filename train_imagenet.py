@@ -62,6 +62,16 @@ PRESETS = {
         color_jitter=0., scale=[0.75, 1.0], ratio=[0.9, 1.1], model_ema=True, model_ema_decay=0.998, model_ema_warmup=True,
         log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear',
     ),
+    # built-in data read as sequences: the 8x8 digits as 64 steps of SMP-TCN (the SMPConv paper's sequence
+    # recipe: Adam with coupled L2 1e-5, radius lr x0.1 and clamp [1e-4, 1]); `--model flextcn_2.digits`,
+    # `--model smp_tcn.pdigits` (a fixed permutation of the steps, pMNIST-style) take the same recipe
+    'seq-digits': dict(
+        model='smp_tcn.digits', img_size=8, batch_size=64, grad_accum_steps=1, epochs=40, lr=2e-3, warmup_epochs=2,
+        min_lr=1e-6, opt='adam', weight_decay=1e-5, aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0.,
+        drop_path=0., hflip=0., color_jitter=0., scale=[1.0, 1.0], ratio=[1.0, 1.0], model_ema=True,
+        model_ema_decay=0.99, model_ema_warmup=True, radius_clamp=[1e-4, 1.0], no_decay_patterns=['*.points'],
+        log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear',
+    ),
     # SMPConv paper, CIFAR-10 (Table 4): Adam with coupled L2 1e-5, lr 5e-3, 210 epochs (the model's
     # block_drop_rate default is the paper's in-block dropout 0.1)
     'smp-cifar': dict(

@@ -49,8 +49,10 @@ def check_timm_model_contract(name: str, resize_input=None):
     assert model.num_features > 0 and model.head_hidden_size > 0
     assert model.in_chans == cfg['input_size'][0]
     x = torch.empty((1,) + tuple(cfg['input_size']), device='meta')
+    # image models keep a pooled map; sequence models (no pool_size) read H * W steps
+    spatial = tuple(cfg['pool_size']) if cfg.get('pool_size') else (cfg['input_size'][1] * cfg['input_size'][2],)
     feat = model.forward_features(x)
-    assert feat.shape[1] == model.num_features and tuple(feat.shape[2:]) == cfg['pool_size']
+    assert feat.shape[1] == model.num_features and tuple(feat.shape[2:]) == spatial
     assert model.forward_head(feat, pre_logits=True).shape[1] == model.head_hidden_size
     sd = model.state_dict()
     assert cfg['classifier'] + '.weight' in sd and cfg['first_conv'] + '.weight' in sd
@@ -63,11 +65,11 @@ def check_timm_model_contract(name: str, resize_input=None):
     head.reset_classifier(0)
     assert head.num_classes == 0 and head(x).shape == (1, head.head_hidden_size)
     head.reset_classifier(0, '')
-    assert tuple(head(x).shape[2:]) == cfg['pool_size']
+    assert tuple(head(x).shape[2:]) == spatial
     m0 = timm.create_model(name, device='meta', num_classes=0)
     assert m0(x).shape == (1, m0.head_hidden_size)
     m0 = timm.create_model(name, device='meta', num_classes=0, global_pool='')
-    assert m0(x).ndim == 4
+    assert m0(x).ndim == 2 + len(spatial)
     # factory device without a device context: every param and buffer on meta
     off = [n for n, t in list(head.named_parameters()) + list(head.named_buffers()) if t.device.type != 'meta']
     assert not off

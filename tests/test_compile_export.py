@@ -84,15 +84,23 @@ def test_fft_custom_ops_pass_opcheck(groups, out_chs):
     w = torch.randn(out_chs, 4 // groups, 5, 7, generator=g).requires_grad_()
     b = torch.randn(out_chs, generator=g).requires_grad_()
     op = torch.ops.timm_smpconv.fft_conv2d.default
-    torch.library.opcheck(op, (x, w, b, groups, None, torch.float32))
+    for keep in (True, False):
+        torch.library.opcheck(op, (x, w, b, groups, None, torch.float32, keep))
     torch.library.opcheck(op, (x.contiguous(memory_format=torch.channels_last), w, None, groups, None,
-                               torch.bfloat16))
+                               torch.bfloat16, True))
     wspec = kernel_spectrum(w.detach(), *fft_grid(9, 10, 5, 7))
-    torch.library.opcheck(op, (x, w.detach(), b, groups, wspec, torch.float32))
+    torch.library.opcheck(op, (x, w.detach(), b, groups, wspec, torch.float32, True))
     gy = torch.randn(2, out_chs, 9, 10, generator=g)
-    for need_x, need_w in ((True, True), (True, False), (False, True)):
-        torch.library.opcheck(torch.ops.timm_smpconv.fft_conv2d_backward.default,
-                              (gy, x.detach(), w.detach(), groups, need_x, need_w))
-    # the op itself equals F.conv2d
-    torch.testing.assert_close(op(x, w, b, groups, None, torch.float32),
+    _, xs, ws = op(x.detach(), w.detach(), None, groups, None, torch.float32, True)
+    none = torch.empty(0)
+    for saved in ((xs, ws), (none, none)):  # the forward's spectra, or transform again
+        for need_x, need_w in ((True, True), (True, False), (False, True)):
+            torch.library.opcheck(torch.ops.timm_smpconv.fft_conv2d_backward.default,
+                                  (gy, x.detach(), w.detach(), *saved, groups, need_x, need_w))
+    # the op itself equals F.conv2d, and the backward from saved spectra equals the one transforming again
+    torch.testing.assert_close(op(x, w, b, groups, None, torch.float32, False)[0],
                                F.conv2d(x, w, b, padding=(2, 3), groups=groups), rtol=1e-4, atol=1e-4)
+    bw = torch.ops.timm_smpconv.fft_conv2d_backward
+    for a, c in zip(bw(gy, x.detach(), w.detach(), xs, ws, groups, True, True),
+                    bw(gy, x.detach(), w.detach(), none, none, groups, True, True)):
+        torch.testing.assert_close(a, c)

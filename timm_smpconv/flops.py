@@ -28,15 +28,18 @@ def count_flops(
         img_size: int = 224,
         batch_size: int = 1,
         in_chans: Optional[int] = None,
+        seq_len: Optional[int] = None,
 ) -> Dict[str, float]:
-    """Count FLOPs of one forward at (batch_size, in_chans, img_size, img_size).
+    """Count FLOPs of one forward at (batch_size, in_chans, img_size, img_size), or of a sequence model at
+    (batch_size, in_chans, seq_len) when `seq_len` is given.
 
     Returns a dict with 'params', 'conv' (per image), 'kernel_gen' (per forward), 'norm' (per image),
     'linear' (per image: fully connected layers, the classifier), 'other' (per image) and 'total' (the whole forward), all in FLOPs (MACs).
     """
     in_chans = in_chans or getattr(model, 'in_chans', 3)
     p = next(model.parameters())
-    x = torch.zeros(batch_size, in_chans, img_size, img_size, device=p.device, dtype=p.dtype)
+    shape = (batch_size, in_chans) + ((seq_len,) if seq_len else (img_size, img_size))
+    x = torch.zeros(shape, device=p.device, dtype=p.dtype)
     was_training = model.training
     model.eval()
     logging.getLogger('fvcore').setLevel(logging.ERROR)
@@ -65,10 +68,12 @@ def count_flops(
     }
 
 
-def format_report(name: str, counts: Dict[str, float], img_size: int, batch_size: int, reparam: bool) -> str:
+def format_report(name: str, counts: Dict[str, float], img_size: int, batch_size: int, reparam: bool,
+                  seq_len: Optional[int] = None) -> str:
     g = 1e9
+    size = f'{seq_len} steps' if seq_len else f'{img_size}x{img_size}'
     lines = [
-        f'{name} at {img_size}x{img_size}{" (reparameterized)" if reparam else ""}, fvcore, 1 FLOP = 1 multiply-add',
+        f'{name} at {size}{" (reparameterized)" if reparam else ""}, fvcore, 1 FLOP = 1 multiply-add',
         f'  params:                        {counts["params"]:,}',
         f'  conv GFLOPs per image:         {counts["conv"] / g:.4f}',
         f'  kernel generation GFLOPs:      {counts["kernel_gen"] / g:.4f}  (per forward, any batch size)',
@@ -85,6 +90,8 @@ def main(argv=None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='smpconv_t', help='timm model name (ours or any timm model)')
     parser.add_argument('--img-size', type=int, default=224, help='square input size')
+    parser.add_argument('--seq-len', type=int, default=None,
+                        help='sequence models (smp_tcn, flextcn_*): sequence length (default: the model\'s seq_len)')
     parser.add_argument('--batch-size', type=int, default=1)
     parser.add_argument('--num-classes', type=int, default=None, help='default: the model\'s')
     parser.add_argument('--reparam', action='store_true', help='count the reparameterized (deploy) model')
@@ -93,8 +100,9 @@ def main(argv=None) -> Dict[str, float]:
     model = timm.create_model(args.model, **kwargs)
     if args.reparam:
         model = reparameterize_model(model.eval())
-    counts = count_flops(model, args.img_size, args.batch_size)
-    print(format_report(args.model, counts, args.img_size, args.batch_size, args.reparam))
+    seq_len = args.seq_len or getattr(model, 'seq_len', None)
+    counts = count_flops(model, args.img_size, args.batch_size, seq_len=seq_len)
+    print(format_report(args.model, counts, args.img_size, args.batch_size, args.reparam, seq_len))
     return counts
 
 

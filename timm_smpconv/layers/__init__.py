@@ -6,6 +6,6 @@ from .smp import (
 )
 from .smp_conv import SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, resize_smp_params
 from .flexconv import (
-    CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, SIRENKernelNet, anti_aliasing_penalty,
-    gaussian_mask_crop, retarget_resolution,
+    CKConv2d, FlexConv1d, FlexConv2d, FlexConvBN1d, FlexConvBN2d, MAGNet, SIRENKernelNet, anti_aliasing_penalty,
+    gaussian_mask_crop, gaussian_mask_crop_1d, retarget_resolution,
 )

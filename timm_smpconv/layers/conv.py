@@ -5,13 +5,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import large_kernel_conv2d
+from ..ops import causal_conv1d, large_kernel_conv2d
 from .fuse import fill_conv_, fold_bn, fold_preceding_bn
 
 __all__ = ['CausalConv1d', 'ConvBN', 'DispatchConvMixin', 'LargeKernelConv2d']
 
 # torch.fx records the dispatch as one call (a leaf) instead of tracing its shape logic
 torch.fx.wrap('large_kernel_conv2d')
+torch.fx.wrap('causal_conv1d')
 
 
 class CausalConv1d(nn.Conv1d):
@@ -19,7 +20,8 @@ class CausalConv1d(nn.Conv1d):
 
     The input is left-padded by dilation * (kernel_size - 1) zeros, so the last kernel tap
     multiplies the current time step and the output has the input's length (for stride 1).
-    State dict and parameters are those of nn.Conv1d.
+    State dict and parameters are those of nn.Conv1d. Stride 1 without dilation convolves through
+    `timm_smpconv.ops.causal_conv1d` (direct, or the FFT for long kernels; the same result).
     """
 
     def __init__(self, *args, **kwargs):
@@ -29,6 +31,9 @@ class CausalConv1d(nn.Conv1d):
         super().__init__(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if self.stride[0] == 1 and self.dilation[0] == 1:
+                return causal_conv1d(x, self.weight, self.bias, self.groups)
         pad = self.dilation[0] * (self.kernel_size[0] - 1)
         return self._conv_forward(F.pad(x, (pad, 0)), self.weight, self.bias)
 

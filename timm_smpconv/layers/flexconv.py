@@ -52,14 +52,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
-from ..ops import fft_conv2d
-from .conv import DispatchConvMixin, LargeKernelConv2d
+from ..ops import causal_conv1d, fft_conv2d
+from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn
 from .smp import rescale_factor
 from .smp_conv import _SMPConvNd, _SMPLargeKernelNd
 
 __all__ = [
-    'MAGNet', 'SIRENKernelNet', 'FlexConv2d', 'CKConv2d', 'FlexConvBN2d',
+    'MAGNet', 'SIRENKernelNet', 'FlexConv1d', 'FlexConv2d', 'CKConv2d', 'FlexConvBN1d', 'FlexConvBN2d',
+    'gaussian_mask_crop_1d',
     'gaussian_mask_crop', 'fft_conv2d', 'anti_aliasing_penalty', 'retarget_resolution',
     'FLEX_RESIZE_MODES',
 ]
@@ -268,6 +269,8 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
     # parameters (by attribute name) the optimizer helpers give 0.1x lr and no weight decay
     reduced_lr_param_names = ('mask_params',)
     dims: int = 2
+    _check_horizon = staticmethod(_check_horizon)
+    mask_init_mean: float = 0.  # the mask's initial mean on every axis (the kernel centre)
 
     def __init__(
             self,
@@ -320,7 +323,7 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
         for name, v in (('in_channels', in_channels), ('out_channels', out_channels)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f'{name} must be a positive int, got {v!r}')
-        kernel_size = _check_horizon(kernel_size)
+        kernel_size = self._check_horizon(kernel_size)
         _check_kernel_net(kernel_net)
         _check_flex_resize_mode(resize_mode)
         mask_init = _check_positive('mask_init', mask_init)
@@ -360,7 +363,7 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
     def reset_parameters(self):
         self.kernel_net.reset_parameters()
         if self.mask_params is not None:
-            self.mask_params.copy_(torch.tensor([[0., self.mask_init]] * self.dims))
+            self.mask_params.copy_(torch.tensor([[self.mask_init_mean, self.mask_init]] * self.dims))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
@@ -429,7 +432,7 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
         resolution change: a model trained at 16 px, horizon 17, runs at 32 px with horizon 33 and
         factor 0.25). 'none': the factor is left alone.
         """
-        kernel_size = _check_horizon(kernel_size)
+        kernel_size = self._check_horizon(kernel_size)
         mode = self.resize_mode if mode is None else _check_flex_resize_mode(mode)
         if mode == 'stretch' and kernel_size != self.kernel_size:
             self.sampling_rate_norm.mul_(rescale_factor(self.kernel_size, kernel_size, self.dims))
@@ -443,7 +446,9 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
         if key in state_dict:
             saved = int(state_dict[key])
             if saved != self.kernel_size:
-                if saved < 3 or saved % 2 == 0:
+                try:
+                    self._check_horizon(saved)
+                except (TypeError, ValueError):
                     error_msgs.append(f'{key}: invalid saved kernel size {saved}')
                     return
                 if self.resize_mode == 'stretch' and norm_key in state_dict:
@@ -476,11 +481,90 @@ class CKConv2d(FlexConv2d):
         super().__init__(in_channels, out_channels, kernel_size, kernel_net=kernel_net, mask=mask, **kwargs)
 
 
+def _check_length(kernel_size, name: str = 'kernel_size') -> int:
+    if isinstance(kernel_size, (tuple, list)):
+        if len(kernel_size) != 1:
+            raise ValueError(f'{name} (the horizon) of a 1-D layer must be one int, got {tuple(kernel_size)}')
+        kernel_size = kernel_size[0]
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
+        raise TypeError(f'{name} must be an int, got {type(kernel_size).__name__}')
+    if kernel_size < 2:
+        raise ValueError(f'{name} (the horizon) of a 1-D layer must be an int >= 2, got {kernel_size}')
+    return kernel_size
+
+
+def gaussian_mask_crop_1d(mask_params: torch.Tensor, kernel_size: int, threshold: float = 0.1) -> int:
+    """Dynamic cropping of a causal 1-D kernel: how many of the oldest grid positions to drop.
+
+    With r = min(mean - sigma c, mean + sigma c), c = sqrt(-2 ln threshold): if |r| < 1 the positions
+    p <= r (p = linspace(-1, 1, k)) are dropped, a one-sided crop; the +1 end (the current step) is always
+    kept. Computed in float32 (their code does so); one host sync.
+    """
+    mp = mask_params.detach().float()
+    c = math.sqrt(-2.0 * math.log(threshold))
+    mean, sigma = mp[0, 0], mp[0, 1]
+    r = torch.minimum(mean - sigma * c, mean + sigma * c)
+    grid = torch.linspace(-1., 1., kernel_size, device=mp.device)
+    drop = ((grid <= r).sum() * (r.abs() < 1.).long()).clamp(max=kernel_size - 1)
+    return int(drop)
+
+
+@register_notrace_module  # data-dependent kernel length: a leaf for torch.fx
+class FlexConv1d(FlexConv2d):
+    """Causal 1-D FlexConv (FlexTCN): kernel network times a 1-D Gaussian mask over the past.
+
+    The kernel is sampled on linspace(-1, 1, k) (k = `kernel_size`, the horizon; the sequence models use
+    the sequence length); tap k - 1 (coordinate +1) multiplies the current step and the output at t sees
+    inputs up to t. The mask starts at mean +1 (the present) with sigma `mask_init`; dynamic cropping
+    drops the oldest positions where the mask is below the threshold (`gaussian_mask_crop_1d`). Any
+    k >= 2 works (an even horizon is what the authors' code pads with one zero tap at the far past: the
+    same outputs). The kernel network's mu init is centred at 0 as in the authors' 1-D FlexConv (their
+    mask starts at +1 all the same). `fuse()` returns a CausalConv1d.
+    """
+    dims = 1
+    _check_horizon = staticmethod(_check_length)
+    mask_init_mean = 1.0
+
+    def crop(self) -> List[int]:
+        """[oldest positions dropped], [0] without a mask or dynamic cropping."""
+        mp = self.mask_params
+        if mp is None or not self.dynamic_cropping or mp.is_meta:
+            return [0]
+        return [gaussian_mask_crop_1d(mp, self.kernel_size, self.mask_threshold)]
+
+    def get_weight(self) -> torch.Tensor:
+        """The causal conv weight (out_channels, in_channels, length) for the current parameters."""
+        ref = self.kernel_net.output.weight
+        grid = torch.linspace(-1., 1., self.kernel_size, device=ref.device, dtype=ref.dtype)[self.crop()[0]:]
+        kernel = self.kernel_net(grid.unsqueeze(-1))  # (len, Cout*Cin), column j = o * Cin + i
+        kernel = kernel.t().reshape(self.out_channels, self.in_channels, grid.shape[0])
+        kernel = kernel * self.sampling_rate_norm.to(kernel.dtype)
+        mp = self.mask_params
+        if mp is not None:
+            kernel = kernel * torch.exp(-0.5 * ((grid - mp[0, 0]) / mp[0, 1]).pow(2))
+        return kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'{self.layer_name} expects (N, {self.in_channels}, L) inputs, got shape {list(x.shape)}')
+        return causal_conv1d(x, self.get_weight(), self.bias)
+
+    @torch.no_grad()
+    def to_plain_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Conv1d:
+        """A CausalConv1d (an nn.Conv1d with bias) holding `weight` (any length) and `bias`."""
+        conv = CausalConv1d(self.in_channels, self.out_channels, weight.shape[-1], bias=True, device=weight.device,
+                            dtype=weight.dtype)
+        return fill_conv_(conv, weight, bias, training)
+
+
 class FlexConvBN2d(nn.Module):
     """BN(FlexConv2d(x)); fuses to one nn.Conv2d with bias.
 
     `flex_kwargs` go to FlexConv2d (kernel_net='siren', mask=False for a CKConv branch).
     """
+    conv_cls = FlexConv2d
+    bn_cls = nn.BatchNorm2d
 
     def __init__(
             self,
@@ -494,8 +578,8 @@ class FlexConvBN2d(nn.Module):
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        self.conv = FlexConv2d(in_channels, out_channels, kernel_size, **flex_kwargs, **dd)
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, **dd)
+        self.conv = self.conv_cls(in_channels, out_channels, kernel_size, **flex_kwargs, **dd)
+        self.bn = self.bn_cls(out_channels, eps=bn_eps, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
@@ -505,6 +589,12 @@ class FlexConvBN2d(nn.Module):
         """One plain conv equal to the branch in eval mode (BN folded into the generated kernel)."""
         w, b = fold_bn(self.conv.get_weight(), self.conv.bias, self.bn)
         return self.conv.to_plain_conv(w, b, training=self.training)
+
+
+class FlexConvBN1d(FlexConvBN2d):
+    """BN(FlexConv1d(x)) (the FlexTCN branch); fuses to one CausalConv1d with bias."""
+    conv_cls = FlexConv1d
+    bn_cls = nn.BatchNorm1d
 
 
 def _filter_frequencies(net: MAGNet, gauss_stddevs: float, per_unit: bool) -> torch.Tensor:
@@ -577,8 +667,9 @@ def anti_aliasing_penalty(
 
 
 def _continuous_layers(model: nn.Module):
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (FlexConv2d, _SMPConvNd))], [
-        m for m in model.modules() if isinstance(m, _SMPLargeKernelNd)]
+    """The 2-D continuous convs and SMP large-kernel branches of `model` (1-D layers follow sequence length)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (FlexConv2d, _SMPConvNd)) and m.dims == 2], [
+        m for m in model.modules() if isinstance(m, _SMPLargeKernelNd) and m.dims == 2]
 
 
 @torch.no_grad()

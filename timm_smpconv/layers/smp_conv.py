@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from ..ops import causal_conv1d
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn, pad_kernel
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop
@@ -26,6 +27,7 @@ __all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 're
 
 # torch.fx records these as single calls (leaves) instead of tracing their shape logic
 torch.fx.wrap('render_smp_kernel')
+torch.fx.wrap('causal_conv1d')
 
 
 def _check_int(name: str, value, minimum: int = 1) -> int:
@@ -45,7 +47,8 @@ def _check_kernel_size(kernel_size: Union[int, Sequence[int]], dims: int, name: 
         kernel_size = kernel_size[0]
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
         raise TypeError(f'{name} must be an int, got {type(kernel_size).__name__}')
-    if kernel_size < 1 or kernel_size % 2 == 0:
+    if kernel_size < 1 or (dims == 2 and kernel_size % 2 == 0):
+        # 2-D kernels are centred (k // 2 padding on each side); 1-D ones are causal, any length works
         raise ValueError(f'{name} must be a positive odd number, got {kernel_size}')
     return kernel_size
 
@@ -234,7 +237,7 @@ class _SMPConvNd(nn.Module):
         if key in state_dict and all(n in state_dict for n in names):
             saved = int(state_dict[key])
             if saved != self.kernel_size:
-                if saved < 1 or saved % 2 == 0:
+                if saved < 1 or (self.dims == 2 and saved % 2 == 0):
                     error_msgs.append(f'{key}: invalid saved kernel size {saved}')
                     return
                 state_dict[names[0]], state_dict[names[1]], state_dict[names[2]] = resize_smp_params(
@@ -330,12 +333,16 @@ class SMPConv1d(_SMPConvNd):
     """Causal 1D convolution with an SMP continuous kernel.
 
     Kernel tap k-1 (coordinate +1) multiplies the current time step; the input is left-padded
-    by k - 1 zeros, so the output at t depends only on inputs up to t.
+    by k - 1 zeros, so the output at t depends only on inputs up to t. Any k >= 1 (even too: the
+    sequence models' kernel is as long as the sequence); stride 1 convolves through
+    `timm_smpconv.ops.causal_conv1d` (direct or FFT by the measured rule, the same result).
     """
     dims = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if self.stride == 1:
+            return causal_conv1d(x, self.get_weight(), self.bias, self.groups)
         x = F.pad(x, (self.kernel_size - 1, 0))
         return F.conv1d(x, self.get_weight(), self.bias, self.stride, 0, 1, self.groups)
 
@@ -357,6 +364,7 @@ class _SMPLargeKernelNd(nn.Module):
             stride: int = 1,
             groups: int = 1,
             small_bias: bool = False,
+            smp_bias: bool = False,
             bn_eps: float = 1e-5,
             device=None,
             dtype=None,
@@ -369,6 +377,8 @@ class _SMPLargeKernelNd(nn.Module):
             small_kernel_size: odd size of the parallel small conv (<= kernel_size); None for an
                 SMP conv + BN without a small branch.
             small_bias: give the small conv a bias (the SMP CIFAR stem has one).
+            smp_bias: give the SMP conv a bias (the authors' sequence models with conv.bias=True have one;
+                the BN after it makes it redundant, but it is their parameter count and checkpoint layout).
             bn_eps: eps of both BatchNorms.
             **smp_kwargs: n_points, shared_points, normalize, point_std, radius, weight_std of the
                 SMP conv (which has no bias: the BN follows it).
@@ -378,7 +388,7 @@ class _SMPLargeKernelNd(nn.Module):
         smp_cls = SMPConv2d if self.dims == 2 else SMPConv1d
         bn_cls = nn.BatchNorm2d if self.dims == 2 else nn.BatchNorm1d
         self.smp = smp_cls(
-            in_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=False, **smp_kwargs, **dd)
+            in_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=smp_bias, **smp_kwargs, **dd)
         self.smp_bn = bn_cls(out_channels, eps=bn_eps, **dd)
         self.kernel_size = self.smp.kernel_size
         self.small_kernel_size = small_kernel_size
@@ -412,7 +422,7 @@ class _SMPLargeKernelNd(nn.Module):
     @torch.no_grad()
     def get_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The single (weight, bias) equivalent to the whole branch with BNs in inference mode."""
-        w, b = fold_bn(self.smp.get_weight(), None, self.smp_bn)
+        w, b = fold_bn(self.smp.get_weight(), self.smp.bias, self.smp_bn)
         if self.small_conv is not None:
             ws, bs = fold_bn(self.small_conv.weight, self.small_conv.bias, self.small_bn)
             w = w + pad_kernel(ws, self.smp.kernel_size, causal=self.dims == 1)

@@ -1,13 +1,13 @@
 """ Functional convolution ops and their dispatch; no modules here (those are in `timm_smpconv.layers`).
 
-* `dispatch.py`: `large_kernel_conv2d`, the backend registry, the measured rule, autotune, `set_conv_impl`.
+* `dispatch.py`: `large_kernel_conv2d` and `causal_conv1d`, the backend registry, the measured rule, autotune, `set_conv_impl`.
 * `fft.py`: the FFT convolution (`timm_smpconv::fft_conv2d` custom op and its backward).
 * `dwconv.py`: the Triton depthwise convolution (`timm_smpconv::dwconv2d` custom op and its backward);
   `triton_dwconv.py`: its kernels, imported on first use only.
 """
 from .dispatch import (
-    ConvBackend, conv_backends, conv_impl, default_backend, get_conv_impl, large_kernel_conv2d,
-    register_conv_backend, select_conv_backend, set_conv_impl,
+    ConvBackend, causal_conv1d, conv_backends, conv_impl, default_backend, default_backend_1d, get_conv_impl,
+    large_kernel_conv2d, register_conv_backend, select_causal_backend, select_conv_backend, set_conv_impl,
 )
 from .dwconv import triton_available, triton_dwconv2d
 from .fft import fft_conv2d, fft_grid, fft_size, kernel_spectrum

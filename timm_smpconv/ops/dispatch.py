@@ -28,8 +28,9 @@ from .dwconv import triton_available, triton_dwconv2d, triton_supports
 from .fft import fft_conv2d, fft_grid, is_channels_last, kernel_spectrum
 
 __all__ = [
-    'ConvBackend', 'conv_backends', 'conv_impl', 'default_backend', 'get_conv_impl', 'large_kernel_conv2d',
-    'register_conv_backend', 'select_conv_backend', 'set_conv_impl',
+    'ConvBackend', 'causal_conv1d', 'conv_backends', 'conv_impl', 'default_backend', 'default_backend_1d',
+    'get_conv_impl', 'large_kernel_conv2d', 'register_conv_backend', 'select_causal_backend',
+    'select_conv_backend', 'set_conv_impl',
 ]
 
 
@@ -249,3 +250,52 @@ def large_kernel_conv2d(
         return F.conv2d(x, weight, bias, stride, (weight.shape[-2] // 2, weight.shape[-1] // 2), 1, groups)
     return _BACKENDS[select_conv_backend(x, weight, stride, groups)].run(x, weight, bias, stride, groups, cache)
 
+
+
+# causal 1-D convolutions: direct below this kernel length, FFT from it (CPU; see default_backend_1d)
+CAUSAL_FFT_MIN_KERNEL = 64
+
+
+def default_backend_1d(device_type: str, kernel_size: int, length: int) -> str:
+    """The 'auto' rule for a causal 1-D conv (stride 1): the FFT from `CAUSAL_FFT_MIN_KERNEL` taps on CPU and
+    CUDA, direct below (`python benchmarks/conv1d_paths.py` -> benchmarks/results/conv1d_paths.md; the CUDA
+    side is not measured yet and follows the CPU). A kernel longer than the sequence is cut to it first
+    (older taps see only padding), so the sequence length bounds the kernel that matters."""
+    if device_type not in ('cpu', 'cuda'):
+        return 'direct'
+    return 'fft' if min(kernel_size, length) >= CAUSAL_FFT_MIN_KERNEL else 'direct'
+
+
+def select_causal_backend(x: torch.Tensor, weight: torch.Tensor) -> str:
+    """The backend `causal_conv1d` uses for these arguments under the current setting."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return 'direct'
+    if _impl in ('direct', 'fft'):
+        return _impl
+    return default_backend_1d(x.device.type, weight.shape[-1], x.shape[-1])
+
+
+def causal_conv1d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        groups: int = 1,
+) -> torch.Tensor:
+    """F.conv1d(F.pad(x, (k - 1, 0)), weight, bias, groups=groups): output step t sees inputs up to t; kernel
+    tap k - 1 multiplies the current step. Directly or through the FFT (`select_causal_backend`), the same
+    result either way.
+
+    The FFT path is the 2-D FFT custom op on a single row: a causal correlation is a centred one with the
+    kernel followed by k - 1 zero (future) taps, whose centre is then tap k - 1; the FFT grid is the
+    linear-convolution length L + k - 1 rounded up to a fast size.
+    """
+    k = weight.shape[-1]
+    if torch.jit.is_scripting():
+        return F.conv1d(F.pad(x, (k - 1, 0)), weight, bias, 1, 0, 1, groups)
+    if k > x.shape[-1] > 0:  # taps older than the sequence only ever see the left padding
+        weight = weight[..., k - x.shape[-1]:]
+        k = x.shape[-1]
+    if select_causal_backend(x, weight) == 'fft':
+        w2 = F.pad(weight, (0, k - 1)).unsqueeze(2)
+        return fft_conv2d(x.unsqueeze(2), w2, bias, groups).squeeze(2)
+    return F.conv1d(F.pad(x, (k - 1, 0)), weight, bias, 1, 0, 1, groups)

@@ -8,8 +8,9 @@ gradient (the batch sum of X * conj(G)), rolled back and cropped to the kernel.
 
 Both directions are `torch.library` custom ops with fake implementations, so torch.compile and
 torch.export see one opaque node each (Inductor cannot lower complex tensors) and no graph breaks. The
-backward transforms the saved input again instead of keeping its float32 spectrum (less memory: the
-input is often bf16, its spectrum is float32 and larger than the map). Conjugation is always physical
+forward hands its spectra to the backward as real float32 views (transforming the input again instead
+made a smpconv_t training step 10% slower on CPU; the spectra take more memory than a bf16 input: a
+trade to measure on a GPU). Conjugation is always physical
 (`torch.conj_physical`): a lazily conjugated tensor lost its conjugate bit inside compiled graphs
 (torch 2.14, CPU: wrong outputs under aot_eager and inductor, exact in eager).
 """
@@ -41,8 +42,10 @@ def fft_size(n: int) -> int:
 
 def fft_grid(h: int, w: int, kh: int, kw: int) -> Tuple[int, int]:
     """The FFT grid for an h x w map and a kh x kw kernel: at least map + half kernel (no wrap-around
-    reaches a kept output) and at least kernel-sized (every tap has its own cell for the kernel gradient)."""
-    return fft_size(max(h + kh // 2, kh)), fft_size(max(w + kw // 2, kw))
+    reaches a kept output) and at least kernel-sized (every tap has its own cell for the kernel gradient).
+    A single row with a single-row kernel (the 1-D convs) needs no transform along the rows: nh = 1."""
+    nh = 1 if h == 1 and kh == 1 else fft_size(max(h + kh // 2, kh))
+    return nh, fft_size(max(w + kw // 2, kw))
 
 
 def check_conv_args(x: torch.Tensor, weight: torch.Tensor, groups: int, who: str):
@@ -68,12 +71,15 @@ def _output_like(x: torch.Tensor) -> torch.memory_format:
 
 def _rfft2_rows(x: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
     """rfft2 of x zero-padded to nh x nw, transforming only the x.shape[-2] rows that hold data."""
-    return torch.fft.fft(torch.fft.rfft(x, n=nw, dim=-1), n=nh, dim=-2)
+    spec = torch.fft.rfft(x, n=nw, dim=-1)
+    return spec if nh == 1 else torch.fft.fft(spec, n=nh, dim=-2)
 
 
 def _irfft2_rows(spec: torch.Tensor, h: int, w: int, nw: int) -> torch.Tensor:
     """The top-left h x w of irfft2(spec) on an nh x nw grid, inverting only the h rows that are kept."""
-    return torch.fft.irfft(torch.fft.ifft(spec, dim=-2)[..., :h, :], n=nw, dim=-1)[..., :w]
+    if spec.shape[-2] > 1:
+        spec = torch.fft.ifft(spec, dim=-2)[..., :h, :]
+    return torch.fft.irfft(spec, n=nw, dim=-1)[..., :w]
 
 
 def _freq_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -112,7 +118,8 @@ def kernel_spectrum(weight: torch.Tensor, nh: int, nw: int) -> torch.Tensor:
     return torch.view_as_real(_rfft2_rows(wp, nh, nw))  # the input's transforms: the spectra share a layout
 
 
-def _forward(x, weight, groups: int, wspec: Optional[torch.Tensor]) -> torch.Tensor:
+def _forward(x, weight, groups: int, wspec: Optional[torch.Tensor]):
+    """(output in float32, input spectrum, kernel spectrum), the spectra complex."""
     h, w = x.shape[-2], x.shape[-1]
     kh, kw = weight.shape[-2], weight.shape[-1]
     nh, nw = fft_grid(h, w, kh, kw)
@@ -124,27 +131,31 @@ def _forward(x, weight, groups: int, wspec: Optional[torch.Tensor]) -> torch.Ten
     else:
         c, o = x.shape[1], weight.shape[0]
         ys = _mix(xs, wconj.reshape(groups, o // groups, c // groups, nh, nw // 2 + 1).transpose(1, 2), groups)
-    return _irfft2_rows(ys, h, w, nw)
+    return _irfft2_rows(ys, h, w, nw), xs, ws
 
 
-def _backward(gy, x, weight, groups: int, need_x: bool, need_w: bool):
+def _backward(gy, x, weight, xs, ws, groups: int, need_x: bool, need_w: bool):
+    """(input gradient, kernel gradient) in float32, None where not needed; xs / ws: the forward's spectra,
+    or None to transform again."""
     h, w = x.shape[-2], x.shape[-1]
     kh, kw = weight.shape[-2], weight.shape[-1]
     nh, nw = fft_grid(h, w, kh, kw)
     nwf = nw // 2 + 1
     gs = _rfft2_rows(gy.float(), nh, nw)
-    ws = torch.view_as_complex(kernel_spectrum(weight, nh, nw))
     depthwise = _is_depthwise(x, weight, groups)
     n, c, o = x.shape[0], x.shape[1], weight.shape[0]
     gx = gw = None
     if need_x:
+        if ws is None:
+            ws = torch.view_as_complex(kernel_spectrum(weight, nh, nw))
         if depthwise:
             gxs = gs * ws[:, 0]
         else:  # gx[n, g, i] = sum_o g[n, g, o] w[g, o, i]
             gxs = _mix(gs, ws.reshape(groups, o // groups, c // groups, nh, nwf), groups)
         gx = _irfft2_rows(gxs, h, w, nw)
     if need_w:
-        xs = _rfft2_rows(x.float(), nh, nw)
+        if xs is None:
+            xs = _rfft2_rows(x.float(), nh, nw)
         gconj = torch.conj_physical(gs)
         if depthwise:
             gws = (xs * gconj).sum(0).unsqueeze(1)
@@ -158,6 +169,23 @@ def _backward(gy, x, weight, groups: int, need_x: bool, need_w: bool):
     return gx, gw
 
 
+def _spectrum_shapes(x, weight):
+    nh, nw = fft_grid(x.shape[-2], x.shape[-1], weight.shape[-2], weight.shape[-1])
+    return ((x.shape[0], x.shape[1], nw // 2 + 1, nh, 2),
+            (weight.shape[0], weight.shape[1], nw // 2 + 1, nh, 2))
+
+
+def _pack(spec: torch.Tensor) -> torch.Tensor:
+    """A spectrum (.., nh, nwf) handed between the ops: a contiguous real (.., nwf, nh, 2) tensor. Column
+    frequencies outermost is the layout pocketfft's transform along the rows already produces (no copy on
+    CPU); a custom op's outputs need one fixed layout for their fake implementation."""
+    return torch.view_as_real(spec.transpose(-1, -2).contiguous())
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_complex(packed).transpose(-1, -2)
+
+
 @torch.library.custom_op('timm_smpconv::fft_conv2d', mutates_args=())
 def _fft_conv2d_op(
         x: torch.Tensor,
@@ -166,19 +194,36 @@ def _fft_conv2d_op(
         groups: int,
         wspec: Optional[torch.Tensor],
         out_dtype: torch.dtype,
-) -> torch.Tensor:
-    y = _forward(x, weight, groups, wspec)
+        keep_spectra: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(output, input spectrum, kernel spectrum): the spectra (`_pack`ed, float32) only with `keep_spectra`
+    (for the backward: measured 10% faster per smpconv_t training step on CPU than transforming again),
+    else empty; the kernel spectrum also when it came in as `wspec` (an output may not alias an input)."""
+    y, xs, ws = _forward(x, weight, groups, wspec)
     # bias, cast and layout in one pass over the output
     out = torch.empty(y.shape, dtype=out_dtype, device=y.device, memory_format=_output_like(x))
     if bias is None:
-        return out.copy_(y)
-    return torch.add(y, bias.float().reshape(1, -1, 1, 1), out=out)
+        out.copy_(y)
+    else:
+        torch.add(y, bias.float().reshape(1, -1, 1, 1), out=out)
+    if not keep_spectra:
+        return out, _empty(x), _empty(x)
+    return out, _pack(xs), _pack(ws) if wspec is None else _empty(x)
+
+
+def _empty(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(0, dtype=torch.float32)  # a new one per output: outputs may not alias each other
 
 
 @_fft_conv2d_op.register_fake
-def _(x, weight, bias, groups, wspec, out_dtype):
+def _(x, weight, bias, groups, wspec, out_dtype, keep_spectra):
     shape = (x.shape[0], weight.shape[0], x.shape[2], x.shape[3])
-    return x.new_empty(shape, dtype=out_dtype).contiguous(memory_format=_output_like(x))
+    out = x.new_empty(shape, dtype=out_dtype).contiguous(memory_format=_output_like(x))
+    if not keep_spectra:
+        return out, _empty(x), _empty(x)
+    xs_shape, ws_shape = _spectrum_shapes(x, weight)
+    return out, x.new_empty(xs_shape, dtype=torch.float32), (
+        x.new_empty(ws_shape, dtype=torch.float32) if wspec is None else _empty(x))
 
 
 @torch.library.custom_op('timm_smpconv::fft_conv2d_backward', mutates_args=())
@@ -186,13 +231,16 @@ def _fft_conv2d_backward_op(
         gy: torch.Tensor,
         x: torch.Tensor,
         weight: torch.Tensor,
+        xs: torch.Tensor,
+        ws: torch.Tensor,
         groups: int,
         need_x: bool,
         need_w: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(input gradient, kernel gradient) in the dtypes and layouts of x and weight; an empty tensor for one
-    that is not needed."""
-    gx, gw = _backward(gy, x, weight, groups, need_x, need_w)
+    that is not needed. xs / ws: the forward's spectra (`_pack`ed), or empty to transform again."""
+    gx, gw = _backward(gy, x, weight, _unpack(xs) if xs.numel() else None, _unpack(ws) if ws.numel() else None,
+                       groups, need_x, need_w)
     gx = (x.new_empty(0) if gx is None  # cast and layout in one pass
           else torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_output_like(x)).copy_(gx))
     gw = weight.new_empty(0) if gw is None else gw.to(weight.dtype).contiguous()
@@ -200,7 +248,7 @@ def _fft_conv2d_backward_op(
 
 
 @_fft_conv2d_backward_op.register_fake
-def _(gy, x, weight, groups, need_x, need_w):
+def _(gy, x, weight, xs, ws, groups, need_x, need_w):
     gx = x.new_empty(x.shape).contiguous(memory_format=_output_like(x)) if need_x else x.new_empty(0)
     gw = weight.new_empty(weight.shape) if need_w else weight.new_empty(0)
     return gx, gw
@@ -212,23 +260,23 @@ def bias_grad(gy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, groups, wspec, out_dtype = inputs
-    ctx.save_for_backward(x, weight)
+    x, weight, bias, groups, wspec, out_dtype, keep_spectra = inputs
+    ctx.save_for_backward(x, weight, output[1], output[2])
     ctx.groups = groups
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
-def _backward_fn(ctx, gy):
-    x, weight = ctx.saved_tensors
+def _backward_fn(ctx, gy, _gxs, _gws):
+    x, weight, xs, ws = ctx.saved_tensors
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     gx = gw = gb = None
     if need_x or need_w:
-        gx, gw = torch.ops.timm_smpconv.fft_conv2d_backward(gy, x, weight, ctx.groups, need_x, need_w)
+        gx, gw = torch.ops.timm_smpconv.fft_conv2d_backward(gy, x, weight, xs, ws, ctx.groups, need_x, need_w)
         gx = gx if need_x else None
         gw = gw if need_w else None
     if need_b:
         gb = bias_grad(gy, ctx.bias_dtype)
-    return gx, gw, gb, None, None, None
+    return gx, gw, gb, None, None, None, None
 
 
 _fft_conv2d_op.register_autograd(_backward_fn, setup_context=_setup_context)
@@ -263,4 +311,5 @@ def fft_conv2d(
         if tuple(wspec.shape) != want or wspec.dtype != torch.float32:
             raise ValueError(f'wspec must be a float32 kernel_spectrum of shape {list(want)}, got '
                              f'{list(wspec.shape)} {wspec.dtype}')
-    return torch.ops.timm_smpconv.fft_conv2d(x, weight, bias, groups, wspec, conv_out_dtype(x))
+    keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return torch.ops.timm_smpconv.fft_conv2d(x, weight, bias, groups, wspec, conv_out_dtype(x), keep)[0]

@@ -1,0 +1,290 @@
+""" Sequence models (SMP-TCN, FlexTCN): parameter counts, causality, the 1-D FFT path, reparameterization,
+the authors' checkpoint layout, the timm contract, sequence length, bad input. """
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.utils import reparameterize_model
+
+import timm_smpconv  # noqa: F401
+from timm_smpconv import flops
+from timm_smpconv.layers import CausalConv1d, FlexConv1d, randomize_bn_stats_
+from timm_smpconv.ops import causal_conv1d, conv_impl, select_causal_backend
+
+from helpers import check_timm_model_contract, fx_model, random_bn_entries
+
+# the authors' models, measured on their code
+PARAMS = [
+    ('smp_tcn.smnist', 370_960), ('smp_tcn.pmnist', 370_960), ('smp_tcn.speech_raw', 370_960),
+    ('smp_tcn.scifar10', 373_480), ('smp_tcn.char_traj', 373_790), ('smp_tcn.speech_mfcc', 391_840),
+    ('flextcn_2', 105_548), ('flextcn_4', 239_436), ('flextcn_6', 373_324), ('flextcn_6.scifar10', 375_364),
+]
+SMALL = [('smp_tcn', dict(seq_len=40, in_chans=2, num_classes=5)),
+         ('flextcn_2', dict(seq_len=40, in_chans=2, num_classes=5))]
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize('name,params', PARAMS)
+def test_parameter_counts_equal_the_authors(name, params):
+    model = timm.create_model(name, device='meta')
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize('name,kwargs', SMALL)
+@pytest.mark.parametrize('impl', ['direct', 'fft'])
+def test_causal_eager_and_reparameterized(name, kwargs, impl):
+    torch.manual_seed(0)
+    model = randomize_bn_stats_(timm.create_model(name, **kwargs)).eval()
+    fused = reparameterize_model(model)
+    x = torch.randn(2, 2, 40)
+    for m in (model, fused):
+        with torch.no_grad(), conv_impl(impl):
+            base = m.forward_features(x)
+            for t in (0, 17, 39):
+                xp = x.clone()
+                xp[:, :, t] += 5.0
+                out = m.forward_features(xp)
+                if impl == 'direct':
+                    assert torch.equal(out[:, :, :t], base[:, :, :t])  # nothing before t moves
+                else:  # the FFT spreads float rounding, nothing more
+                    assert (out[:, :, :t] - base[:, :, :t]).abs().max() <= 1e-5 * base.abs().max()
+                assert (out[:, :, t:] - base[:, :, t:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('n,length,k', [(2, 50, 50), (1, 51, 51), (2, 37, 12), (1, 10, 40), (2, 64, 64)])
+def test_causal_fft_equals_direct_values_and_gradients(n, length, k):
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, length, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 3, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    ref = F.conv1d(F.pad(x, (k - 1, 0)), w, b)
+    gy = torch.randn_like(ref)
+    want = torch.autograd.grad(ref, (x, w, b), gy)
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, w, b))
+    with conv_impl('fft'):
+        assert select_causal_backend(xf, wf) == 'fft'
+        y = causal_conv1d(xf, wf, bf)
+    assert rel(y.double(), ref) < 1e-5
+    for got, exp in zip(torch.autograd.grad(y, (xf, wf, bf), gy.float()), want):
+        assert rel(got.double(), exp) < 1e-5
+    # grouped (depthwise) too
+    wd = torch.randn(3, 1, k, dtype=torch.float64)
+    with conv_impl('fft'):
+        yd = causal_conv1d(x.detach().float(), wd.float(), None, groups=3)
+    assert rel(yd.double(), F.conv1d(F.pad(x.detach(), (k - 1, 0)), wd, None, groups=3)) < 1e-5
+
+
+def test_causal_dispatch_rule_and_module():
+    x = torch.randn(1, 2, 100)
+    assert select_causal_backend(x, torch.randn(2, 2, 5)) == 'direct'
+    assert select_causal_backend(x, torch.randn(2, 2, 100)) == 'fft'
+    assert select_causal_backend(torch.randn(1, 2, 8), torch.randn(2, 2, 100)) == 'direct'  # cut to 8 taps
+    with conv_impl('direct'):
+        assert select_causal_backend(x, torch.randn(2, 2, 100)) == 'direct'
+    conv = CausalConv1d(2, 3, 70)
+    torch.testing.assert_close(conv(x), F.conv1d(F.pad(x, (69, 0)), conv.weight, conv.bias), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('name,kwargs', SMALL)
+def test_reparameterized_outputs_equal(name, kwargs):
+    torch.manual_seed(0)
+    model = randomize_bn_stats_(timm.create_model(name, **kwargs)).eval()
+    x = torch.randn(3, 2, 40)
+    fused = reparameterize_model(model)
+    kinds = {type(m).__name__ for m in fused.modules()}
+    assert not kinds & {'SMPConv1d', 'FlexConv1d', 'SMPLargeKernel1d', 'FlexConvBN1d', 'BatchNorm1d'}
+    assert 'CausalConv1d' in kinds
+    with torch.no_grad():
+        assert rel(fused(x), model(x)) < 1e-5
+
+
+def _authors_tcn_state_dict(cin, classes, bias, g):
+    """A random state dict in the SMP authors' sequence-model layout (`backbone.{i}`, `finallyr`)."""
+    sd = {}
+    for i in range(6):
+        c = cin if i == 0 else 30
+        p = f'backbone.{i}.'
+        for j, ci in ((1, c), (2, 30)):
+            sd[p + f'cconv{j}.train_length'] = torch.tensor([40], dtype=torch.int32)
+            sd[p + f'cconv{j}.Kernel.weight_coord'] = torch.rand(30, 30, 1, generator=g) * 2 - 1
+            sd[p + f'cconv{j}.Kernel.radius'] = torch.rand(30, 30, 1, generator=g) * 0.1 + 0.05
+            sd[p + f'cconv{j}.Kernel.weights'] = torch.randn(30, ci, 30, generator=g) * 0.1
+            if bias:
+                sd[p + f'cconv{j}.bias'] = torch.randn(30, generator=g) * 0.1
+            sd[p + f'cconv{j}s.weight'] = torch.randn(30, ci, 5, generator=g) * 0.1
+            random_bn_entries(sd, p + f'norm{j}.', 30, g)
+            random_bn_entries(sd, p + f'norm{j}s.', 30, g)
+        if i == 0 and c != 30:
+            sd[p + 'shortcut.0.weight'] = torch.randn(30, c, 1, generator=g) * 0.3
+            sd[p + 'shortcut.0.bias'] = torch.randn(30, generator=g) * 0.1
+    sd['finallyr.weight'] = torch.randn(classes, 30, generator=g) * 0.1
+    sd['finallyr.bias'] = torch.randn(classes, generator=g) * 0.1
+    return sd
+
+
+def _authors_forward(sd, x):
+    """The authors' SMP-TCN in eval mode, written from their description alone (no package code): count-
+    normalised tent kernels on linspace(-1, 1, k), causal conv (left pad k - 1), BN, 5-tap branches."""
+    def bn(h, p):
+        return (h - sd[p + 'running_mean'][:, None]) / torch.sqrt(sd[p + 'running_var'][:, None] + 1e-5) \
+            * sd[p + 'weight'][:, None] + sd[p + 'bias'][:, None]
+
+    def smp(h, p):
+        k = int(sd[p + 'train_length'])
+        q = torch.linspace(-1, 1, k)
+        pos, r, w = sd[p + 'Kernel.weight_coord'], sd[p + 'Kernel.radius'], sd[p + 'Kernel.weights']
+        g = torch.relu(1 - (q[None, None, :] - pos).abs() / r)  # (Cout, P, k)
+        g = g / ((g != 0).sum(1, keepdim=True) + 1e-6)
+        kern = torch.einsum('oip,opk->oik', w, g)
+        return F.conv1d(F.pad(h, (k - 1, 0)), kern, sd.get(p + 'bias'))
+
+    def branch(h, i, j):
+        p = f'backbone.{i}.'
+        small = F.conv1d(F.pad(h, (4, 0)), sd[p + f'cconv{j}s.weight'])
+        return torch.relu(bn(smp(h, p + f'cconv{j}.'), p + f'norm{j}.') + bn(small, p + f'norm{j}s.'))
+
+    for i in range(6):
+        h = branch(branch(x, i, 1), i, 2)
+        p = f'backbone.{i}.shortcut.0.'
+        s = F.conv1d(x, sd[p + 'weight'], sd[p + 'bias']) if p + 'weight' in sd else x
+        x = torch.relu(h + s)
+    return x[:, :, -1] @ sd['finallyr.weight'].t() + sd['finallyr.bias']
+
+
+@pytest.mark.parametrize('cin,classes,bias', [(1, 10, False), (3, 20, True)])
+def test_authors_checkpoint_reproduces_their_model(tmp_path, cin, classes, bias):
+    g = torch.Generator().manual_seed(cin)
+    sd = _authors_tcn_state_dict(cin, classes, bias, g)
+    path = tmp_path / 'smp_tcn.pth'
+    torch.save({'model': sd, 'epoch': 3}, path)
+    model = timm.create_model('smp_tcn', pretrained=True, seq_len=40, in_chans=cin, num_classes=classes,
+                              conv_bias=bias, pretrained_cfg_overlay=dict(file=str(path))).eval()
+    x = torch.randn(2, cin, 40, generator=g)
+    with torch.no_grad():
+        ref = _authors_forward(sd, x.double() if False else x)
+        assert rel(model(x), ref) < 1e-5
+        for impl in ('direct', 'fft'):
+            with conv_impl(impl):
+                assert rel(model(x), ref) < 1e-5
+    # wrong layouts are named
+    bad = dict(sd)
+    bad['backbone.1.cconv1.Kernel.weights'] = torch.zeros(30, 29, 30)
+    del bad['finallyr.bias']
+    torch.save({'model': bad}, path)
+    with pytest.raises(ValueError, match=r'(?s)blocks\.1\.conv1\.smp\.weight.*head\.bias|head\.bias.*blocks\.1'):
+        timm.create_model('smp_tcn', pretrained=True, seq_len=40, in_chans=cin, num_classes=classes,
+                          conv_bias=bias, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+@pytest.mark.parametrize('name', ['smp_tcn.digits', 'flextcn_2.digits'])
+def test_timm_contract(name):
+    check_timm_model_contract(name)
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 8, 8)
+    feats = timm.create_model(name, features_only=True, out_indices=(0, -1)).eval()
+    feats.load_state_dict(model.state_dict(), strict=False)
+    outs = feats(x)
+    assert [o.shape for o in outs] == [(2, 30, 64)] * 2
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == len(model.blocks) and torch.equal(final, inter[-1])
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(model.forward_head(model.forward_features(x), pre_logits=True), model.forward_features(x)[:, :, -1])
+        model.set_grad_checkpointing(True)
+        torch.testing.assert_close(model(x), y)
+        # fx, as timm's tests trace
+        torch.testing.assert_close(fx_model(model, False)(x), y)
+    # the image is read in raster order: the same as the flattened sequence
+    torch.testing.assert_close(model(x.flatten(2)), y)
+    model.reset_classifier(4)
+    assert model(x).shape == (2, 4)
+
+
+def test_sequence_length_rule():
+    torch.manual_seed(0)
+    model = randomize_bn_stats_(timm.create_model('smp_tcn', seq_len=40, in_chans=1)).eval()
+    x = torch.randn(2, 1, 60)
+    with torch.no_grad():
+        long = model.forward_features(x)
+        # kernels fixed in time steps: a shorter sequence gives exactly the prefix of a longer one's outputs
+        assert rel(model.forward_features(x[:, :, :25]), long[:, :, :25]) < 1e-5
+        assert model(x).shape == (2, 10)
+        y40 = model(x[:, :, :40])
+        model.set_seq_len(79)  # 'stretch': the same continuous kernels, sampled at 79 taps
+        assert model.blocks[0].conv1.smp.get_weight().shape[-1] == 79 and model.seq_len == 79
+        model.set_seq_len(40)
+        assert rel(model(x[:, :, :40]), y40) < 1e-5  # a round trip restores the model
+    flex = timm.create_model('flextcn_2', seq_len=40, in_chans=1).eval()
+    flex.set_seq_len(21)
+    assert flex.blocks[0].conv1.conv.kernel_size == 21 and flex(torch.randn(1, 1, 30)).shape == (1, 10)
+    with pytest.raises(ValueError, match='mode'):
+        model.set_seq_len(50, mode='extend')
+
+
+def test_permutation_is_fixed_stored_and_tied_to_the_length():
+    a = timm.create_model('smp_tcn.pdigits')
+    b = timm.create_model('smp_tcn.pdigits')
+    assert torch.equal(a.permutation, b.permutation) and 'permutation' in a.state_dict()
+    assert sorted(a.permutation.tolist()) == list(range(64)) and a.permutation.tolist() != list(range(64))
+    x = torch.randn(2, 3, 8, 8)
+    plain = timm.create_model('smp_tcn.digits').eval()
+    plain.load_state_dict({k: v for k, v in a.state_dict().items() if k != 'permutation'})
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), plain(x.flatten(2)[:, :, a.permutation]))
+    with pytest.raises(ValueError, match='fixed permutation, got 49 steps'):
+        a(torch.randn(2, 3, 7, 7))
+    with pytest.raises(ValueError, match='cannot be re-targeted'):
+        a.set_seq_len(49)
+
+
+@pytest.mark.parametrize('x,match', [
+    (torch.randn(2, 2, 64), r'expects \(B, 3, L\) sequences'),
+    (torch.randn(2, 3, 0), 'empty'),
+    (torch.randn(3, 64), r'expects \(B, 3, L\)'),
+])
+def test_bad_input_raises(x, match):
+    model = timm.create_model('smp_tcn.digits')
+    with pytest.raises(ValueError, match=match):
+        model(x)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="conv_type must be one of"):
+        timm.create_model('smp_tcn', conv_type='lstm')
+    with pytest.raises(ValueError, match="radius and conv_bias apply to conv_type='smp' only"):
+        timm.create_model('flextcn_2', radius=0.1)
+    with pytest.raises(ValueError, match='seq_len must be an int >= 2'):
+        timm.create_model('smp_tcn', seq_len=1)
+    with pytest.raises(ValueError, match="global_pool must be 'last'"):
+        timm.create_model('smp_tcn', global_pool='avg')
+
+
+def test_flexconv1d_mask_crop_and_causal_kernel():
+    torch.manual_seed(0)
+    conv = FlexConv1d(2, 3, 101)
+    assert conv.mask_params.tolist() == [[1.0, 0.075]]
+    w = conv.get_weight()
+    # at init the mask (mean +1, sigma 0.075) keeps the newest positions p > 1 - 0.075 * 2.146
+    grid = torch.linspace(-1, 1, 101)
+    assert w.shape[-1] == int((grid > 1 - 0.075 * (-2 * torch.tensor(0.1).log()).sqrt()).sum())
+    x = torch.randn(2, 2, 50)
+    full = F.conv1d(F.pad(x, (w.shape[-1] - 1, 0)), w, conv.bias)
+    torch.testing.assert_close(conv(x), full, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        conv.mask_params[0, 1] = 2.0  # wide mask: nothing cropped
+    assert conv.get_weight().shape[-1] == 101
+
+
+def test_flops_of_a_sequence_model():
+    model = timm.create_model('smp_tcn.digits')
+    counts = flops.count_flops(model, seq_len=64)
+    # the conv work of the rendered kernels: (SMP 64 taps + 5 taps) x C_in x 30 per step, plus the shortcut
+    per_step = sum((64 + 5) * c * 30 for c in [3, 30] + [30, 30] * 5) + 3 * 30
+    assert counts['conv'] == per_step * 64
+    assert counts['kernel_gen'] > 0 and counts['params'] == sum(p.numel() for p in model.parameters())
+    out = flops.main(['--model', 'smp_tcn.digits'])
+    assert out['conv'] == counts['conv']
