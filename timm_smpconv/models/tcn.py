@@ -58,6 +58,28 @@ CONV_TYPES = ('smp', 'flexconv')
 LENGTH_MODES = ('stretch', 'none')
 
 
+def as_sequence(x: torch.Tensor, in_chans: int, permutation: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, C, L) sequences as they are, (B, C, H, W) images in raster order (step t = row * W + column), read
+    through `permutation` if given; a clear error for anything else."""
+    if x.dim() == 4:
+        x = x.flatten(2)
+    if x.dim() != 3 or x.shape[1] != in_chans:
+        raise ValueError(f'SequenceTCN expects (B, {in_chans}, L) sequences or (B, {in_chans}, H, W) images, got '
+                         f'shape {list(x.shape)}')
+    if x.shape[-1] == 0:
+        raise ValueError('the input sequence is empty (length 0)')
+    if permutation is not None:
+        if x.shape[-1] != permutation.shape[0]:
+            raise ValueError(f'this model reads {permutation.shape[0]} steps through a fixed permutation, got '
+                             f'{x.shape[-1]} steps')
+        x = x[:, :, permutation]
+    return x
+
+
+# torch.fx records the input checks as one call instead of tracing their shape logic
+torch.fx.wrap('as_sequence')
+
+
 class TCNBlock(nn.Module):
     """out = ReLU(DropPath(Dropout(ReLU(branch2(Dropout(ReLU(branch1(x))))))) + shortcut(x))."""
 
@@ -229,19 +251,7 @@ class SequenceTCN(nn.Module):
         self.seq_len = seq_len
 
     def _to_sequence(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 4:
-            x = x.flatten(2)  # raster order: step t = row * W + column
-        if x.dim() != 3 or x.shape[1] != self.in_chans:
-            raise ValueError(f'{type(self).__name__} expects (B, {self.in_chans}, L) sequences or (B, {self.in_chans}, '
-                             f'H, W) images, got shape {list(x.shape)}')
-        if x.shape[-1] == 0:
-            raise ValueError('the input sequence is empty (length 0)')
-        if self.permutation is not None:
-            if x.shape[-1] != self.permutation.shape[0]:
-                raise ValueError(f'this model reads {self.permutation.shape[0]} steps through a fixed permutation, '
-                                 f'got {x.shape[-1]} steps')
-            x = x[:, :, self.permutation]
-        return x
+        return as_sequence(x, self.in_chans, self.permutation)
 
     def forward_intermediates(
             self,
@@ -413,13 +423,14 @@ def _cfg(tag: str, **kwargs):
     return {
         'url': '', 'num_classes': d['num_classes'], 'input_size': (d['in_chans'],) + size, 'pool_size': None,
         'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': mean, 'std': std,
-        'first_conv': 'blocks.0.conv1', 'classifier': 'head', **kwargs,
+        'classifier': 'head', **kwargs,
     }
 
 
 default_cfgs = generate_default_cfgs({
-    **{f'smp_tcn.{t}': _cfg(t, **_SMP_PAPER) for t in _DATASETS},
-    **{f'flextcn_{n}.{t}': _cfg(t, **_FLEX_PAPER) for n in (2, 4, 6) for t in _DATASETS},
+    **{f'smp_tcn.{t}': _cfg(t, first_conv='blocks.0.conv1.smp', **_SMP_PAPER) for t in _DATASETS},
+    **{f'flextcn_{n}.{t}': _cfg(t, first_conv='blocks.0.conv1.conv.kernel_net.output', **_FLEX_PAPER)
+       for n in (2, 4, 6) for t in _DATASETS},
 })
 
 
