@@ -300,3 +300,41 @@ def test_torchcompile_trains_the_same_model(data_dir, tmp_path):
         return float(next(line.split('loss ')[1].split()[0] for line in out.splitlines() if '[   1/6] loss' in line))
     assert abs(first_loss(res.stdout) - first_loss(eager.stdout)) < 1e-3 * abs(first_loss(eager.stdout))
     assert (tmp_path / 'compiled' / 'last.pth.tar').exists()
+
+
+@pytest.mark.parametrize('model', ['smp_tcn.pdigits', 'flextcn_2.digits'])
+def test_sequence_preset_trains_with_torchrun(tmp_path, model):
+    """The 'seq-digits' preset: the built-in digits read as 64-step sequences, two ranks."""
+    args = ['--preset', 'seq-digits', '--model', model, '--epochs', '1', '--output', str(tmp_path),
+            '--experiment', 'seq', '--device', 'cpu', '--seed', '1']
+    res = run_script(args, torchrun_procs=2)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = tmp_path / 'seq'
+    assert "preset 'seq-digits'" in res.stdout and 'Distributed: 2 processes' in res.stdout
+    row = (out / 'summary.csv').read_text().splitlines()[1].split(',')
+    assert float(row[3]) > 10.0  # eval top-1 (%) above chance after one epoch
+    state = load_ckpt(out / 'last.pth.tar')['state_dict']
+    assert ('permutation' in state) == model.endswith('pdigits')
+    assert any(k.endswith('kernel_size_record') and int(v) == 64 for k, v in state.items())
+
+
+def test_sequential_mnist_flags_on_a_grey_image_folder(tmp_path):
+    """The documented sMNIST command's flags (--input-img-mode L, 28 px, one-channel statistics) on a small
+    folder of 28 x 28 grey images: the 784-step model reads them as 1-channel sequences."""
+    rng = np.random.RandomState(0)
+    for split in ('train', 'val'):
+        for ci, c in enumerate(('a', 'b')):
+            d = tmp_path / 'data' / split / c
+            d.mkdir(parents=True)
+            for i in range(6):
+                img = rng.randint(0, 60, (28, 28)).astype(np.uint8)
+                img[ci * 14:(ci + 1) * 14] += 150
+                Image.fromarray(img, mode='L').save(d / f'{i}.png')
+    args = ['--preset', 'seq-digits', '--model', 'smp_tcn.smnist', '--data-dir', str(tmp_path / 'data'),
+            '--input-img-mode', 'L', '--img-size', '28', '--mean', '0.1307', '--std', '0.3081', '--epochs', '1',
+            '--batch-size', '4', '--output', str(tmp_path), '--experiment', 'smnist', '--device', 'cpu']
+    res = run_script(args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    state = load_ckpt(tmp_path / 'smnist' / 'last.pth.tar')['state_dict']
+    assert state['blocks.0.conv1.smp.weight'].shape == (30, 1, 30)  # one input channel
+    assert int(state['blocks.0.conv1.smp.kernel_size_record']) == 784
