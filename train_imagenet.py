@@ -346,8 +346,9 @@ def unwrap(model):
 
 def build_data_config(args, model):
     """timm's data config for the model with the flags applied (digits statistics for the built-in data)."""
+    chans = args.in_chans or getattr(model, 'in_chans', 3)  # e.g. 1 for the sequential-MNIST models
     data_config = resolve_data_config(
-        dict(input_size=(3, args.img_size, args.img_size) if args.img_size else None, crop_pct=args.crop_pct,
+        dict(input_size=(chans, args.img_size, args.img_size) if args.img_size else None, crop_pct=args.crop_pct,
              mean=args.mean, std=args.std, interpolation=args.interpolation), model=model)
     if args.data_dir is None and not args.dataset and args.mean is None:
         data_config['mean'], data_config['std'] = DIGITS_MEAN, DIGITS_STD

@@ -69,9 +69,9 @@ def test_large_kernel_branch_is_sum_of_two_bn_branches():
 
 
 BAD_ARGS = [
-    (dict(kernel_size=4), ValueError, 'odd'),
-    (dict(kernel_size=0), ValueError, 'odd'),
-    (dict(kernel_size=-3), ValueError, 'odd'),
+    (dict(kernel_size=4), ValueError, 'odd'),  # 2-D kernels are centred; 1-D causal ones may be even (below)
+    (dict(kernel_size=0), ValueError, 'positive'),
+    (dict(kernel_size=-3), ValueError, 'positive'),
     (dict(kernel_size=(5, 7)), ValueError, 'square'),
     (dict(kernel_size=5.0), TypeError, 'kernel_size'),
     (dict(n_points=0), ValueError, 'n_points'),
@@ -95,6 +95,11 @@ def test_bad_constructor_arguments_raise(cls, override, exc, match):
     if cls is SMPConv1d and isinstance(kwargs['kernel_size'], tuple):
         kwargs['kernel_size'] = (5,) * 2  # wrong number of entries for 1D
         match = 'entries'
+    if cls is SMPConv1d and kwargs['kernel_size'] == 4:
+        conv = cls(**kwargs)  # a causal kernel of any length: the sequence models' horizon is the sequence
+        x = torch.randn(2, 4, 9)
+        torch.testing.assert_close(conv(x), F.conv1d(F.pad(x, (3, 0)), conv.get_weight(), conv.bias))
+        return
     with pytest.raises(exc, match=match):
         cls(**kwargs)
 

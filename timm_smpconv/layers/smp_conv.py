@@ -47,9 +47,11 @@ def _check_kernel_size(kernel_size: Union[int, Sequence[int]], dims: int, name: 
         kernel_size = kernel_size[0]
     if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
         raise TypeError(f'{name} must be an int, got {type(kernel_size).__name__}')
-    if kernel_size < 1 or (dims == 2 and kernel_size % 2 == 0):
-        # 2-D kernels are centred (k // 2 padding on each side); 1-D ones are causal, any length works
+    # 2-D kernels are centred (k // 2 padding on each side); 1-D ones are causal, any length works
+    if dims == 2 and (kernel_size < 1 or kernel_size % 2 == 0):
         raise ValueError(f'{name} must be a positive odd number, got {kernel_size}')
+    if kernel_size < 1:
+        raise ValueError(f'{name} must be a positive int, got {kernel_size}')
     return kernel_size
 
 
