@@ -8,15 +8,12 @@ backward (input and kernel gradients) and forward without autograd, the two path
 each round, medians in ms. Writes benchmarks/results/conv1d_paths.md.
 """
 import statistics
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from run import bench_start, interleaved_times
+from run import bench_start, interleaved_times, write_results
 from timm_smpconv.ops import causal_conv1d, conv_impl
 
-RESULTS = Path(__file__).resolve().parent / 'results'
 LENGTHS = [16, 32, 48, 64, 96, 128, 182, 256, 784, 1024]
 
 
@@ -54,8 +51,7 @@ def main(argv=None):
             lines.append(f'| {length} | {k} | {r["direct_train"]:.2f} | {r["fft_train"]:.2f} | '
                          f'{r["direct_infer"]:.2f} | {r["fft_infer"]:.2f} |')
             print(lines[-1], flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / 'conv1d_paths.md').write_text('\n'.join(lines) + '\n')
+    write_results('conv1d_paths.md', lines)
 
 
 if __name__ == '__main__':

@@ -9,16 +9,14 @@ inputs; then the FFT grid lengths compared (forward + inverse transforms alone) 
 stage shapes. Writes benchmarks/results/conv_paths.md.
 """
 import statistics
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from run import bench_start, interleaved_times
+from run import bench_start, interleaved_times, write_results
 from timm_smpconv.ops import fft_conv2d, fft_size
 from timm_smpconv.ops.fft import _irfft2_rows, _rfft2_rows
 
-RESULTS = Path(__file__).resolve().parent / 'results'
 
 # (label, batch, in channels, out channels, groups, map, kernel)
 SHAPES = [
@@ -92,8 +90,7 @@ def main(argv=None):
         lines.append(f'| {c} x {h} x {h} | ' + ' | '.join(f'{n}: {t[n]:.1f} ms' for n in lengths) +
                      f' | {fft_size(lengths[0])} |')
         print(lines[-1], flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / 'conv_paths.md').write_text('\n'.join(lines) + '\n')
+    write_results('conv_paths.md', lines)
 
 
 if __name__ == '__main__':

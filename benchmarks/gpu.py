@@ -99,7 +99,6 @@ def train_throughput(name: str, args, device, compiled: bool) -> dict:
     res = {'img_s': batch / s, 'step_ms': 1e3 * s, 'first_step_s': compile_s}
     if device.type == 'cuda':
         res['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
-    del model, opt, fwd
     return res
 
 
@@ -117,7 +116,6 @@ def inference(name: str, args, device) -> dict:
 
         s = median_seconds(run, device, args.warmup, args.reps)
         res[key] = batch / s if key == 'img_s' else 1e3 * s
-    del model
     return res
 
 
@@ -212,7 +210,7 @@ def main(argv=None):
         c = r.get('compiled', {})
         lines.append(f"| {name} | {r['eager']['img_s']:.0f} | {_fmt(c.get('img_s'))} | "
                      f"{_fmt(r['eager'].get('peak_gib'), '.1f')} | {_fmt(c.get('first_step_s'), '.0f')} |")
-    lines += ['', f'## Inference, reparameterized (bf16 channels_last)', '',
+    lines += ['', '## Inference, reparameterized (bf16 channels_last)', '',
               f'| model | img/s at batch {args.infer_batch} | latency ms at batch 1 |', '|---|---|---|']
     for name, r in infer.items():
         lines.append(f"| {name} | {r['img_s']:.0f} | {r['latency_ms']:.2f} |")

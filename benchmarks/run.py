@@ -54,6 +54,14 @@ def bench_start(doc: str, reps: int, title: str, command: str, argv=None):
     return args, [f'# {title}', '', machine_line(args.threads, command), '']
 
 
+def write_results(name: str, lines) -> Path:
+    """Write a results file (benchmarks/results/NAME) from its lines."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text('\n'.join(lines) + '\n')
+    return path
+
+
 def _median_time(fn, warmup, reps):
     for _ in range(warmup):
         fn()

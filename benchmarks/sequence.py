@@ -10,18 +10,16 @@ width 56 (331,250 parameters, receptive field 3,061 steps), built here because t
 benchmarks/results/sequence.md.
 """
 import statistics
-from pathlib import Path
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from run import bench_start, interleaved_times
+from run import bench_start, interleaved_times, write_results
 import timm_smpconv  # noqa: F401
 from timm_smpconv.ops import select_causal_backend
 
-RESULTS = Path(__file__).resolve().parent / 'results'
 
 
 class DilatedTCN(nn.Module):
@@ -62,7 +60,7 @@ def _step(model, x, y):
 def main(argv=None):
     args, lines = bench_start(__doc__, 2, 'Sequence models, training step (s, medians)',
                               'python benchmarks/sequence.py', argv)
-    lines += ['| length | batch | model | params | conv path (sequence-long kernel) | step s | steps/s | vs dilated TCN |',
+    lines += ['| length | batch | model | params | conv path of the long kernels | step s | steps/s | vs dilated TCN |',
               '|---|---|---|---|---|---|---|---|']
     for length, batch, names in ((784, 64, ['smp_tcn', 'flextcn_6']), (16000, 32, ['smp_tcn'])):
         torch.manual_seed(0)
@@ -78,8 +76,7 @@ def main(argv=None):
             lines.append(f'| {length} | {batch} | {n} | {sum(p.numel() for p in m.parameters()):,} | {path} | '
                          f'{s:.3f} | {1 / s:.2f} | {s / base:.2f}x |')
             print(lines[-1], flush=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / 'sequence.md').write_text('\n'.join(lines) + '\n')
+    write_results('sequence.md', lines)
 
 
 if __name__ == '__main__':

@@ -49,7 +49,7 @@ from timm.models import (
 from timm.models._features import feature_take_indices
 
 from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d, retarget_resolution
-from ._builder import build_model_naming_file_errors
+from ._builder import build_model_naming_file_errors, no_decay_patterns, unwrap_checkpoint
 from .smpconv import _authors_to_points, _check_keys
 
 __all__ = ['FlexNet']
@@ -206,10 +206,7 @@ class FlexNet(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        # Gaussian mask parameters and SMP radii: no decay (they also get a 0.1x lr through
-        # timm_smpconv.param_groups_smp)
-        names = [n for n, _ in self.named_parameters()]
-        return {p for p in ('*.mask_params', '*.radius') if any(n.endswith(p[1:]) for n in names)}
+        return no_decay_patterns(self)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -438,11 +435,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FlexNet) ->
     re-targeted to the 33 horizon (FlexConv factor x0.25, SMP weights x0.25) instead of silently
     running with a 17-sample kernel, which is what their code does unless train_length is reset to 0.
     """
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):  # EMA preferred, as timm does
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_checkpoint(state_dict)
     if any('.Kernel.' in k for k in state_dict) or 'out_layer.weight' in state_dict:
         state_dict = _convert_authors(state_dict, model)
     state_dict = _adapt_stem_in_chans(state_dict, model)

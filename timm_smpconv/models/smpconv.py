@@ -32,7 +32,7 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import ConvBN, SMPLargeKernel2d, fold_preceding_bn
-from ._builder import build_model_naming_file_errors
+from ._builder import build_model_naming_file_errors, unwrap_checkpoint
 
 __all__ = ['SMPConvNet']
 
@@ -451,11 +451,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMPConvNet)
     """Convert the authors' checkpoints (or pass ours through) and check the keys.
 
     Kernel sizes are re-mapped by the SMP layers themselves when the state dict is loaded."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):  # EMA preferred, as timm does
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_checkpoint(state_dict)
     if any(k.endswith('smp.conv.weight_coord') for k in state_dict):
         state_dict = _convert_authors(state_dict)
     _check_keys(state_dict, model)

@@ -49,7 +49,7 @@ from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, regis
 from timm.models._features import feature_take_indices
 
 from ..layers import FlexConvBN1d, SMPLargeKernel1d
-from ._builder import build_model_naming_file_errors
+from ._builder import build_model_naming_file_errors, no_decay_patterns, unwrap_checkpoint
 from .smpconv import _check_keys
 
 __all__ = ['SequenceTCN']
@@ -212,8 +212,7 @@ class SequenceTCN(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self):
-        names = [n for n, _ in self.named_parameters()]
-        return {p for p in ('*.mask_params', '*.radius') if any(n.endswith(p[1:]) for n in names)}
+        return no_decay_patterns(self)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -366,11 +365,7 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor], model: SequenceTCN) ->
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SequenceTCN) -> Dict[str, torch.Tensor]:
     """Convert the authors' SMP-TCN checkpoints (or pass ours through) and check the keys (ValueError naming
     missing, unexpected and mis-shaped keys)."""
-    for key in ('state_dict_ema', 'model_ema', 'state_dict', 'model'):  # EMA preferred, as timm does
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    state_dict = {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('backbone.') for k in state_dict) or 'finallyr.weight' in state_dict:
         state_dict = _convert_authors(state_dict, model)
     _check_keys(state_dict, model)
