@@ -102,6 +102,14 @@ def test_kernel_spectrum_kept_by_the_module_for_fixed_weights_and_refreshed_afte
         conv(x).sum().backward()
         assert len(calls) == 4 and conv.weight.grad is not None
     assert not hasattr(fft_mod, '_SPECTRA') and not hasattr(dispatch, '_SPECTRA')
+    # whole-module pickling (torch.save(model)) and deepcopy work with a filled cache, which stays behind
+    import io
+    buf = io.BytesIO()
+    torch.save(conv, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert '_conv_cache' not in loaded.__dict__ and torch.equal(loaded(x), conv(x))
+    assert torch.equal(copy.deepcopy(conv)(x), conv(x))
 
 
 def test_fft_under_bf16_autocast_returns_the_autocast_dtype():

@@ -103,6 +103,12 @@ class DispatchConvMixin:
             cache = self.__dict__.setdefault('_conv_cache', {})
         return large_kernel_conv2d(x, weight, bias, stride, groups, cache)
 
+    def __getstate__(self):
+        # the cache holds a weak reference (not picklable) and is derived state: pickles go without it
+        state = dict(super().__getstate__())  # a copy: the live module keeps its cache
+        state.pop('_conv_cache', None)
+        return state
+
 
 class LargeKernelConv2d(DispatchConvMixin, nn.Conv2d):
     """nn.Conv2d with symmetric padding (kh // 2, kw // 2) whose forward convolves through

@@ -80,6 +80,12 @@ def as_sequence(x: torch.Tensor, in_chans: int, permutation: Optional[torch.Tens
 torch.fx.wrap('as_sequence')
 
 
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ('last', ''):
+        raise ValueError(f"global_pool must be 'last' (the last time step) or '' (none), got {global_pool!r}")
+    return global_pool
+
+
 class TCNBlock(nn.Module):
     """out = ReLU(DropPath(Dropout(ReLU(branch2(Dropout(ReLU(branch1(x))))))) + shortcut(x))."""
 
@@ -152,8 +158,7 @@ class SequenceTCN(nn.Module):
                             ('in_chans', in_chans, 1), ('num_classes', num_classes, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f'{name} must be an int >= {lo}, got {v!r}')
-        if global_pool not in ('last', ''):
-            raise ValueError(f"global_pool must be 'last' (the last time step), got {global_pool!r}")
+        _check_pool(global_pool)
         if conv_type != 'smp' and (radius is not None or conv_bias):
             raise ValueError("radius and conv_bias apply to conv_type='smp' only")
         self.conv_type = conv_type
@@ -220,9 +225,7 @@ class SequenceTCN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         if global_pool is not None:
-            if global_pool not in ('last', ''):
-                raise ValueError(f"global_pool must be 'last' (the last time step), got {global_pool!r}")
-            self.global_pool = global_pool
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
         ref = next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
