@@ -317,7 +317,7 @@ def create_training_model(args, num_classes):
             drop_rate=args.drop, drop_path_rate=args.drop_path, **kwargs)
     except TrainingError:
         raise
-    except (RuntimeError, ValueError, KeyError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise TrainingError(f'could not create {args.model}: {e}') from e
     if args.initial_checkpoint:
         _load_weights(model, args.initial_checkpoint, use_ema=False)

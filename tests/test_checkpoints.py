@@ -307,7 +307,30 @@ def test_our_checkpoint_with_new_kernel_sizes(tmp_path, x):
         assert_rel(model(x), src(x))
 
 
-def test_pretrained_without_weights_says_so():
-    with pytest.raises(RuntimeError, match='No pretrained weights exist') as err:
+def test_pretrained_without_weights_says_how_to_load_a_file():
+    with pytest.raises(RuntimeError, match=r'smpconv_mobile31 ships no pretrained weights.*pretrained_cfg_overlay='
+                                           r'dict\(file=PATH\)') as err:
         timm.create_model('smpconv_mobile31', pretrained=True)
     assert 'corrupt' not in str(err.value)
+
+
+def test_missing_and_unsafe_weights_files_say_what_happened(tmp_path):
+    missing = tmp_path / 'nowhere' / 'w.pth'
+    with pytest.raises(FileNotFoundError, match=f'not found: {missing}'):
+        timm.create_model('smpconv_mobile31', pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
+
+    class Payload:  # an arbitrary pickled object: torch's weights_only loader refuses such files
+        def __reduce__(self):
+            return (print, ('loaded',))
+
+    unsafe = tmp_path / 'unsafe.pth'
+    src = timm.create_model('smpconv_mobile31')
+    torch.save({'model': src.state_dict(), 'extra': Payload()}, unsafe)
+    with pytest.raises(RuntimeError, match=r'safe loader refused the file.*If you trust it') as err:
+        timm.create_model('smpconv_mobile31', pretrained=True, pretrained_cfg_overlay=dict(file=str(unsafe)))
+    assert 'corrupt' not in str(err.value)
+    # the recipe the message gives works for a trusted file
+    from timm_smpconv.models.smpconv import checkpoint_filter_fn
+    model = timm.create_model('smpconv_mobile31')
+    model.load_state_dict(checkpoint_filter_fn(torch.load(unsafe, weights_only=False), model))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))

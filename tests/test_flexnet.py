@@ -583,7 +583,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path, flex_sd):
     bad.write_bytes(bad.read_bytes()[:1000])
     with pytest.raises(RuntimeError, match=r'could not load pretrained weights for flexnet_16 .*corrupt\.pth'):
         timm.create_model('flexnet_16', pretrained=True, pretrained_cfg_overlay=dict(file=str(bad)))
-    with pytest.raises(RuntimeError, match='No pretrained weights exist for flexnet_16'):
+    with pytest.raises(RuntimeError, match='flexnet_16 ships no pretrained weights'):
         timm.create_model('flexnet_16', pretrained=True)
 
 

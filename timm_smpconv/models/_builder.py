@@ -1,4 +1,5 @@
 """ Model building shared by our model families. """
+import os
 from typing import Callable, Dict, Optional, Set, Type
 
 import torch.nn as nn
@@ -15,23 +16,44 @@ def build_model_naming_file_errors(
         feature_cfg: Optional[Dict] = None,
         **kwargs,
 ) -> nn.Module:
-    """timm's `build_model_with_cfg`, turning an unreadable weights file into an error that names it.
+    """timm's `build_model_with_cfg`, with errors about weights that say what happened.
 
-    A truncated or corrupt file surfaces from torch.load as many exception types (UnpicklingError,
-    EOFError, IndexError, RuntimeError...); they become one RuntimeError naming the file. ValueError
-    and TypeError pass unchanged: bad arguments, or a checkpoint whose keys do not fit (the filter
-    names them). Errors without a file or url (e.g. no weights exist for an `.untrained` cfg) pass too.
+    * `pretrained=True` without a file: our models ship no weights; the error says how to load the authors'
+      or your own file (`pretrained_cfg_overlay=dict(file=...)`).
+    * a file that does not exist: FileNotFoundError naming the path.
+    * a file torch's safe (weights_only) loader refuses, because it pickles arbitrary Python objects: said
+      so, with how to load a file you trust.
+    * a truncated or corrupt file (UnpicklingError, EOFError, IndexError, RuntimeError... from torch.load):
+      one RuntimeError naming the file.
+    ValueError and TypeError pass unchanged: bad arguments, or a checkpoint whose keys do not fit (the filter
+    names them).
     """
+    overlay = kwargs.get('pretrained_cfg_overlay') or {}
+    source = overlay.get('file') or overlay.get('url')
+    cfg = kwargs.get('pretrained_cfg')
+    cfg_source = (cfg.get('file') or cfg.get('url') or cfg.get('hf_hub_id')) if isinstance(cfg, dict) else None
+    if pretrained and not source and not cfg_source:
+        raise RuntimeError(
+            f'{variant} ships no pretrained weights (no package registry hosts them). Load the authors\' or your '
+            f'own checkpoint with timm.create_model({variant!r}, pretrained=True, '
+            f'pretrained_cfg_overlay=dict(file=PATH)), or use pretrained=False')
+    if pretrained and overlay.get('file') and not os.path.exists(overlay['file']):
+        raise FileNotFoundError(f'pretrained weights for {variant} not found: {overlay["file"]}')
     try:
         return build_model_with_cfg(
             model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs)
     except (ValueError, TypeError):
         raise
     except Exception as e:
-        overlay = kwargs.get('pretrained_cfg_overlay') or {}
-        source = overlay.get('file') or overlay.get('url')
         if not pretrained or not source:
             raise
+        if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
+            raise RuntimeError(
+                f'could not load pretrained weights for {variant} from {source}: torch\'s safe loader refused the '
+                f'file because it holds pickled Python objects that could run code when loaded. If you trust it, '
+                f'load it yourself and pass the weights: model = timm.create_model({variant!r}); '
+                f'sd = torch.load(PATH, weights_only=False); model.load_state_dict('
+                f'{model_cls.__module__}.checkpoint_filter_fn(sd, model))') from e
         raise RuntimeError(
             f'could not load pretrained weights for {variant} from {source}: the file is corrupt or not a '
             f'PyTorch / safetensors checkpoint ({type(e).__name__}: {e})') from e
