@@ -62,3 +62,13 @@ def test_visualize_from_checkpoint(tmp_path):
     visualize.main(['--model', 'smpconv_mobile31', '--checkpoint', str(tmp_path / 'ckpt.pth'), '--out', str(out),
                     '--layers', 'stages.2.blocks.2.large_kernel.smp'])
     assert out.stat().st_size > 5_000
+
+
+@pytest.mark.parametrize('name', ['ckcnn_16', 'flexnet_16'])
+def test_kernel_network_cost_is_kernel_generation_paid_once_per_forward(name):
+    model = timm.create_model(name)
+    one = flops.count_flops(model, img_size=32, batch_size=1)
+    four = flops.count_flops(model, img_size=32, batch_size=4)
+    assert one['kernel_gen'] > 0 and four['kernel_gen'] == pytest.approx(one['kernel_gen'])
+    assert one['linear'] == four['linear'] == 48 * 10  # the classifier alone, per image
+    assert four['total'] == pytest.approx(4 * one['total'] - 3 * one['kernel_gen'])

@@ -4,8 +4,9 @@
 
 fvcore counts one multiply-add as one FLOP (as the papers' tables do). The report separates:
   * conv: all convolutions, per image (the paper's GFLOPs column: 5.71 for SMPConv-T);
-  * kernel generation: rendering the SMP kernels (a matmul per SMP layer), paid once per forward
-    whatever the batch size, and gone after reparameterization;
+  * kernel generation: rendering the SMP kernels (a matmul per SMP layer) or running the FlexConv /
+    CKConv kernel networks (MAGNet, SIREN) and their masks, paid once per forward whatever the batch size,
+    and gone after reparameterization;
   * batch norm, fully connected layers (the classifier), and the total.
 """
 import argparse
@@ -18,6 +19,7 @@ import timm
 from fvcore.nn import FlopCountAnalysis
 from timm.utils import reparameterize_model
 
+from .layers.flexconv import FlexConv2d
 from .layers.smp_conv import _SMPConvNd
 
 __all__ = ['count_flops', 'main']
@@ -50,12 +52,18 @@ def count_flops(
         total = fca.total()
         by_mod_op = fca.by_module_and_operator()
     model.train(was_training)
-    smp_names = [n for n, m in model.named_modules() if isinstance(m, _SMPConvNd)]
-    kernel_gen = sum(
-        sum(v for op, v in by_mod_op[n].items() if op != 'conv') for n in smp_names if n in by_mod_op)
+    # kernel generation: everything a continuous conv (SMP, FlexConv / CKConv and their 1-D forms) does
+    # besides the convolution itself, whatever op fvcore files it under (the kernel networks are linears)
+    gen_names = [n for n, m in model.named_modules() if isinstance(m, (_SMPConvNd, FlexConv2d))]
+    gen_ops: Dict[str, float] = {}
+    for n in gen_names:
+        for op, v in by_mod_op.get(n, {}).items():
+            if op != 'conv':
+                gen_ops[op] = gen_ops.get(op, 0) + v
+    kernel_gen = sum(gen_ops.values())
     conv = by_op.get('conv', 0)
-    norm = sum(v for op, v in by_op.items() if op.endswith('_norm'))
-    linear = by_op.get('linear', 0) + by_op.get('addmm', 0)
+    norm = sum(v for op, v in by_op.items() if op.endswith('_norm') and op not in gen_ops)
+    linear = sum(by_op.get(op, 0) - gen_ops.get(op, 0) for op in ('linear', 'addmm'))
     other = total - conv - norm - linear - kernel_gen
     return {
         'params': sum(p.numel() for p in model.parameters()),
