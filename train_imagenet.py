@@ -28,11 +28,10 @@ from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
 
+import timm
 import torch
 import torch.nn as nn
 import yaml
-
-import timm
 from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
 from timm.layers import convert_sync_batchnorm
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -40,8 +39,18 @@ from timm.models import load_checkpoint, resume_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.utils import (
-    AverageMeter, CheckpointSaver, ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad, distribute_bn,
-    init_distributed_device, random_seed, reduce_tensor, reparameterize_model, update_summary,
+    AverageMeter,
+    CheckpointSaver,
+    ModelEmaV3,
+    NativeScaler,
+    accuracy,
+    dispatch_clip_grad,
+    distribute_bn,
+    init_distributed_device,
+    random_seed,
+    reduce_tensor,
+    reparameterize_model,
+    update_summary,
 )
 
 import timm_smpconv  # noqa: F401  (registers our models)

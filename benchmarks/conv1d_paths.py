@@ -10,8 +10,8 @@ each round, medians in ms. Writes benchmarks/results/conv1d_paths.md.
 import statistics
 
 import torch
-
 from run import bench_start, interleaved_times, write_results
+
 from timm_smpconv.ops import causal_conv1d, conv_impl
 
 LENGTHS = [16, 32, 48, 64, 96, 128, 182, 256, 784, 1024]

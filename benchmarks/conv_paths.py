@@ -12,11 +12,10 @@ import statistics
 
 import torch
 import torch.nn.functional as F
-
 from run import bench_start, interleaved_times, write_results
+
 from timm_smpconv.ops import fft_conv2d, fft_size
 from timm_smpconv.ops.fft import _irfft2_rows, _rfft2_rows
-
 
 # (label, batch, in channels, out channels, groups, map, kernel)
 SHAPES = [

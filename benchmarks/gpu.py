@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
-from timm_smpconv.ops import conv_backends, get_conv_impl, large_kernel_conv2d, select_conv_backend, set_conv_impl
-from timm_smpconv.ops import triton_available
+from timm_smpconv.ops import conv_backends, get_conv_impl, large_kernel_conv2d, select_conv_backend, set_conv_impl, triton_available
 
 RESULTS = Path(__file__).resolve().parent / 'results'
 IMAGENET = ['smpconv_t', 'smpconv_mobile31', 'convnext_tiny', 'resnet50']

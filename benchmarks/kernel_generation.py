@@ -17,8 +17,8 @@ import timm
 import torch
 import torch.nn as nn
 from fvcore.nn import FlopCountAnalysis
-
 from run import _build, _train_step, bench_start, interleaved_times
+
 from timm_smpconv.layers import FlexConv2d, SMPConv2d
 
 RESULTS = Path(__file__).resolve().parent / 'results'

@@ -13,8 +13,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 import timm
+import torch
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401

@@ -76,8 +76,9 @@ def _median_time(fn, warmup, reps):
 def _build(name: str, memory_format=None):
     """Model `name` ('flexnet_16' with its masks fully grown, 'flexnet_16@init' as initialised), its
     training batch (inputs, targets) and an AdamW optimizer."""
-    import torch
     import timm
+    import torch
+
     import timm_smpconv  # noqa: F401
 
     torch.manual_seed(0)
@@ -162,6 +163,7 @@ def pair_worker(spec: str, reps: int, threads: int) -> dict:
 def worker(name: str, reps: int, threads: int, profile: bool) -> dict:
     import torch
     from timm.utils import reparameterize_model
+
     from timm_smpconv.layers import SMPConv2d
 
     torch.set_num_threads(threads)
@@ -201,7 +203,8 @@ def worker(name: str, reps: int, threads: int, profile: bool) -> dict:
         res['infer_img_s'] = 8 / _median_time(lambda: fused(x8), 1, reps)
     res['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if name == 'smpconv_t' and profile:  # where a channels_last training step spends its time
-        from torch.profiler import ProfilerActivity, profile as tprofile
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as tprofile
         model, x, y, opt = _build(name, torch.channels_last)
         step = _train_step(model, x, y, opt)
         step()

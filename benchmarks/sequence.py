@@ -15,11 +15,10 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from run import bench_start, interleaved_times, write_results
+
 import timm_smpconv  # noqa: F401
 from timm_smpconv.ops import select_causal_backend
-
 
 
 class DilatedTCN(nn.Module):

@@ -11,8 +11,8 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 import timm
+import torch
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv.layers import SMPConv2d

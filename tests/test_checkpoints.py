@@ -8,13 +8,13 @@ renders kernels the way the authors' code does.
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-import timm
+from helpers import random_bn_entries
 from safetensors.torch import save_file
 
 import timm_smpconv  # noqa: F401
-from helpers import random_bn_entries
 
 # smpconv_mobile31: layers, channels, kernel sizes, points divisor, ffn ratio
 CFG = dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 320), kernels=(31, 29, 27, 13), div=8, ffn=2)
@@ -163,8 +163,8 @@ def test_authors_kernel_orientation_known_case():
         sd['p.weight_coord'] = torch.tensor([[coord]])
         w = authors_kernel(sd, 'p.')[0, 0]
         assert divmod(int(w.argmax()), k) == peak
-    from timm_smpconv.models.smpconv import _authors_to_points
     from timm_smpconv.layers import render_smp_kernel
+    from timm_smpconv.models.smpconv import _authors_to_points
     for coord in [(0.5, 0.0), (0.0, 0.5), (0.3, -0.7)]:
         sd['p.weight_coord'] = torch.tensor([[coord]])
         ours = render_smp_kernel(_authors_to_points(sd['p.weight_coord']), torch.full((1, 1), 0.1),

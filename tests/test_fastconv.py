@@ -12,9 +12,16 @@ import timm_smpconv  # noqa: F401
 from timm_smpconv import flops
 from timm_smpconv.layers import LargeKernelConv2d, SMPConv2d, randomize_bn_stats_
 from timm_smpconv.ops import (
-    conv_impl, default_backend, fft_conv2d, fft_size, get_conv_impl, large_kernel_conv2d, select_conv_backend,
+    conv_impl,
+    default_backend,
+    dispatch,
+    fft_conv2d,
+    fft_size,
+    get_conv_impl,
+    large_kernel_conv2d,
+    select_conv_backend,
 )
-from timm_smpconv.ops import dispatch, fft as fft_mod
+from timm_smpconv.ops import fft as fft_mod
 
 
 def rel(a, b):

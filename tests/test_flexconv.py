@@ -8,8 +8,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm_smpconv.layers import (
-    CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, SMPConv2d, SMPLargeKernel2d, anti_aliasing_penalty,
-    gaussian_mask_crop, randomize_bn_stats_, retarget_resolution,
+    CKConv2d,
+    FlexConv2d,
+    FlexConvBN2d,
+    MAGNet,
+    SMPConv2d,
+    SMPLargeKernel2d,
+    anti_aliasing_penalty,
+    gaussian_mask_crop,
+    randomize_bn_stats_,
+    retarget_resolution,
 )
 from timm_smpconv.ops import fft_conv2d
 

@@ -9,22 +9,21 @@ position grid, the literal cropping rule, SMP kernels rendered on the 'ij' grid 
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import timm
-from timm_smpconv.ops import conv_impl
+from helpers import check_timm_model_contract, fx_model, random_bn_entries
 from timm.layers import set_scriptable
-
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401  (registers the models)
-from helpers import check_timm_model_contract, fx_model, random_bn_entries
 from timm_smpconv import anti_aliasing_penalty, param_groups_smp, retarget_resolution
 from timm_smpconv.layers import FlexConv2d, randomize_bn_stats_
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
+from timm_smpconv.ops import conv_impl
 
 MODELS = ['flexnet_16', 'smp_flexnet_16', 'ckcnn_16']
 PARAMS = {'flexnet_16': 671_650, 'smp_flexnet_16': 489_646, 'ckcnn_16': 627_910}

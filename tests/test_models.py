@@ -2,19 +2,18 @@
 written here because timm's own test file is not part of its wheel. Small inputs keep CI fast. """
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
-import timm
-
+from helpers import check_timm_model_contract, fx_model
 from timm.layers import set_scriptable
 from timm.models import group_parameters
 from timm.utils import reparameterize_model
 
-from timm_smpconv.ops import conv_impl
 import timm_smpconv  # noqa: F401  (registers the models)
-from helpers import check_timm_model_contract, fx_model
 from timm_smpconv.layers import randomize_bn_stats_
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
+from timm_smpconv.ops import conv_impl
 
 MODELS = ['smpconv_t', 'smpconv_b', 'smpconv_mobile31', 'smpconv_mobile51']
 PARAMS = {'smpconv_t': 26_705_248, 'smpconv_b': 79_546_520, 'smpconv_mobile31': 2_892_494,

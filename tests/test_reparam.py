@@ -4,11 +4,9 @@ import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
 
-from timm_smpconv.ops import conv_impl
-
-from timm_smpconv.layers import randomize_bn_stats_
-from timm_smpconv.layers import CausalConv1d, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d
+from timm_smpconv.layers import CausalConv1d, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, randomize_bn_stats_
 from timm_smpconv.layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
+from timm_smpconv.ops import conv_impl
 
 
 def rel_err(a, b):

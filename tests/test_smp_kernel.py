@@ -4,9 +4,7 @@ import math
 import pytest
 import torch
 
-from timm_smpconv.layers import (
-    SMPConv1d, SMPConv2d, default_n_points, default_radius, render_smp_kernel, rescale_factor,
-)
+from timm_smpconv.layers import SMPConv1d, SMPConv2d, default_n_points, default_radius, render_smp_kernel, rescale_factor
 
 
 def loop_reference(points, radius, weight, k, normalize):

@@ -4,14 +4,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import check_timm_model_contract, fx_model, random_bn_entries
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv import flops
 from timm_smpconv.layers import CausalConv1d, FlexConv1d, randomize_bn_stats_
 from timm_smpconv.ops import causal_conv1d, conv_impl, select_causal_backend
-
-from helpers import check_timm_model_contract, fx_model, random_bn_entries
 
 # the authors' models, measured on their code
 PARAMS = [

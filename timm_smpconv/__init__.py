@@ -3,14 +3,23 @@
 `import timm_smpconv` registers the package's models with timm; the layers and optimizer
 helpers are re-exported here.
 """
-from .layers import (
-    CausalConv1d, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, render_smp_kernel, rescale_factor,
-)
-from .layers import CKConv2d, FlexConv2d, FlexConvBN2d, MAGNet, anti_aliasing_penalty, retarget_resolution
 from . import models  # registers the models with timm
-from .ops import conv_impl, large_kernel_conv2d, set_conv_impl
-from .optim import (
-    RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL, clamp_smp_radius_, param_groups_smp,
+from .layers import (
+    CausalConv1d,
+    CKConv2d,
+    FlexConv2d,
+    FlexConvBN2d,
+    MAGNet,
+    SMPConv1d,
+    SMPConv2d,
+    SMPLargeKernel1d,
+    SMPLargeKernel2d,
+    anti_aliasing_penalty,
+    render_smp_kernel,
+    rescale_factor,
+    retarget_resolution,
 )
+from .ops import conv_impl, large_kernel_conv2d, set_conv_impl
+from .optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL, clamp_smp_radius_, param_groups_smp
 
 __version__ = '0.1.0'

@@ -13,9 +13,9 @@ import argparse
 import logging
 from typing import Dict, Optional
 
+import timm
 import torch
 import torch.nn as nn
-import timm
 from fvcore.nn import FlopCountAnalysis
 from timm.utils import reparameterize_model
 

@@ -13,9 +13,9 @@ Axes follow the conv weight: rows downwards, columns to the right.
 import argparse
 from typing import List, Optional, Sequence
 
+import timm
 import torch
 import torch.nn as nn
-import timm
 
 from .layers.smp_conv import SMPConv2d
 

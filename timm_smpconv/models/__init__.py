@@ -1,4 +1,4 @@
 """ timm model families; importing this registers them with timm. """
-from .smpconv import SMPConvNet
 from .flexnet import FlexNet
+from .smpconv import SMPConvNet
 from .tcn import SequenceTCN

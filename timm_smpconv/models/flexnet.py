@@ -43,9 +43,7 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
-from timm.models import (
-    adapt_input_conv, checkpoint, checkpoint_seq, generate_default_cfgs, register_model,
-)
+from timm.models import adapt_input_conv, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
 from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d, retarget_resolution

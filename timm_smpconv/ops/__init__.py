@@ -6,8 +6,18 @@
   `triton_dwconv.py`: its kernels, imported on first use only.
 """
 from .dispatch import (
-    ConvBackend, causal_conv1d, conv_backends, conv_impl, default_backend, default_backend_1d, get_conv_impl,
-    large_kernel_conv2d, register_conv_backend, select_causal_backend, select_conv_backend, set_conv_impl,
+    ConvBackend,
+    causal_conv1d,
+    conv_backends,
+    conv_impl,
+    default_backend,
+    default_backend_1d,
+    get_conv_impl,
+    large_kernel_conv2d,
+    register_conv_backend,
+    select_causal_backend,
+    select_conv_backend,
+    set_conv_impl,
 )
 from .dwconv import triton_available, triton_dwconv2d
 from .fft import fft_conv2d, fft_grid, fft_size, kernel_spectrum

@@ -21,9 +21,9 @@ that are added in float32 afterwards (deterministic, no atomics).
 Inputs may be NCHW or channels_last (any strides: no layout copies); accumulation is float32 (float64 for
 float64 inputs); outputs take the input's dtype.
 """
+import torch
 import triton
 import triton.language as tl
-import torch
 
 __all__ = ['dwconv2d_forward', 'dwconv2d_input_grad', 'dwconv2d_weight_grad']
 
