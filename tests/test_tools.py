@@ -7,7 +7,7 @@ from timm.utils import reparameterize_model
 import timm_smpconv  # noqa: F401
 from timm_smpconv import flops, visualize
 
-# the authors' models measured with fvcore (spec): conv GFLOPs per image, kernel generation per forward
+# the authors' models measured with fvcore: conv GFLOPs per image, kernel generation per forward
 PAPER = {'smpconv_t': (5.7066, 0.5306), 'smpconv_b': (16.6092, 1.5226),
          'smpconv_mobile31': (1.3250, 0.0736), 'smpconv_mobile51': (2.4449, 0.6070)}
 

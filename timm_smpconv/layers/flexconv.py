@@ -17,7 +17,7 @@ Also here:
     layers): horizon follows the resolution, values are scaled by (source / target)^d.
   * `fft_conv2d` (from `timm_smpconv.ops`): the FFT form of the 'same' correlation, exact for non-square kernels.
 
-Decisions about the authors' code (numbers refer to the defect list of the spec, section 6.1):
+Decisions about the authors' code (quirks found reading their repository, rjbruin/flexconv):
   1. Regulariser broadcasting: their per-filter frequency is max|W|/2pi + S max|gamma|/2pi (maxima over
      all units taken separately, through a broadcasting accident). Kept as the default for parity of the
      reported numbers; `per_unit=True` gives the per-unit maximum of |W|/2pi + S|gamma|/2pi.
@@ -126,7 +126,7 @@ class AnisotropicGaborFilter(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self):
-        """Spec 1.3: mu ~ U(+-rho), gamma ~ Gamma(alpha_l, 1), W = u * scale * gamma with u the default
+        """The authors' MAGNet init: mu ~ U(+-rho), gamma ~ Gamma(alpha_l, 1), W = u * scale * gamma with u the default
         Linear init (U(+-1/sqrt(D))), b ~ U(-pi, pi). W and gamma are independent parameters afterwards."""
         nn.init.uniform_(self.mu, -self.init_spatial_value, self.init_spatial_value)
         alpha = torch.full(self.gamma.shape, self.gamma_alpha, device=self.gamma.device, dtype=torch.float32)
@@ -143,7 +143,7 @@ class AnisotropicGaborFilter(nn.Module):
 
 
 class MAGNet(nn.Module):
-    """Multiplicative Anisotropic Gabor Network (spec 1.3), evaluated on (N, D) positions.
+    """Multiplicative Anisotropic Gabor Network (FlexConv paper; as the authors' code builds it), evaluated on (N, D) positions.
 
         z_0 = g_0(x);  z_l = g_l(x) * (A_l z_{l-1} + c_l), l = 1..L;  k(x) = A_out z_L + c_out
     """
@@ -195,7 +195,7 @@ class SIRENKernelNet(nn.Module):
     """SIREN kernel network of CKConv: sin(w0 (W x + b)) layers, then a linear output.
 
     num_layers counts the linear layers: D -> H, (num_layers - 2) x H -> H, H -> out (CKCNN-16: 3, so
-    one hidden layer; this gives the measured 627,910 parameters). The spec does not give CKConv's init;
+    one hidden layer; this gives the measured 627,910 parameters). CKConv's own init was not available to us;
     we use the SIREN paper's: first layer U(+-1/D), later layers U(+-sqrt(6/H)/w0), default biases.
     """
 
@@ -239,7 +239,7 @@ class SIRENKernelNet(nn.Module):
 
 
 def gaussian_mask_crop(mask_params: torch.Tensor, kernel_size: int, threshold: float = 0.1) -> List[int]:
-    """Dynamic cropping (spec 1.4): how many grid positions to drop at each end of each axis.
+    """Dynamic cropping (the authors' rule, from their code): how many grid positions to drop at each end of each axis.
 
     The mask falls below `threshold` outside mean_d +- sigma_d c, c = sqrt(-2 ln threshold). With
     r_d = max(|mean_d - sigma_d c|, |mean_d + sigma_d c|): an axis with r_d >= 1 keeps all k positions;
@@ -620,7 +620,8 @@ def anti_aliasing_penalty(
         kernel_size: Optional[int] = None,
         per_unit: bool = False,
 ) -> torch.Tensor:
-    """The FlexConv frequency regulariser of a whole model (spec 2.1), to add to the training loss.
+    """The FlexConv paper's alias-free frequency regulariser of a whole model (as the authors' code
+    computes it), to add to the training loss.
 
         R = factor * sum_{FlexConv layers} sum_{l = 0..L} max(0, f_l - t)^2
 
@@ -679,7 +680,7 @@ def retarget_resolution(
         source_img_size: Optional[Union[int, Tuple[int, int]]] = None,
 ) -> nn.Module:
     """Re-target every continuous kernel of `model` (FlexConv2d, CKConv2d, SMP convs) to another input
-    resolution, in place (spec 2.2).
+    resolution, in place (the FlexConv paper's cross-resolution protocol, the authors' run_crossres.py).
 
     Each kernel keeps its continuous function over [-1, 1] and is sampled on a grid scaled with the
     resolution: k' = (k - 1) * img_size / source_img_size + 1 (horizon = resolution + 1 for FlexNet),

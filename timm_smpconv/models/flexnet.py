@@ -327,7 +327,8 @@ def _saved_kernel_size(v: torch.Tensor, layer: Optional[nn.Module]) -> torch.Ten
 
 
 def _convert_authors(state_dict: Dict[str, torch.Tensor], model: FlexNet) -> Dict[str, torch.Tensor]:
-    """The authors' FlexNet / SMP-CIFAR layout (spec 6.3, 6.4) -> ours."""
+    """The authors' saved state dicts (FlexNet-16 from rjbruin/flexconv, the SMP CIFAR model from
+    sangnekim/SMPConv; keys without a `module.` prefix) -> ours."""
     smp = any('.Kernel.weight_coord' in k for k in state_dict)
     if smp != (model.conv_type == 'smp'):
         kind = 'SMP' if smp else 'FlexConv (MAGNet)'
