@@ -110,9 +110,18 @@ def _kv(text):
     return key, yaml.safe_load(value)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown in --help once: a help text that states its own default (e.g. "the model's") keeps it."""
+
+    def _get_help_string(self, action):
+        if '(default:' in (action.help or ''):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument('--preset', default=None, choices=sorted(PRESETS),
                    help='named recipe whose values become the defaults (default: imagenet with --data-dir, '
                         'digits without)')

@@ -1,6 +1,7 @@
 """ train_imagenet.py: torchrun on CPU, exact resume, SMP optimizer rules inside a run, faults, bad input. """
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,6 +233,9 @@ def test_help_documents_every_flag():
     parser = train_imagenet.build_parser()
     undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
     assert not undocumented
+    text = ' '.join(parser.format_help().split())
+    assert '(default: the dataset\'s)' in text and 'default: 256' in text
+    assert not re.search(r'\(default: [^)]*\) \(default:', text)  # each default once
     names = {s for a in parser._actions for s in a.option_strings}
     for flag in ('--data-dir', '--model', '--num-classes', '--img-size', '--batch-size', '--epochs', '--output',
                  '--resume', '--lr', '--opt', '--weight-decay', '--warmup-epochs', '--sched', '--aa', '--mixup',
