@@ -62,7 +62,7 @@ def count_flops(
                 gen_ops[op] = gen_ops.get(op, 0) + v
     kernel_gen = sum(gen_ops.values())
     conv = by_op.get('conv', 0)
-    norm = sum(v for op, v in by_op.items() if op.endswith('_norm') and op not in gen_ops)
+    norm = sum(v - gen_ops.get(op, 0) for op, v in by_op.items() if op.endswith('_norm'))
     linear = sum(by_op.get(op, 0) - gen_ops.get(op, 0) for op in ('linear', 'addmm'))
     other = total - conv - norm - linear - kernel_gen
     return {

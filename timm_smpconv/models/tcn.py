@@ -44,10 +44,12 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..data import DIGITS_MEAN, DIGITS_STD
 from ..layers import FlexConvBN1d, SMPLargeKernel1d
 from ._builder import build_model_naming_file_errors, no_decay_patterns, unwrap_checkpoint
 from .smpconv import _check_keys
@@ -414,9 +416,9 @@ def _cfg(tag: str, **kwargs):
     d = _DATASETS[tag]
     n = d['seq_len']
     size = {784: (28, 28), 1024: (32, 32), 64: (8, 8)}.get(n, (1, n))
-    mean, std = {'smnist': ((0.1307,), (0.3081,)), 'pmnist': ((0.1307,), (0.3081,)),
-                 'scifar10': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-                 'digits': ((0.3058,) * 3, (0.3764,) * 3), 'pdigits': ((0.3058,) * 3, (0.3764,) * 3),
+    mnist = ((0.1307,), (0.3081,))  # the MNIST statistics the authors normalise with
+    mean, std = {'smnist': mnist, 'pmnist': mnist, 'scifar10': (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+                 'digits': (DIGITS_MEAN, DIGITS_STD), 'pdigits': (DIGITS_MEAN, DIGITS_STD),
                  }.get(tag, ((0.,) * d['in_chans'], (1.,) * d['in_chans']))
     return {
         'url': '', 'num_classes': d['num_classes'], 'input_size': (d['in_chans'],) + size, 'pool_size': None,

@@ -4,6 +4,7 @@ The op and its fake implementation are registered without importing Triton; the 
 (`triton_dwconv.py`) are imported on the first call. They run on CUDA tensors, and on CPU tensors only
 under Triton's interpreter (`TRITON_INTERPRET=1`), which is what the CPU tests use.
 """
+import functools
 import importlib.util
 import os
 from typing import Optional, Tuple
@@ -15,9 +16,14 @@ from .fft import bias_grad, check_conv_args, conv_out_dtype
 __all__ = ['triton_available', 'triton_dwconv2d', 'triton_supports']
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec('triton') is not None
+
+
 def triton_available(device_type: str) -> bool:
     """Triton can run this backend's kernels on tensors of `device_type` here."""
-    if importlib.util.find_spec('triton') is None:
+    if not _triton_installed():
         return False
     if os.environ.get('TRITON_INTERPRET') == '1':
         return True
