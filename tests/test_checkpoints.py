@@ -164,10 +164,10 @@ def test_authors_kernel_orientation_known_case():
         w = authors_kernel(sd, 'p.')[0, 0]
         assert divmod(int(w.argmax()), k) == peak
     from timm_smpconv.layers import render_smp_kernel
-    from timm_smpconv.models.smpconv import _authors_to_points
+    from timm_smpconv.models._builder import points_from_authors
     for coord in [(0.5, 0.0), (0.0, 0.5), (0.3, -0.7)]:
         sd['p.weight_coord'] = torch.tensor([[coord]])
-        ours = render_smp_kernel(_authors_to_points(sd['p.weight_coord']), torch.full((1, 1), 0.1),
+        ours = render_smp_kernel(points_from_authors(sd['p.weight_coord']), torch.full((1, 1), 0.1),
                                  torch.ones(1, 1, 1), k)
         torch.testing.assert_close(ours, authors_kernel(sd, 'p.'))
 

@@ -14,12 +14,12 @@ from .layers import (
     SMPConv2d,
     SMPLargeKernel1d,
     SMPLargeKernel2d,
-    anti_aliasing_penalty,
     render_smp_kernel,
     rescale_factor,
-    retarget_resolution,
 )
 from .ops import conv_impl, large_kernel_conv2d, set_conv_impl
 from .optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL, clamp_smp_radius_, param_groups_smp
+from .regularizers import anti_aliasing_penalty
+from .resolution import retarget_resolution
 
 __version__ = '0.1.0'

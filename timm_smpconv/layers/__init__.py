@@ -8,11 +8,9 @@ from .flexconv import (
     FlexConvBN2d,
     MAGNet,
     SIRENKernelNet,
-    anti_aliasing_penalty,
     gaussian_mask_crop,
     gaussian_mask_crop_1d,
-    retarget_resolution,
 )
 from .fuse import fold_bn, fold_preceding_bn, pad_kernel, randomize_bn_stats_
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop
-from .smp_conv import SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, resize_smp_params
+from .smp_conv import RESIZE_MODES, SMPConv1d, SMPConv2d, SMPLargeKernel1d, SMPLargeKernel2d, resize_smp_params

@@ -10,17 +10,12 @@ separable Gaussian mask prod_d exp(-0.5 ((x_d - mean_d) / sigma_d)^2). Positions
 below a threshold (0.1) are cropped away before the kernel network runs ("dynamic cropping"), so the
 kernel is h x w <= k x k and the conv is a 'same' conv with per-axis padding (h // 2, w // 2).
 
-Also here:
-  * `anti_aliasing_penalty`: the FlexConv paper's frequency regulariser (targets "gabor" = f_MAGNet+
-    and "gabor+mask" = f_FlexConv+, method "together").
-  * `retarget_resolution`: deploy a model trained at one input resolution at another (FlexConv and SMP
-    layers): horizon follows the resolution, values are scaled by (source / target)^d.
-  * `fft_conv2d` (from `timm_smpconv.ops`): the FFT form of the 'same' correlation, exact for non-square kernels.
+Whole-model helpers built on these layers live outside `layers/`: the FlexConv paper's anti-aliasing
+regulariser in `timm_smpconv.regularizers`, cross-resolution deployment in `timm_smpconv.resolution`.
+The FFT path is `fft_conv2d` from `timm_smpconv.ops`, exact for non-square kernels.
 
 Decisions about the authors' code (quirks found reading their repository, rjbruin/flexconv):
-  1. Regulariser broadcasting: their per-filter frequency is max|W|/2pi + S max|gamma|/2pi (maxima over
-     all units taken separately, through a broadcasting accident). Kept as the default for parity of the
-     reported numbers; `per_unit=True` gives the per-unit maximum of |W|/2pi + S|gamma|/2pi.
+  1. Regulariser broadcasting: see `timm_smpconv.regularizers` (their form is the default).
   2. init_spatial_value override: the MAGNet mu init range is 1.667 * mask_init (0.125 for the 0.075
      mask) for masked layers, whatever else is asked, as their FlexConv does; unmasked (CKConv) layers
      use `init_spatial_value` (default 1.0). We keep their literal 1.667.
@@ -45,60 +40,29 @@ Decisions about the authors' code (quirks found reading their repository, rjbrui
      is immaterial; it is a buffer here so that a re-targeted model saves and reloads it.
 """
 import math
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 
+from .._validate import check_choice, check_int, check_kernel_size, check_positive
 from ..ops import causal_conv1d, fft_conv2d
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn
 from .smp import rescale_factor
-from .smp_conv import _SMPConvNd, _SMPLargeKernelNd
 
 __all__ = [
     'MAGNet', 'SIRENKernelNet', 'FlexConv1d', 'FlexConv2d', 'CKConv2d', 'FlexConvBN1d', 'FlexConvBN2d',
     'gaussian_mask_crop_1d',
-    'gaussian_mask_crop', 'fft_conv2d', 'anti_aliasing_penalty', 'retarget_resolution',
-    'FLEX_RESIZE_MODES',
+    'gaussian_mask_crop', 'FLEX_RESIZE_MODES', 'KERNEL_NETS',
 ]
 
 FLEX_RESIZE_MODES = ('stretch', 'none')
 KERNEL_NETS = ('magnet', 'siren')
 # the authors' literal factor between the mask init sigma and the MAGNet mu init range
 MU_RANGE_PER_MASK_SIGMA = 1.667
-
-
-def _check_kernel_net(kernel_net: str) -> str:
-    if kernel_net not in KERNEL_NETS:
-        raise ValueError(f'kernel_net must be one of {KERNEL_NETS}, got {kernel_net!r}')
-    return kernel_net
-
-
-def _check_flex_resize_mode(mode: str) -> str:
-    if mode not in FLEX_RESIZE_MODES:
-        raise ValueError(f'FlexConv resize mode must be one of {FLEX_RESIZE_MODES}, got {mode!r}')
-    return mode
-
-
-def _check_horizon(kernel_size, name: str = 'kernel_size') -> int:
-    if isinstance(kernel_size, (tuple, list)):
-        if len(kernel_size) != 2 or kernel_size[0] != kernel_size[1]:
-            raise ValueError(f'{name} (the horizon) must be one odd int or a square pair, got {tuple(kernel_size)}')
-        kernel_size = kernel_size[0]
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-        raise TypeError(f'{name} must be an int, got {type(kernel_size).__name__}')
-    if kernel_size < 3 or kernel_size % 2 == 0:
-        raise ValueError(f'{name} (the horizon) must be an odd int >= 3, got {kernel_size}')
-    return kernel_size
-
-
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f'{name} must be a finite number > 0, got {value!r}')
-    return float(value)
 
 
 class AnisotropicGaborFilter(nn.Module):
@@ -269,7 +233,7 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
     # parameters (by attribute name) the optimizer helpers give 0.1x lr and no weight decay
     reduced_lr_param_names = ('mask_params',)
     dims: int = 2
-    _check_horizon = staticmethod(_check_horizon)
+    min_kernel_size: int = 3  # the smallest horizon
     mask_init_mean: float = 0.  # the mask's initial mean on every axis (the kernel centre)
 
     def __init__(
@@ -320,14 +284,13 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        for name, v in (('in_channels', in_channels), ('out_channels', out_channels)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f'{name} must be a positive int, got {v!r}')
+        check_int('in_channels', in_channels)
+        check_int('out_channels', out_channels)
         kernel_size = self._check_horizon(kernel_size)
-        _check_kernel_net(kernel_net)
-        _check_flex_resize_mode(resize_mode)
-        mask_init = _check_positive('mask_init', mask_init)
-        sampling_rate_norm = _check_positive('sampling_rate_norm', sampling_rate_norm)
+        check_choice('kernel_net', kernel_net, KERNEL_NETS)
+        check_choice('resize mode', resize_mode, FLEX_RESIZE_MODES)
+        mask_init = check_positive('mask_init', mask_init)
+        sampling_rate_norm = check_positive('sampling_rate_norm', sampling_rate_norm)
         if not 0. < mask_threshold < 1.:
             raise ValueError(f'mask_threshold must be in (0, 1), got {mask_threshold}')
         if init_spatial_value is None:
@@ -366,6 +329,9 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
             self.mask_params.copy_(torch.tensor([[self.mask_init_mean, self.mask_init]] * self.dims))
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+    def _check_horizon(self, kernel_size, name: str = 'kernel_size') -> int:
+        return check_kernel_size(kernel_size, self.dims, name, minimum=self.min_kernel_size, what=' (the horizon)')
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '
@@ -433,7 +399,7 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
         factor 0.25). 'none': the factor is left alone.
         """
         kernel_size = self._check_horizon(kernel_size)
-        mode = self.resize_mode if mode is None else _check_flex_resize_mode(mode)
+        mode = self.resize_mode if mode is None else check_choice('resize mode', mode, FLEX_RESIZE_MODES)
         if mode == 'stretch' and kernel_size != self.kernel_size:
             self.sampling_rate_norm.mul_(rescale_factor(self.kernel_size, kernel_size, self.dims))
         self.kernel_size = kernel_size
@@ -481,18 +447,6 @@ class CKConv2d(FlexConv2d):
         super().__init__(in_channels, out_channels, kernel_size, kernel_net=kernel_net, mask=mask, **kwargs)
 
 
-def _check_length(kernel_size, name: str = 'kernel_size') -> int:
-    if isinstance(kernel_size, (tuple, list)):
-        if len(kernel_size) != 1:
-            raise ValueError(f'{name} (the horizon) of a 1-D layer must be one int, got {tuple(kernel_size)}')
-        kernel_size = kernel_size[0]
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-        raise TypeError(f'{name} must be an int, got {type(kernel_size).__name__}')
-    if kernel_size < 2:
-        raise ValueError(f'{name} (the horizon) of a 1-D layer must be an int >= 2, got {kernel_size}')
-    return kernel_size
-
-
 def gaussian_mask_crop_1d(mask_params: torch.Tensor, kernel_size: int, threshold: float = 0.1) -> int:
     """Dynamic cropping of a causal 1-D kernel: how many of the oldest grid positions to drop.
 
@@ -522,7 +476,7 @@ class FlexConv1d(FlexConv2d):
     mask starts at +1 all the same). `fuse()` returns a CausalConv1d.
     """
     dims = 1
-    _check_horizon = staticmethod(_check_length)
+    min_kernel_size = 2
     mask_init_mean = 1.0
 
     def crop(self) -> List[int]:
@@ -595,137 +549,3 @@ class FlexConvBN1d(FlexConvBN2d):
     """BN(FlexConv1d(x)) (the FlexTCN branch); fuses to one CausalConv1d with bias."""
     conv_cls = FlexConv1d
     bn_cls = nn.BatchNorm1d
-
-
-def _filter_frequencies(net: MAGNet, gauss_stddevs: float, per_unit: bool) -> torch.Tensor:
-    """(L + 1,) frequency estimate of each Gabor filter, in cycles per unit of [-1, 1]."""
-    freqs = []
-    for filt in net.filters:
-        w = filt.linear.weight.abs() / (2 * math.pi)
-        g = gauss_stddevs * filt.gamma.abs() / (2 * math.pi)
-        if per_unit:
-            freqs.append((w + g).max())
-        else:
-            # the authors' value: (H, D, 1, 1) + (H, D) broadcasts to (H, D, H, D), max = sum of maxima
-            freqs.append(w.max() + g.max())
-    return torch.stack(freqs)
-
-
-def anti_aliasing_penalty(
-        model: nn.Module,
-        target: str = 'gabor',
-        method: str = 'together',
-        gauss_stddevs: float = 2.0,
-        factor: float = 0.1,
-        kernel_size: Optional[int] = None,
-        per_unit: bool = False,
-) -> torch.Tensor:
-    """The FlexConv paper's alias-free frequency regulariser of a whole model (as the authors' code
-    computes it), to add to the training loss.
-
-        R = factor * sum_{FlexConv layers} sum_{l = 0..L} max(0, f_l - t)^2
-
-    f_l is the frequency of MAGNet filter l (max|W|/2pi + S max|gamma|/2pi, the authors' form; with
-    per_unit=True the per-unit max of |W|/2pi + S|gamma|/2pi); with target 'gabor+mask' each f_l also
-    gets (S max_d 1/|sigma_d| / 2pi) / (L + 1). The target t is the Nyquist frequency of the k-sample grid,
-    (k - 1) / 4, split evenly over the L + 1 multiplied filters (method 'together').
-
-    Args:
-        model: any module containing MAGNet FlexConv2d layers.
-        target: 'gabor' (f_MAGNet+) or 'gabor+mask' (f_FlexConv+).
-        method: 'together' (the only method the paper runs use).
-        gauss_stddevs: S, the number of envelope standard deviations counted.
-        factor: lambda (0.1 in the paper's runs).
-        kernel_size: the horizon k whose Nyquist frequency is the target; default each layer's own
-            (which `retarget_resolution` keeps equal to resolution + 1, as their cross-res script sets it).
-        per_unit: per-unit frequencies instead of the authors' broadcasting form.
-    """
-    if target not in ('gabor', 'gabor+mask'):
-        raise ValueError(f"target must be 'gabor' or 'gabor+mask', got {target!r}")
-    if method != 'together':
-        raise ValueError(f"method must be 'together', got {method!r}")
-    gauss_stddevs = _check_positive('gauss_stddevs', gauss_stddevs)
-    if kernel_size is not None:
-        kernel_size = _check_horizon(kernel_size)
-    layers = [(n, m) for n, m in model.named_modules()
-              if isinstance(m, FlexConv2d) and isinstance(m.kernel_net, MAGNet)]
-    if not layers:
-        raise ValueError('anti_aliasing_penalty: the model has no FlexConv2d layer with a MAGNet kernel')
-    total = None
-    for name, layer in layers:
-        net = layer.kernel_net
-        k = layer.kernel_size if kernel_size is None else kernel_size
-        t = (k - 1) / 4. / (net.num_layers + 1)
-        f = _filter_frequencies(net, gauss_stddevs, per_unit)
-        if target == 'gabor+mask':
-            if layer.mask_params is None:
-                raise ValueError(f"target 'gabor+mask' needs a masked FlexConv, but {name} has no mask")
-            f_mask = gauss_stddevs * (1. / layer.mask_params[:, 1].abs()).max() / (2 * math.pi)
-            f = f + f_mask / (net.num_layers + 1)
-        term = F.relu(f - t).pow(2).sum()
-        total = term if total is None else total + term
-    return factor * total
-
-
-def _continuous_layers(model: nn.Module):
-    """The 2-D continuous convs and SMP large-kernel branches of `model` (1-D layers follow sequence length)."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (FlexConv2d, _SMPConvNd)) and m.dims == 2], [
-        m for m in model.modules() if isinstance(m, _SMPLargeKernelNd) and m.dims == 2]
-
-
-@torch.no_grad()
-def retarget_resolution(
-        model: nn.Module,
-        img_size: Union[int, Tuple[int, int]],
-        source_img_size: Optional[Union[int, Tuple[int, int]]] = None,
-) -> nn.Module:
-    """Re-target every continuous kernel of `model` (FlexConv2d, CKConv2d, SMP convs) to another input
-    resolution, in place (the FlexConv paper's cross-resolution protocol, the authors' run_crossres.py).
-
-    Each kernel keeps its continuous function over [-1, 1] and is sampled on a grid scaled with the
-    resolution: k' = (k - 1) * img_size / source_img_size + 1 (horizon = resolution + 1 for FlexNet),
-    values times (source / target)^d: FlexConv layers through their sampling-rate factor, SMP layers
-    through their point weights (`set_kernel_size(k', mode='stretch')`). Mask means and sigmas (and SMP
-    positions and radii) are unchanged, so kernels keep their size relative to the image. Discrete
-    layers (the 3 x 3 branches of SMP FlexNet, 1 x 1 convs) are not resolution-aware and stay as they are.
-
-    Args:
-        model: the model; its `img_size` attribute (if any) is the default source and is updated.
-        img_size: target resolution (int or square pair).
-        source_img_size: the resolution the model's kernels are set up for (default `model.img_size`).
-    """
-    def _size(v, name):
-        if isinstance(v, (tuple, list)):
-            if len(v) != 2 or v[0] != v[1]:
-                raise ValueError(f'{name} must be square (one horizon for both axes), got {tuple(v)}')
-            v = v[0]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f'{name} must be a positive int, got {v!r}')
-        return v
-
-    if source_img_size is None:
-        source_img_size = getattr(model, 'img_size', None)
-        if source_img_size is None:
-            raise ValueError('retarget_resolution: pass source_img_size (the model has no img_size attribute)')
-    target, source = _size(img_size, 'img_size'), _size(source_img_size, 'source_img_size')
-    layers, wrappers = _continuous_layers(model)
-    if not layers:
-        raise ValueError('retarget_resolution: the model has no FlexConv or SMP layer')
-    plan = []
-    for name, m in layers:
-        num = (m.kernel_size - 1) * target
-        if num % source or (num // source + 1) % 2 == 0:
-            raise ValueError(
-                f'retarget_resolution: {name} has kernel size {m.kernel_size} at {source} px, which maps to '
-                f'{num / source + 1:g} at {target} px; kernel sizes must stay odd integers')
-        if num // source + 1 < 3:
-            raise ValueError(
-                f'retarget_resolution: {name} would get kernel size {num // source + 1} at {target} px (< 3)')
-        plan.append((m, num // source + 1))
-    for m, k in plan:
-        m.set_kernel_size(k, mode='stretch')
-    for w in wrappers:
-        w.kernel_size = w.smp.kernel_size
-    if hasattr(model, 'img_size'):
-        model.img_size = target
-    return model

@@ -37,9 +37,10 @@ __all__ = [
     'init_smp_points', 'support_crop',
 ]
 
-def default_n_points(kernel_size: int, dims: int) -> int:
-    """Default number of points: floor(k^2 / 4) for 2D (SMPConv-T/B), 30 for 1D sequence models."""
-    return max(1, kernel_size * kernel_size // 4) if dims == 2 else 30
+def default_n_points(kernel_size: int, dims: int, points_div: int = 4) -> int:
+    """Default number of points: floor(k^2 / points_div) for 2D (points_div 4 in SMPConv-T/B, the
+    paper's k^2 / 4 rule), 30 for 1D sequence models (the authors' SMP-TCN)."""
+    return max(1, kernel_size * kernel_size // points_div) if dims == 2 else 30
 
 
 def default_radius(kernel_size: int, dims: int) -> float:

@@ -11,13 +11,14 @@ plain nn.Conv2d (or a CausalConv1d, an nn.Conv1d subclass that left-pads) with b
 `timm.utils.reparameterize_model(model)` leaves no SMP machinery behind.
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from .._validate import check_choice, check_int, check_kernel_size
 from ..ops import causal_conv1d
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn, pad_kernel
@@ -30,38 +31,11 @@ torch.fx.wrap('render_smp_kernel')
 torch.fx.wrap('causal_conv1d')
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int, got {type(value).__name__}')
-    if value < minimum:
-        raise ValueError(f'{name} must be >= {minimum}, got {value}')
-    return value
-
-
-def _check_kernel_size(kernel_size: Union[int, Sequence[int]], dims: int, name: str = 'kernel_size') -> int:
-    if isinstance(kernel_size, (tuple, list)):
-        if len(kernel_size) != dims:
-            raise ValueError(f'{name} must have {dims} entries, got {tuple(kernel_size)}')
-        if len(set(kernel_size)) != 1:
-            raise ValueError(f'{name} must be square, got {tuple(kernel_size)}')
-        kernel_size = kernel_size[0]
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int):
-        raise TypeError(f'{name} must be an int, got {type(kernel_size).__name__}')
-    # 2-D kernels are centred (k // 2 padding on each side); 1-D ones are causal, any length works
-    if dims == 2 and (kernel_size < 1 or kernel_size % 2 == 0):
-        raise ValueError(f'{name} must be a positive odd number, got {kernel_size}')
-    if kernel_size < 1:
-        raise ValueError(f'{name} must be a positive int, got {kernel_size}')
-    return kernel_size
-
-
 RESIZE_MODES = ('stretch', 'extend', 'none')
 
 
 def _check_resize_mode(mode: str) -> str:
-    if mode not in RESIZE_MODES:
-        raise ValueError(f'resize mode must be one of {RESIZE_MODES}, got {mode!r}')
-    return mode
+    return check_choice('resize mode', mode, RESIZE_MODES)
 
 
 def resize_smp_params(
@@ -82,23 +56,21 @@ def resize_smp_params(
         fine-tune with a larger support.
     'none': parameters unchanged (the same function, values as they are).
     """
+    _check_resize_mode(mode)
     if from_size == to_size or mode == 'none':
         return points, radius, weight
-    dims = points.shape[-1]
     if mode == 'stretch':
-        return points, radius, weight * rescale_factor(from_size, to_size, dims)
-    if mode == 'extend':
-        if from_size < 2 or to_size < 2:
-            raise ValueError(f"'extend' needs kernel sizes >= 2, got {from_size} -> {to_size}")
-        ratio = (from_size - 1) / (to_size - 1)
-        return points * ratio, radius * ratio, weight
-    raise ValueError(f'resize mode must be one of {RESIZE_MODES}, got {mode!r}')
+        return points, radius, weight * rescale_factor(from_size, to_size, points.shape[-1])
+    if from_size < 2 or to_size < 2:
+        raise ValueError(f"'extend' needs kernel sizes >= 2, got {from_size} -> {to_size}")
+    ratio = (from_size - 1) / (to_size - 1)
+    return points * ratio, radius * ratio, weight
 
 
 def _check_channels(in_channels: int, out_channels: int, groups: int):
-    _check_int('in_channels', in_channels)
-    _check_int('out_channels', out_channels)
-    _check_int('groups', groups)
+    check_int('in_channels', in_channels)
+    check_int('out_channels', out_channels)
+    check_int('groups', groups)
     if in_channels % groups or out_channels % groups:
         raise ValueError(
             f'in_channels ({in_channels}) and out_channels ({out_channels}) must both be divisible '
@@ -160,10 +132,10 @@ class _SMPConvNd(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         _check_channels(in_channels, out_channels, groups)
-        kernel_size = _check_kernel_size(kernel_size, self.dims)
-        _check_int('stride', stride)
+        kernel_size = check_kernel_size(kernel_size, self.dims)
+        check_int('stride', stride)
         n_points = default_n_points(kernel_size, self.dims) if n_points is None else n_points
-        _check_int('n_points', n_points)
+        check_int('n_points', n_points)
         radius = default_radius(kernel_size, self.dims) if radius is None else radius
         if isinstance(radius, bool) or not isinstance(radius, (int, float)):
             raise TypeError(f'radius must be a float, got {type(radius).__name__}')
@@ -221,7 +193,7 @@ class _SMPConvNd(nn.Module):
     def set_kernel_size(self, kernel_size: int, mode: Optional[str] = None):
         """Render at a new kernel size from now on, mapping the parameters by `mode`
         (default: the layer's resize_mode; see `resize_smp_params`)."""
-        kernel_size = _check_kernel_size(kernel_size, self.dims)
+        kernel_size = check_kernel_size(kernel_size, self.dims)
         mode = self.resize_mode if mode is None else _check_resize_mode(mode)
         points, radius, weight = resize_smp_params(
             self.points, self.radius, self.weight, self.kernel_size, kernel_size, mode)
@@ -395,7 +367,7 @@ class _SMPLargeKernelNd(nn.Module):
         self.kernel_size = self.smp.kernel_size
         self.small_kernel_size = small_kernel_size
         if small_kernel_size is not None:
-            small_kernel_size = _check_kernel_size(small_kernel_size, self.dims, 'small_kernel_size')
+            small_kernel_size = check_kernel_size(small_kernel_size, self.dims, 'small_kernel_size')
             if small_kernel_size > self.kernel_size:
                 raise ValueError(
                     f'small_kernel_size ({small_kernel_size}) must not exceed kernel_size ({self.kernel_size})')

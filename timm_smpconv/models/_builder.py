@@ -2,10 +2,14 @@
 import os
 from typing import Callable, Dict, Optional, Set, Type
 
+import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg
 
-__all__ = ['build_model_naming_file_errors', 'no_decay_patterns', 'unwrap_checkpoint']
+__all__ = [
+    'build_model_naming_file_errors', 'check_state_dict_keys', 'no_decay_patterns', 'points_from_authors',
+    'unwrap_checkpoint',
+]
 
 
 def build_model_naming_file_errors(
@@ -68,6 +72,35 @@ def unwrap_checkpoint(state_dict: Dict) -> Dict:
             state_dict = state_dict[key]
             break
     return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+
+
+def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module):
+    """Raise ValueError naming missing, unexpected and mis-shaped keys (the classifier and the first
+    conv may differ in shape: timm re-initialises / adapts them after this filter)."""
+    own = model.state_dict()
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    adaptable = {cfg.get('classifier', 'head.fc') + '.weight', cfg.get('classifier', 'head.fc') + '.bias',
+                 cfg.get('first_conv', 'stem.0.conv') + '.weight'}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own and k not in adaptable]
+    shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
+              for k, v in state_dict.items() if k in own and k not in adaptable and v.shape != own[k].shape]
+    problems = []
+    for what, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', shapes)):
+        if items:
+            more = f' (+{len(items) - 10} more)' if len(items) > 10 else ''
+            problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
+    if problems:
+        raise ValueError(f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems))
+
+
+def points_from_authors(weight_coord: torch.Tensor) -> torch.Tensor:
+    """The SMPConv authors' (..., Np, 2) point positions -> ours (..., Np, 2) as (row, col).
+
+    They render A on an 'ij' grid from (c0, c1) and use W[c, i, j] = A[c, j, k-1-i] as the conv
+    weight; sampling at (row = lin[i], col = lin[j]) gives the same W with (row, col) = (-c1, c0).
+    """
+    return torch.stack([-weight_coord[..., 1], weight_coord[..., 0]], dim=-1)
 
 
 def no_decay_patterns(model: nn.Module) -> Set[str]:

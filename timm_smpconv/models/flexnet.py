@@ -46,13 +46,16 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get
 from timm.models import adapt_input_conv, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d, retarget_resolution
-from ._builder import build_model_naming_file_errors, no_decay_patterns, unwrap_checkpoint
-from .smpconv import _authors_to_points, _check_keys
+from .._validate import check_choice, square_size
+from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
+from ..resolution import retarget_resolution
+from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
 
 __all__ = ['FlexNet']
 
 CONV_TYPES = ('flexconv', 'ckconv', 'smp')
+# SMP points per kernel of SMP FlexNet-16 (SMPConv paper, CIFAR-10)
+SMP_FLEXNET_POINTS = 16
 
 
 class FlexNetBlock(nn.Module):
@@ -83,14 +86,10 @@ class FlexNetBlock(nn.Module):
         return self.act2(self.drop_path(self.conv2(h)) + self.shortcut(x))
 
 
-def _square_size(img_size: Union[int, Sequence[int]]) -> int:
-    if isinstance(img_size, (tuple, list)):
-        if len(img_size) != 2 or img_size[0] != img_size[1]:
-            raise ValueError(
-                f'img_size must be square (the kernel horizon is one size for both axes), got {tuple(img_size)}')
-        img_size = img_size[0]
-    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 2 or img_size % 2:
-        raise ValueError(f'img_size must be an even int >= 2 (the horizon img_size + 1 must be odd), got {img_size!r}')
+def _img_size(img_size: Union[int, Sequence[int]]) -> int:
+    img_size = square_size(img_size, 'img_size')
+    if img_size % 2:
+        raise ValueError(f'img_size must be an even int (the horizon img_size + 1 must be odd), got {img_size}')
     return img_size
 
 
@@ -123,7 +122,7 @@ class FlexNet(nn.Module):
             img_size: the input resolution the continuous kernels are sampled for (horizon img_size + 1).
                 Inputs of any size run; this sets how finely the kernels are sampled.
             kernel_size: the horizon itself (odd), instead of img_size + 1.
-            n_points: SMP points per kernel ('smp' only; default 16).
+            n_points: SMP points per kernel ('smp' only; default SMP_FLEXNET_POINTS = 16).
             sampling_rate_norm: FlexConv/CKConv kernel value factor at this horizon. 1 for models trained
                 at their resolution; the authors' cross-resolution fine-tuned checkpoints were trained with
                 0.25 (their checkpoints do not store it, ours do).
@@ -134,8 +133,7 @@ class FlexNet(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if conv_type not in CONV_TYPES:
-            raise ValueError(f'conv_type must be one of {CONV_TYPES}, got {conv_type!r}')
+        check_choice('conv_type', conv_type, CONV_TYPES)
         if n_points is not None and conv_type != 'smp':
             raise ValueError(f"n_points applies to conv_type='smp' only, got conv_type={conv_type!r}")
         if sampling_rate_norm != 1.0 and conv_type == 'smp':
@@ -143,7 +141,7 @@ class FlexNet(nn.Module):
                 'sampling_rate_norm applies to FlexConv/CKConv layers; SMP layers carry it in their weights')
         if not len(widths):
             raise ValueError('widths must list at least one block')
-        img_size = _square_size(img_size)
+        img_size = _img_size(img_size)
         if kernel_size is None:
             kernel_size = img_size + 1
         self.conv_type = conv_type
@@ -155,7 +153,7 @@ class FlexNet(nn.Module):
 
         def make_branch(cin: int, cout: int, stem: bool = False) -> nn.Module:
             if conv_type == 'smp':
-                args = dict(small_kernel_size=3, small_bias=stem, normalize=True, n_points=n_points or 16,
+                args = dict(small_kernel_size=3, small_bias=stem, normalize=True, n_points=n_points or SMP_FLEXNET_POINTS,
                             point_std=0.05, radius=0.12, shared_points=False)
                 args.update(conv_kwargs)
                 return SMPLargeKernel2d(cin, cout, kernel_size, **args, **dd)
@@ -219,7 +217,7 @@ class FlexNet(nn.Module):
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None):
         """Re-target the continuous kernels to another input resolution (see `retarget_resolution`)."""
         if img_size is not None:
-            retarget_resolution(self, _square_size(img_size))
+            retarget_resolution(self, _img_size(img_size))
 
     def forward_intermediates(
             self,
@@ -365,7 +363,7 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor], model: FlexNet) -> Dic
                 out[prefix + 'sampling_rate_norm'] = layer.sampling_rate_norm.detach().clone()
         elif smp:
             if rest == 'Kernel.weight_coord':
-                out[prefix + 'points'] = _authors_to_points(v)
+                out[prefix + 'points'] = points_from_authors(v)
             elif rest == 'Kernel.radius':
                 out[prefix + 'radius'] = v.reshape(v.shape[0], v.shape[1])
             elif rest == 'Kernel.weights':
@@ -438,7 +436,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FlexNet) ->
     if any('.Kernel.' in k for k in state_dict) or 'out_layer.weight' in state_dict:
         state_dict = _convert_authors(state_dict, model)
     state_dict = _adapt_stem_in_chans(state_dict, model)
-    _check_keys(state_dict, model)
+    check_state_dict_keys(state_dict, model)
     return state_dict
 
 

@@ -31,8 +31,9 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers import ConvBN, SMPLargeKernel2d, fold_preceding_bn
-from ._builder import build_model_naming_file_errors, unwrap_checkpoint
+from .._validate import check_choice
+from ..layers import RESIZE_MODES, ConvBN, SMPLargeKernel2d, default_n_points, fold_preceding_bn
+from ._builder import build_model_naming_file_errors, check_state_dict_keys, points_from_authors, unwrap_checkpoint
 
 __all__ = ['SMPConvNet']
 
@@ -249,12 +250,11 @@ class SMPConvNet(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         num_stages = len(layers)
         if n_points is None:
-            n_points = [max(1, k * k // points_div) for k in kernel_sizes]
+            n_points = [default_n_points(k, 2, points_div) for k in kernel_sizes]
         for name, seq in (('channels', channels), ('kernel_sizes', kernel_sizes), ('n_points', n_points)):
             if len(seq) != num_stages:
                 raise ValueError(f'{name} has {len(seq)} entries but layers has {num_stages} stages')
-        if kernel_resize not in ('stretch', 'extend', 'none'):
-            raise ValueError(f"kernel_resize must be 'stretch', 'extend' or 'none', got {kernel_resize!r}")
+        check_choice('kernel_resize', kernel_resize, RESIZE_MODES)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -390,15 +390,6 @@ class SMPConvNet(nn.Module):
         return x
 
 
-def _authors_to_points(weight_coord: torch.Tensor) -> torch.Tensor:
-    """Authors' (1, Np, 2) positions -> ours (1, Np, 2) as (row, col).
-
-    They render A on an 'ij' grid from (c0, c1) and use W[c, i, j] = A[c, j, k-1-i] as the conv
-    weight; sampling at (row = lin[i], col = lin[j]) gives the same W with (row, col) = (-c1, c0).
-    """
-    return torch.stack([-weight_coord[..., 1], weight_coord[..., 0]], dim=-1)
-
-
 def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The authors' ImageNet layout -> ours (their constant grid buffer becomes our kernel-size record)."""
     out = {}
@@ -415,7 +406,7 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
             if k.endswith('smp.conv.kernel_coord'):
                 k, v = prefix + 'smp.kernel_size_record', torch.tensor(v.shape[-1])
             elif k.endswith('smp.conv.weight_coord'):
-                k, v = prefix + 'smp.points', _authors_to_points(v)
+                k, v = prefix + 'smp.points', points_from_authors(v)
             elif k.endswith('smp.conv.radius'):
                 k, v = prefix + 'smp.radius', v.reshape(v.shape[0], v.shape[1])
             elif k.endswith('smp.conv.weights'):
@@ -427,26 +418,6 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
     return out
 
 
-def _check_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module):
-    """Raise ValueError naming missing, unexpected and mis-shaped keys (the classifier and the first
-    conv may differ in shape: timm re-initialises / adapts them after this filter)."""
-    own = model.state_dict()
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    adaptable = {cfg.get('classifier', 'head.fc') + '.weight', cfg.get('classifier', 'head.fc') + '.bias',
-                 cfg.get('first_conv', 'stem.0.conv') + '.weight'}
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own and k not in adaptable]
-    shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-              for k, v in state_dict.items() if k in own and k not in adaptable and v.shape != own[k].shape]
-    problems = []
-    for what, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', shapes)):
-        if items:
-            more = f' (+{len(items) - 10} more)' if len(items) > 10 else ''
-            problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
-    if problems:
-        raise ValueError(f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems))
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMPConvNet) -> Dict[str, torch.Tensor]:
     """Convert the authors' checkpoints (or pass ours through) and check the keys.
 
@@ -454,7 +425,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMPConvNet)
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.endswith('smp.conv.weight_coord') for k in state_dict):
         state_dict = _convert_authors(state_dict)
-    _check_keys(state_dict, model)
+    check_state_dict_keys(state_dict, model)
     return state_dict
 
 
@@ -463,7 +434,7 @@ def _create_smpconv(variant: str, pretrained: bool = False, default_args: Option
     if 'kernel_sizes' in kwargs and 'n_points' not in kwargs and 'kernel_sizes' in model_args:
         # new kernel sizes render the variant's continuous kernels: keep its points (and checkpoints)
         div = kwargs.get('points_div', model_args.get('points_div', 4))
-        model_args['n_points'] = [max(1, k * k // div) for k in model_args['kernel_sizes']]
+        model_args['n_points'] = [default_n_points(k, 2, div) for k in model_args['kernel_sizes']]
     model_args.update(kwargs)
     return build_model_naming_file_errors(
         SMPConvNet, variant, pretrained, checkpoint_filter_fn,

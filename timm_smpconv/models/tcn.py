@@ -49,15 +49,18 @@ from timm.layers import DropPath, calculate_drop_path_rates, trunc_normal_
 from timm.models import checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from .._validate import check_choice, check_int
 from ..data import DIGITS_MEAN, DIGITS_STD
 from ..layers import FlexConvBN1d, SMPLargeKernel1d
-from ._builder import build_model_naming_file_errors, no_decay_patterns, unwrap_checkpoint
-from .smpconv import _check_keys
+from ..layers.flexconv import FLEX_RESIZE_MODES
+from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, unwrap_checkpoint
 
 __all__ = ['SequenceTCN']
 
 CONV_TYPES = ('smp', 'flexconv')
-LENGTH_MODES = ('stretch', 'none')
+# set_seq_len modes: the ones both layer families support
+LENGTH_MODES = FLEX_RESIZE_MODES
+GLOBAL_POOLS = ('last', '')
 
 
 def as_sequence(x: torch.Tensor, in_chans: int, permutation: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -80,12 +83,6 @@ def as_sequence(x: torch.Tensor, in_chans: int, permutation: Optional[torch.Tens
 
 # torch.fx records the input checks as one call instead of tracing their shape logic
 torch.fx.wrap('as_sequence')
-
-
-def _check_pool(global_pool: str) -> str:
-    if global_pool not in ('last', ''):
-        raise ValueError(f"global_pool must be 'last' (the last time step) or '' (none), got {global_pool!r}")
-    return global_pool
 
 
 class TCNBlock(nn.Module):
@@ -120,7 +117,7 @@ class SequenceTCN(nn.Module):
             depth: int = 6,
             width: int = 30,
             seq_len: int = 784,
-            n_points: int = 30,
+            n_points: Optional[int] = None,
             radius: Optional[float] = None,
             conv_bias: bool = False,
             small_kernel_size: int = 5,
@@ -142,7 +139,7 @@ class SequenceTCN(nn.Module):
             depth, width: number of blocks and their width (30 in both papers).
             seq_len: the sequence length the kernels are sampled for (kernel taps; the papers' "same"
                 horizon). Image inputs have H * W steps.
-            n_points, radius, conv_bias, small_kernel_size: SMP points per kernel (30), initial radius
+            n_points, radius, conv_bias, small_kernel_size: SMP points per kernel (default the 1-D rule, 30), initial radius
                 (default 2 / seq_len, the papers' rule), a bias on the SMP convs (the authors' conv.bias),
                 the causal small branch's length (5). SMP only.
             permute, permute_seed: read the steps through one fixed random permutation (pMNIST).
@@ -154,13 +151,11 @@ class SequenceTCN(nn.Module):
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
-        if conv_type not in CONV_TYPES:
-            raise ValueError(f'conv_type must be one of {CONV_TYPES}, got {conv_type!r}')
+        check_choice('conv_type', conv_type, CONV_TYPES)
         for name, v, lo in (('depth', depth, 1), ('width', width, 1), ('seq_len', seq_len, 2),
                             ('in_chans', in_chans, 1), ('num_classes', num_classes, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f'{name} must be an int >= {lo}, got {v!r}')
-        _check_pool(global_pool)
+            check_int(name, v, lo)
+        check_choice('global_pool', global_pool, GLOBAL_POOLS)
         if conv_type != 'smp' and (radius is not None or conv_bias):
             raise ValueError("radius and conv_bias apply to conv_type='smp' only")
         self.conv_type = conv_type
@@ -227,7 +222,7 @@ class SequenceTCN(nn.Module):
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
         if global_pool is not None:
-            self.global_pool = _check_pool(global_pool)
+            self.global_pool = check_choice('global_pool', global_pool, GLOBAL_POOLS)
         self.num_classes = num_classes
         ref = next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
@@ -239,10 +234,8 @@ class SequenceTCN(nn.Module):
         """Sample every continuous kernel at `seq_len` taps from now on: 'stretch' keeps the continuous kernel
         over [-1, 1] (values times (old - 1) / (new - 1): the same response to the sequence resampled to
         the new length), 'none' leaves the values alone."""
-        if mode not in LENGTH_MODES:
-            raise ValueError(f'mode must be one of {LENGTH_MODES}, got {mode!r}')
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
-            raise ValueError(f'seq_len must be an int >= 2, got {seq_len!r}')
+        check_choice('mode', mode, LENGTH_MODES)
+        check_int('seq_len', seq_len, 2)
         if self.permutation is not None and seq_len != self.seq_len:
             raise ValueError(f'this model reads its {self.seq_len} steps through a fixed permutation; it cannot be '
                              f're-targeted to {seq_len} steps')
@@ -373,7 +366,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SequenceTCN
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('backbone.') for k in state_dict) or 'finallyr.weight' in state_dict:
         state_dict = _convert_authors(state_dict, model)
-    _check_keys(state_dict, model)
+    check_state_dict_keys(state_dict, model)
     return state_dict
 
 
