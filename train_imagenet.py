@@ -12,9 +12,10 @@ AdamW lr 4e-3 at total batch 2048, weight decay 0.05, cosine with 10 warm-up epo
 rand-m9-mstd0.5-inc1, Mixup 0.8 / CutMix 1.0, label smoothing 0.1, random erasing 0.25, drop path
 0.1, EMA 0.9999, radius lr x0.1 and radius clamp [1e-3, 1]). --preset picks other recipes.
 
-Flags follow timm's train.py names. Output (under --output/<experiment>): last.pth.tar,
-model_best.pth.tar, checkpoint-N.pth.tar (timm's CheckpointSaver format, EMA inside),
-summary.csv, curves.png, args.yaml.
+Flags follow timm's train.py names and meanings; -c FILE reads a YAML file of defaults as timm's does (a
+run's args.yaml is one). The lr is the preset's unless --lr is given, or --lr-base (timm's batch-size rule).
+Output (under --output/<experiment>): last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar (timm's
+CheckpointSaver format, EMA inside), summary.csv, curves.png, args.yaml.
 """
 import argparse
 import csv
@@ -25,16 +26,26 @@ import sys
 import time
 from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
+from typing import Any, Callable, Optional
 
 import timm
 import torch
 import torch.nn as nn
 import yaml
-from timm.data import FastCollateMixup, Mixup, create_dataset, create_loader, resolve_data_config
+from timm.data import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    FastCollateMixup,
+    Mixup,
+    create_dataset,
+    create_loader,
+    resolve_data_config,
+)
 from timm.layers import convert_sync_batchnorm
-from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_checkpoint, resume_checkpoint, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -43,6 +54,7 @@ from timm.utils import (
     CheckpointSaver,
     ModelEmaV3,
     NativeScaler,
+    ParseKwargs,
     accuracy,
     dispatch_clip_grad,
     distribute_bn,
@@ -56,6 +68,8 @@ from timm.utils import (
 import timm_smpconv  # noqa: F401  (registers our models)
 from timm_smpconv import anti_aliasing_penalty, clamp_smp_radius_, param_groups_smp
 from timm_smpconv.data import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, DigitsDataset
+from timm_smpconv.layers.smp_conv import RESIZE_MODES
+from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
 
 _logger = logging.getLogger('train')
 
@@ -78,7 +92,7 @@ PRESETS = {
         model='smp_tcn.digits', img_size=8, batch_size=64, grad_accum_steps=1, epochs=40, lr=2e-3, warmup_epochs=2,
         min_lr=1e-6, opt='adam', weight_decay=1e-5, aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0.,
         drop_path=0., hflip=0., color_jitter=0., scale=[1.0, 1.0], ratio=[1.0, 1.0], model_ema=True,
-        model_ema_decay=0.99, model_ema_warmup=True, radius_clamp=[1e-4, 1.0], no_decay_patterns=['*.points'],
+        model_ema_decay=0.99, model_ema_warmup=True, radius_clamp=list(RADIUS_RANGE_SMALL), no_decay_patterns=['*.points'],
         log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear',
     ),
     # SMPConv paper, CIFAR-10 (Table 4): Adam with coupled L2 1e-5, lr 5e-3, 210 epochs (the model's
@@ -87,8 +101,8 @@ PRESETS = {
         model='smp_flexnet_16', dataset='torch/cifar10', num_classes=10, img_size=32, batch_size=64,
         grad_accum_steps=1, epochs=210, warmup_epochs=10, lr=5e-3, min_lr=1e-6, opt='adam', weight_decay=1e-5,
         drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
-        scale=[0.6, 1.0], model_ema=False, radius_clamp=[1e-4, 1.0], no_decay_patterns=['*.points'],
-        mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=1.0,
+        scale=[0.6, 1.0], model_ema=False, radius_clamp=list(RADIUS_RANGE_SMALL), no_decay_patterns=['*.points'],
+        mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD), crop_pct=1.0,
     ),
     # FlexConv paper, FlexNet-16 on CIFAR-10: Adam lr 0.01, no weight decay, 350 epochs (in-block dropout
     # 0.2 is the model's block_drop_rate default)
@@ -96,7 +110,8 @@ PRESETS = {
         model='flexnet_16', dataset='torch/cifar10', num_classes=10, img_size=32, batch_size=64,
         grad_accum_steps=1, epochs=350, warmup_epochs=5, lr=0.01, min_lr=1e-6, opt='adam', weight_decay=0.,
         drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
-        scale=[0.6, 1.0], model_ema=False, mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], crop_pct=1.0,
+        scale=[0.6, 1.0], model_ema=False, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD),
+        crop_pct=1.0,
     ),
 }
 
@@ -122,6 +137,10 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=_HelpFormatter)
+    p.add_argument('-c', '--config', default=None, metavar='FILE',
+                   help="YAML file of defaults, as timm's train.py -c: its keys are the flags' names with underscores "
+                        "(e.g. batch_size: 128) and set the defaults over the preset's; flags on the command line still win; "
+                        "a run's args.yaml works as one")
     p.add_argument('--preset', default=None, choices=sorted(PRESETS),
                    help='named recipe whose values become the defaults (default: imagenet with --data-dir, '
                         'digits without)')
@@ -151,13 +170,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--num-classes', type=int, default=None, help='number of classes (default: the dataset\'s)')
     g.add_argument('--in-chans', type=int, default=None, help='input channels')
     g.add_argument('--img-size', type=int, default=None, help='square input size (default: the model\'s)')
+    g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                   help="input channels and size, e.g. 3 224 224; overrides --img-size (and sets the model's in_chans "
+                        "unless --in-chans is given), as timm's resolve_data_config (default: the model's)")
     g.add_argument('--crop-pct', type=float, default=None, help='validation centre crop fraction')
     g.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean per channel')
     g.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std per channel')
     g.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s)')
+    g.add_argument('--train-interpolation', default='',
+                   help="interpolation of the training transforms: 'random', 'bilinear', 'bicubic', ... (default: the "
+                        "validation interpolation above; timm's train.py defaults to 'random')")
     g.add_argument('--kernel-sizes', type=int, nargs='+', default=None,
                    help='SMP kernel size per stage; continuous kernels are re-rendered when loading')
-    g.add_argument('--kernel-resize', default=None, choices=['stretch', 'extend', 'none'],
+    g.add_argument('--kernel-resize', default=None, choices=RESIZE_MODES,
                    help='how loaded SMP kernels map to new kernel sizes (see README)')
     g.add_argument('--drop', type=float, default=0., help='dropout before the classifier')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
@@ -165,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help='extra create_model kwargs, values in YAML (e.g. kernel_sizes=[51,49,47,13])')
     g.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
+    g.add_argument('--torchcompile-mode', default=None,
+                   help="torch.compile mode with --torchcompile, e.g. 'reduce-overhead', 'max-autotune' (default: torch's)")
+    g.add_argument('--grad-checkpointing', action='store_true',
+                   help='gradient checkpointing (model.set_grad_checkpointing): less memory, more compute')
+    g.add_argument('--model-dtype', default=None, choices=['float32', 'float16', 'bfloat16'],
+                   help='dtype of the model parameters and inputs, for training without --amp (default: float32)')
     g.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm (CUDA, distributed)')
     g.add_argument('--dist-bn', default='reduce', choices=['reduce', 'broadcast', ''],
                    help='sync BatchNorm statistics across ranks after each epoch when not using SyncBN')
@@ -173,14 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--opt', default='adamw', help='timm optimizer name')
     g.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon')
     g.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help='extra optimizer arguments, values as Python literals (e.g. amsgrad=True)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
     g.add_argument('--no-decay-patterns', nargs='*', default=[],
                    help="extra parameter-name patterns without weight decay (e.g. '*.points')")
     g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
-    g.add_argument('--radius-lr-scale', type=float, default=0.1,
+    g.add_argument('--radius-lr-scale', type=float, default=RADIUS_LR_SCALE,
                    help='lr multiplier of SMP radii and FlexConv mask parameters (no weight decay)')
-    g.add_argument('--radius-clamp', type=float, nargs=2, default=[1e-3, 1.0], metavar=('MIN', 'MAX'),
+    g.add_argument('--radius-clamp', type=float, nargs=2, default=list(RADIUS_RANGE_IMAGENET), metavar=('MIN', 'MAX'),
                    help='clamp SMP radii after every optimizer step')
     g.add_argument('--clip-grad', type=float, default=None, help='gradient clipping value')
     g.add_argument('--clip-mode', default='norm', choices=['norm', 'value', 'agc'], help='gradient clipping mode')
@@ -194,14 +227,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--sched', default='cosine', help='timm scheduler name')
     g.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=True,
                    help='step the schedule on every optimizer update instead of every epoch')
-    g.add_argument('--lr', type=float, default=4e-3, help='peak learning rate (not scaled by batch size)')
+    g.add_argument('--lr', type=float, default=4e-3,
+                   help="peak learning rate, used as given (default: the preset's, 0.004 for imagenet; see --lr-base)")
+    g.add_argument('--lr-base', type=float, default=None,
+                   help="base learning rate, as timm's train.py: without --lr, lr = lr_base * global_batch / "
+                        "lr_base_size ('linear') or lr_base * sqrt(global_batch / lr_base_size) ('sqrt'), global_batch "
+                        "= batch_size * world_size * grad_accum_steps (default: None, the preset's lr)")
+    g.add_argument('--lr-base-size', type=int, default=256, help='global batch size at which lr = --lr-base')
+    g.add_argument('--lr-base-scale', default='', choices=['', 'linear', 'sqrt'],
+                   help="scaling of --lr-base with the global batch (default: '', i.e. 'sqrt' for optimizers whose "
+                        "name contains 'ada' or 'lamb', else 'linear', as timm)")
     g.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up start lr')
     g.add_argument('--min-lr', type=float, default=1e-6, help='final lr of the cosine')
     g.add_argument('--epochs', type=int, default=300, help='epochs to train')
     g.add_argument('--warmup-epochs', type=int, default=10, help='warm-up epochs')
+    g.add_argument('--warmup-prefix', action='store_true',
+                   help='warm-up epochs come before the decay schedule instead of counting towards its length')
     g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min lr after the schedule')
     g.add_argument('--decay-epochs', type=float, default=90, help='step schedule period')
     g.add_argument('--decay-rate', type=float, default=0.1, help='step schedule factor')
+    g.add_argument('--start-epoch', type=int, default=None,
+                   help="epoch to start from; also overrides a resumed checkpoint's epoch, as timm (default: 0 or "
+                        "the resumed epoch)")
 
     g = p.add_argument_group('Augmentation and regularisation')
     g.add_argument('--no-aug', action='store_true', help='no training augmentation')
@@ -221,7 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
     g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
     g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'], help='mixup mode')
+    g.add_argument('--mixup-off-epoch', type=int, default=0,
+                   help='turn Mixup/CutMix off from this epoch on (0: never); label smoothing stays')
     g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--bce-loss', action='store_true',
+                   help="binary cross-entropy training loss (timm's BinaryCrossEntropy), with Mixup/CutMix and "
+                        "label smoothing as the cross-entropy")
+    g.add_argument('--bce-sum', action='store_true', help='BCE: sum over classes before the batch mean')
+    g.add_argument('--bce-target-thresh', type=float, default=None,
+                   help='BCE: binarize the (smoothed, mixed) targets at this threshold (default: off)')
+    g.add_argument('--bce-pos-weight', type=float, default=None, help='BCE: weight of the positive targets (default: 1)')
 
     g = p.add_argument_group('Model EMA')
     g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
@@ -245,7 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--recovery-interval', type=int, default=0,
                    help='write a recovery checkpoint every N batches inside an epoch (0: off)')
     g.add_argument('--eval-metric', default='top1', help='metric for the best checkpoint')
+    g.add_argument('--val-interval', type=int, default=1,
+                   help="validate every N epochs and at the schedule's last epoch; only validated epochs can "
+                        "become the best")
     g.add_argument('--log-interval', type=int, default=50, help='batches between log lines')
+    g.add_argument('--log-wandb', action='store_true',
+                   help='log the per-epoch metrics to Weights & Biases (needs the wandb package; without it a '
+                        'warning and the run continues)')
+    g.add_argument('--wandb-project', default=None, help="wandb project name (default: wandb's)")
     g.add_argument('--eval-only', action='store_true', help='evaluate --checkpoint and exit')
     g.add_argument('--checkpoint', default='', help='checkpoint for --eval-only')
     g.add_argument('--reparam', action='store_true', help='reparameterize before --eval-only evaluation')
@@ -257,13 +320,52 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# keys of a run's args.yaml that the run sets itself (not flags): skipped when the file is read back with -c
+_RUN_STATE_KEYS = ('config', 'rank', 'world_size', 'local_rank', 'distributed')
+
+
+def load_config(parser, path):
+    """The defaults in a -c/--config YAML file (timm's train.py -c), checked against the parser's flags."""
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except OSError as e:
+        parser.error(f'cannot read config file {path!r}: {e}')
+    except yaml.YAMLError as e:
+        parser.error(f'config file {path!r} is not valid YAML: {e}')
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        parser.error(f'config file {path!r} must map flag names to values, not hold a {type(cfg).__name__}')
+    cfg = {k: v for k, v in cfg.items() if k not in _RUN_STATE_KEYS}
+    actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
+    unknown = sorted(str(k) for k in cfg if k not in actions)
+    if unknown:
+        parser.error(f'config file {path!r}: unknown keys {", ".join(unknown)} (keys are the flag names with '
+                     f'underscores, e.g. batch_size for --batch-size)')
+    for key, value in cfg.items():
+        choices = actions[key].choices
+        if choices is not None and value is not None and value not in choices:
+            parser.error(f'config file {path!r}: {key}: {value!r} is not one of {", ".join(map(repr, choices))}')
+    return cfg
+
+
 def parse_args(argv=None):
+    """Command-line flags over the -c config file over the preset over the parser's defaults."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
-    preset = pre.preset or ('imagenet' if pre.data_dir else 'digits')
+    config = load_config(parser, pre.config) if pre.config else {}
+    preset = pre.preset or config.get('preset') or (
+        'imagenet' if pre.data_dir or config.get('data_dir') else 'digits')
+    recipe_lr = PRESETS[preset].get('lr', parser.get_default('lr'))
     parser.set_defaults(**PRESETS[preset])
+    parser.set_defaults(**config)
+    if 'lr' not in config:
+        parser.set_defaults(lr=None)  # tells an --lr given on the command line from the recipe's
     args = parser.parse_args(argv)
     args.preset = preset
+    if args.lr is None and args.lr_base is None:
+        args.lr = recipe_lr  # else resolve_lr() computes it once the world size is known
     if isinstance(args.model_kwargs, list):
         args.model_kwargs = dict(args.model_kwargs)
     if args.aa in ('', 'none', 'None'):
@@ -273,11 +375,14 @@ def parse_args(argv=None):
     return args
 
 
+_EVAL_METRICS = ('loss', 'top1', 'top5')
+
+
 def check_args(args):
     """Input errors that must stop the run before anything is built."""
     if args.batch_size < 1 or args.grad_accum_steps < 1:
         raise TrainingError('--batch-size and --grad-accum-steps must be >= 1')
-    if (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax) and args.batch_size % 2:
+    if _mixup_active(args) and args.batch_size % 2:
         raise TrainingError(f'Mixup/CutMix mixes pairs of samples and needs an even --batch-size, got {args.batch_size}')
     if args.data_dir is not None:
         if not os.path.isdir(args.data_dir):
@@ -291,6 +396,51 @@ def check_args(args):
             raise TrainingError(f'checkpoint {path!r} not found')
     if args.eval_only and not args.checkpoint:
         raise TrainingError('--eval-only needs --checkpoint FILE')
+    if args.eval_metric not in _EVAL_METRICS:
+        raise TrainingError(f'--eval-metric must be one of {", ".join(_EVAL_METRICS)}, got {args.eval_metric!r}')
+    for flag, value, low in (('--val-interval', args.val_interval, 1), ('--lr-base-size', args.lr_base_size, 1),
+                             ('--mixup-off-epoch', args.mixup_off_epoch, 0), ('--start-epoch', args.start_epoch, 0)):
+        if value is not None and value < low:
+            raise TrainingError(f'{flag} must be >= {low}, got {value}')
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        raise TrainingError(f'--amp keeps float32 weights and needs --model-dtype float32, got {args.model_dtype} '
+                            f'(use one or the other)')
+    if args.input_size and args.in_chans and args.input_size[0] != args.in_chans:
+        raise TrainingError(f'--input-size has {args.input_size[0]} channels but --in-chans is {args.in_chans}')
+    if args.torchcompile_mode and not args.torchcompile:
+        raise TrainingError('--torchcompile-mode needs --torchcompile')
+    if not args.bce_loss and (args.bce_sum or args.bce_target_thresh is not None or args.bce_pos_weight is not None):
+        raise TrainingError('--bce-sum, --bce-target-thresh and --bce-pos-weight need --bce-loss')
+
+
+def lr_from_base(lr_base, global_batch_size, lr_base_size=256, lr_base_scale='', opt=''):
+    """timm train.py's rule: (lr, scaling used) for a base lr stated at `lr_base_size` images per optimizer step.
+
+    lr = lr_base * r with r = global_batch_size / lr_base_size ('linear') or sqrt(r) ('sqrt'); an empty
+    `lr_base_scale` picks 'sqrt' for optimizers whose name contains 'ada' or 'lamb', else 'linear'.
+    """
+    if not lr_base_scale:
+        lr_base_scale = 'sqrt' if any(o in opt.lower() for o in ('ada', 'lamb')) else 'linear'
+    ratio = global_batch_size / lr_base_size
+    if lr_base_scale == 'sqrt':
+        ratio = ratio ** 0.5
+    return lr_base * ratio, lr_base_scale
+
+
+def resolve_lr(args):
+    """--lr as given (or the preset's), else from --lr-base and the global batch, which needs the world size."""
+    if args.lr is not None:
+        return
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    args.lr, args.lr_base_scale = lr_from_base(
+        args.lr_base, global_batch, args.lr_base_size, args.lr_base_scale, args.opt)
+    if args.rank == 0:
+        _logger.info(f'Learning rate {args.lr:g} from --lr-base {args.lr_base:g} at {args.lr_base_size} images, '
+                     f'global batch {global_batch}, {args.lr_base_scale} scaling')
+
+
+def _mixup_active(args):
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def load_datasets(args):
@@ -302,20 +452,20 @@ def load_datasets(args):
     if args.input_img_mode:
         common['input_img_mode'] = args.input_img_mode
     try:
-        train = create_dataset(args.dataset, split=args.train_split, is_training=True,
-                               repeats=0, seed=args.seed, **common)
-        val = create_dataset(args.dataset, split=args.val_split, is_training=False, **common)
+        train_set = create_dataset(args.dataset, split=args.train_split, is_training=True,
+                                   repeats=0, seed=args.seed, **common)
+        val_set = create_dataset(args.dataset, split=args.val_split, is_training=False, **common)
     except Exception as e:  # timm raises various types for empty/malformed roots
         raise TrainingError(f'could not read dataset {args.dataset or "folder"} at {args.data_dir!r}: {e}') from e
-    if len(train) == 0 or len(val) == 0:
-        raise TrainingError(f'dataset at {args.data_dir!r} has no images ({len(train)} train, {len(val)} val)')
+    if len(train_set) == 0 or len(val_set) == 0:
+        raise TrainingError(f'dataset at {args.data_dir!r} has no images ({len(train_set)} train, {len(val_set)} val)')
     num_classes = None
-    reader = getattr(train, 'reader', None)
+    reader = getattr(train_set, 'reader', None)
     if reader is not None and hasattr(reader, 'class_to_idx'):
         num_classes = len(reader.class_to_idx)
-    elif hasattr(train, 'classes'):
-        num_classes = len(train.classes)
-    return train, val, num_classes
+    elif hasattr(train_set, 'classes'):
+        num_classes = len(train_set.classes)
+    return train_set, val_set, num_classes
 
 
 def create_training_model(args, num_classes):
@@ -324,8 +474,9 @@ def create_training_model(args, num_classes):
         kwargs['kernel_sizes'] = tuple(args.kernel_sizes)
     if args.kernel_resize:
         kwargs['kernel_resize'] = args.kernel_resize
-    if args.in_chans:
-        kwargs['in_chans'] = args.in_chans
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
+    if in_chans:
+        kwargs['in_chans'] = in_chans
     if args.pretrained_path:
         # like timm's train.py: load the file, re-initialise the classifier
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
@@ -339,6 +490,11 @@ def create_training_model(args, num_classes):
         raise TrainingError(f'could not create {args.model}: {e}') from e
     if args.initial_checkpoint:
         _load_weights(model, args.initial_checkpoint, use_ema=False)
+    if args.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(enable=True)
+        except (AttributeError, NotImplementedError, AssertionError) as e:
+            raise TrainingError(f'{args.model} does not support --grad-checkpointing: {e}') from e
     return model
 
 
@@ -365,30 +521,431 @@ def unwrap(model):
 def build_data_config(args, model):
     """timm's data config for the model with the flags applied (digits statistics for the built-in data)."""
     chans = args.in_chans or getattr(model, 'in_chans', 3)  # e.g. 1 for the sequential-MNIST models
+    input_size = None
+    if args.input_size:  # overrides --img-size and --in-chans, as in timm's resolve_data_config
+        input_size = tuple(args.input_size)
+    elif args.img_size:
+        input_size = (chans, args.img_size, args.img_size)
     data_config = resolve_data_config(
-        dict(input_size=(chans, args.img_size, args.img_size) if args.img_size else None, crop_pct=args.crop_pct,
-             mean=args.mean, std=args.std, interpolation=args.interpolation), model=model)
+        dict(input_size=input_size, crop_pct=args.crop_pct, mean=args.mean, std=args.std,
+             interpolation=args.interpolation), model=model)
     if args.data_dir is None and not args.dataset and args.mean is None:
         data_config['mean'], data_config['std'] = DIGITS_MEAN, DIGITS_STD
     return data_config
 
 
-def create_eval_loader(dataset, data_config, args, device):
+def create_train_loss(args):
+    """The training loss, as timm's train.py picks it (Mixup/CutMix targets carry the label smoothing)."""
+    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if _mixup_active(args):
+        return BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
+    if args.bce_loss:
+        return BinaryCrossEntropy(smoothing=args.smoothing, **bce)
+    if args.smoothing:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return nn.CrossEntropyLoss()
+
+
+def create_eval_loader(dataset, data_config, args, device, img_dtype=None):
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
         mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher, persistent_workers=False)
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher, persistent_workers=False,
+        img_dtype=img_dtype or torch.float32)
 
 
-def validate(model, loader, args, device, amp_ctx):
+@dataclass
+class TrainState:
+    """What the set-up steps of run() build, in their order, and the epoch loop uses."""
+    args: argparse.Namespace
+    device: torch.device
+    model: nn.Module  # the training model; wrapped by DDP / torch.compile in wrap_model()
+    dataset_train: Any = None
+    dataset_eval: Any = None
+    # setup_model
+    data_config: dict = field(default_factory=dict)
+    model_dtype: Optional[torch.dtype] = None  # None: float32
+    # setup_optimizer
+    optimizer: Optional[torch.optim.Optimizer] = None
+    amp_ctx: Callable = nullcontext
+    scaler: Optional[NativeScaler] = None
+    model_ema: Optional[ModelEmaV3] = None
+    # setup_output, resume
+    output_dir: str = ''
+    resume_path: str = ''
+    start_epoch: int = 0
+    # setup_loaders
+    mixup_fn: Optional[Mixup] = None  # Mixup/CutMix on the device (--no-prefetcher)
+    collate_fn: Optional[FastCollateMixup] = None  # Mixup/CutMix in the prefetching loader's collation
+    loader_train: Any = None
+    loader_eval: Any = None
+    train_loss_fn: Optional[nn.Module] = None
+    # setup_schedule: the per-epoch counts, computed once
+    num_batches: int = 0  # training batches per epoch (--max-train-batches applied)
+    updates_per_epoch: int = 0  # optimizer steps per epoch (--grad-accum-steps applied)
+    lr_scheduler: Any = None
+    num_epochs: int = 0  # of the schedule
+    end_epoch: int = 0  # this invocation stops before it (--stop-after-epochs)
+    num_updates: int = 0  # optimizer steps so far, the schedule's clock
+    # setup_saver (rank 0)
+    saver: Optional[CheckpointSaver] = None
+    log_wandb: bool = False
+
+
+def run(args):
+    """The set-up steps, then the epoch loop (or the --eval-only evaluation)."""
+    device = setup_device(args)
+    dataset_train, dataset_eval = setup_datasets(args)
+    model = create_training_model(args, args.num_classes)
+    if args.eval_only:
+        return evaluate_checkpoint(args, model, dataset_eval, device)
+    state = TrainState(args=args, device=device, model=model, dataset_train=dataset_train, dataset_eval=dataset_eval)
+    setup_model(state)  # data config, device, dtype, memory format, SyncBN
+    setup_optimizer(state)  # optimizer, AMP, EMA
+    setup_output(state)  # run folder, checkpoint to resume
+    resume(state)  # weights, optimizer, EMA; start epoch
+    wrap_model(state)  # DDP, torch.compile
+    setup_loaders(state)  # Mixup/CutMix, loaders, training loss
+    setup_schedule(state)  # per-epoch counts, lr schedule
+    setup_saver(state)  # checkpoints, args.yaml, wandb (rank 0)
+    return train(state)
+
+
+def setup_device(args):
+    """Device and process group, logging, input checks, seed, and the lr (which may depend on the world size)."""
+    device = init_distributed_device(args)
+    setup_logging(args.rank)
+    check_args(args)
+    if args.distributed:
+        _logger.info(f'Distributed: {args.world_size} processes, backend '
+                     f'{torch.distributed.get_backend()}, device {device}')
+    random_seed(args.seed, args.rank)
+    resolve_lr(args)
+    return device
+
+
+def setup_datasets(args):
+    """(train, val) datasets; sets args.num_classes from the dataset unless given."""
+    dataset_train, dataset_eval, num_classes = load_datasets(args)
+    if args.data_dir is None and not args.dataset:
+        _logger.info(f"No --data-dir: training on the built-in digits dataset (scikit-learn, {len(dataset_train)} "
+                     f"train / {len(dataset_eval)} val real 8x8 images, 10 classes), preset '{args.preset}'")
+    args.num_classes = args.num_classes or num_classes
+    if not args.num_classes:
+        raise TrainingError('could not infer the number of classes; pass --num-classes')
+    return dataset_train, dataset_eval
+
+
+def setup_model(state):
+    args, model = state.args, state.model
+    if args.rank == 0:
+        _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} params, '
+                     f'{args.num_classes} classes')
+    state.data_config = build_data_config(args, model)
+    if args.model_dtype:
+        state.model_dtype = getattr(torch, args.model_dtype)
+        if state.model_dtype == torch.float16:
+            _logger.warning('--model-dtype float16: half-precision training is unstable; bfloat16 is safer')
+    model.to(device=state.device, dtype=state.model_dtype)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn and state.device.type == 'cuda':
+        state.model = convert_sync_batchnorm(model)
+
+
+def setup_optimizer(state):
+    """The optimizer (SMP parameter groups), the AMP context and loss scaler, the EMA of the weights."""
+    args, model, device = state.args, state.model, state.device
+    no_decay = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    no_decay |= set(args.no_decay_patterns)
+    group_fn = partial(param_groups_smp, weight_decay=args.weight_decay, lr_scale=args.radius_lr_scale,
+                       no_weight_decay_list=no_decay, layer_decay=args.layer_decay)
+    opt_kwargs = optimizer_kwargs(args)
+    opt_kwargs.pop('layer_decay', None)  # applied by param_groups_smp
+    clash = sorted(set(opt_kwargs) & set(args.opt_kwargs))
+    if clash:
+        raise TrainingError(f'--opt-kwargs {", ".join(clash)}: set these with their own flags (--lr, --opt-eps, ...)')
+    opt_kwargs.update(args.opt_kwargs)
+    try:
+        state.optimizer = create_optimizer_v2(model, param_group_fn=group_fn, **opt_kwargs)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise TrainingError(f'could not create optimizer {args.opt!r}: {e}') from e
+
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    if args.amp:
+        if device.type == 'cpu' and amp_dtype == torch.float16:
+            raise TrainingError('--amp on CPU supports --amp-dtype bfloat16 only')
+        state.amp_ctx = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+    state.scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
+    if args.model_ema:
+        state.model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+
+
+def setup_output(state):
+    """The run folder (one name for all ranks) and the checkpoint to resume from, if any."""
+    args = state.args
+    run_name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(state.data_config['input_size'][-1])])
+    if args.distributed:  # one folder for all ranks, even if their clocks straddle a second
+        names = [run_name]
+        torch.distributed.broadcast_object_list(names, src=0)
+        run_name = names[0]
+    state.output_dir = os.path.join(args.output, run_name)
+    os.makedirs(state.output_dir, exist_ok=True)  # every rank may get here first (timm's get_outdir races)
+    state.resume_path = args.resume
+    if not state.resume_path and args.auto_resume and os.path.isfile(os.path.join(state.output_dir, 'last.pth.tar')):
+        state.resume_path = os.path.join(state.output_dir, 'last.pth.tar')
+
+
+def resume(state):
+    """Restore model, optimizer, loss scaler and EMA; the start epoch is the checkpoint's unless --start-epoch."""
+    args = state.args
+    resume_epoch = None
+    if state.resume_path:
+        try:
+            resume_epoch = resume_checkpoint(
+                state.model, state.resume_path, optimizer=None if args.no_resume_opt else state.optimizer,
+                loss_scaler=state.scaler, log_info=args.rank == 0)
+        except Exception as e:
+            raise TrainingError(f'could not resume from {state.resume_path!r}: {e}') from e
+        if state.model_ema is not None:
+            _load_weights(state.model_ema.module, state.resume_path, use_ema=True)
+        _logger.info(f'Resumed from {state.resume_path} at epoch {resume_epoch}')
+    state.start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if args.start_epoch is not None:
+        _logger.info(f'Starting at epoch {args.start_epoch} (--start-epoch)')
+
+
+def wrap_model(state):
+    args = state.args
+    if args.distributed:
+        device = state.device
+        state.model = nn.parallel.DistributedDataParallel(
+            state.model, device_ids=[device] if device.type == 'cuda' else None)
+    if args.torchcompile:
+        state.model = torch.compile(state.model, backend=args.torchcompile, mode=args.torchcompile_mode)
+
+
+def setup_loaders(state):
+    """Mixup/CutMix, the training and validation loaders, the training loss."""
+    args, data_config = state.args, state.data_config
+    if _mixup_active(args):
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if args.no_prefetcher:
+            state.mixup_fn = Mixup(**mixup_args)
+        else:
+            state.collate_fn = FastCollateMixup(**mixup_args)
+    img_dtype = state.model_dtype or torch.float32
+    train_interpolation = data_config['interpolation']
+    if args.train_interpolation and not args.no_aug:
+        train_interpolation = args.train_interpolation
+    state.loader_train = create_loader(
+        state.dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, num_aug_repeats=args.aug_repeats, interpolation=train_interpolation,
+        collate_fn=state.collate_fn, mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
+        distributed=args.distributed, pin_memory=args.pin_mem, device=state.device,
+        use_prefetcher=not args.no_prefetcher, img_dtype=img_dtype,
+        persistent_workers=False,  # fresh worker RNG each epoch: exact resume at epoch boundaries
+    )
+    state.loader_eval = create_eval_loader(state.dataset_eval, data_config, args, state.device, img_dtype)
+    if len(state.loader_train) == 0:
+        raise TrainingError(f'{len(state.dataset_train)} training images give no full batch of {args.batch_size}')
+    state.train_loss_fn = create_train_loss(args).to(state.device)
+
+
+def setup_schedule(state):
+    """Batches and optimizer updates per epoch (once), the lr schedule moved to the start epoch."""
+    args = state.args
+    num_batches = len(state.loader_train)
+    state.num_batches = min(num_batches, args.max_train_batches) if args.max_train_batches else num_batches
+    state.updates_per_epoch = (state.num_batches + args.grad_accum_steps - 1) // args.grad_accum_steps
+    state.lr_scheduler, state.num_epochs = create_scheduler_v2(
+        state.optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+        updates_per_epoch=state.updates_per_epoch)
+    if state.start_epoch > 0:
+        if args.sched_on_updates:
+            state.lr_scheduler.step_update(state.start_epoch * state.updates_per_epoch)
+        else:
+            state.lr_scheduler.step(state.start_epoch)
+    state.num_updates = state.start_epoch * state.updates_per_epoch
+    state.end_epoch = state.num_epochs
+    if args.stop_after_epochs:
+        state.end_epoch = min(state.num_epochs, state.start_epoch + args.stop_after_epochs)
+
+
+def setup_saver(state):
+    """Rank 0: the checkpoint saver (with its history when resuming in the run folder), args.yaml, wandb."""
+    args = state.args
+    if args.rank != 0:
+        return
+    state.saver = CheckpointSaver(
+        model=state.model, optimizer=state.optimizer, args=args, model_ema=state.model_ema, amp_scaler=state.scaler,
+        checkpoint_dir=state.output_dir, recovery_dir=state.output_dir, decreasing='loss' in args.eval_metric,
+        max_history=args.checkpoint_hist, unwrap_fn=unwrap)
+    if state.resume_path and os.path.dirname(os.path.abspath(state.resume_path)) == os.path.abspath(state.output_dir):
+        state.saver.load_state_dict_from_checkpoint(state.resume_path)
+    with open(os.path.join(state.output_dir, 'args.yaml'), 'w') as f:
+        yaml.safe_dump({k: v for k, v in vars(args).items() if not isinstance(v, torch.device)}, f)
+    state.log_wandb = init_wandb(args, os.path.basename(state.output_dir))
+    _logger.info(f'Output: {state.output_dir}')
+    eff = args.batch_size * args.grad_accum_steps * args.world_size
+    _logger.info(f'Training {state.num_epochs} epochs from epoch {state.start_epoch}: {len(state.dataset_train)} '
+                 f'images, {state.num_batches} batches/epoch, effective batch {eff} ({args.batch_size} x '
+                 f'{args.grad_accum_steps} accumulation x {args.world_size} ranks), lr {args.lr:g}')
+
+
+def init_wandb(args, run_name):
+    """--log-wandb on rank 0: wandb.init; without the wandb package a warning and the run goes on (as timm)."""
+    if not args.log_wandb or args.rank != 0:
+        return False
+    try:
+        import wandb
+    except ImportError:
+        _logger.warning('--log-wandb: the wandb package is not installed (pip install wandb); the metrics are not '
+                        'logged to wandb')
+        return False
+    wandb.init(project=args.wandb_project, name=run_name, config=args)
+    return True
+
+
+def train(state):
+    """The epoch loop: train, validate (every --val-interval epochs and the last), log, checkpoint."""
+    args = state.args
+    best = None
+    t_start = time.time()
+    for epoch in range(state.start_epoch, state.end_epoch):
+        begin_epoch(state, epoch)
+        t0 = time.time()
+        train_metrics = train_one_epoch(state, epoch)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            if not args.sync_bn:
+                distribute_bn(state.model, args.world_size, args.dist_bn == 'reduce')
+            if state.model_ema is not None:
+                distribute_bn(state.model_ema, args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = metrics_ema = None
+        if should_validate(state, epoch):
+            eval_metrics = validate(state.model, state.loader_eval, args, state.device, state.amp_ctx, state.model_dtype)
+            if state.model_ema is not None:
+                metrics_ema = validate(
+                    state.model_ema, state.loader_eval, args, state.device, state.amp_ctx, state.model_dtype)
+        if not args.sched_on_updates:
+            state.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
+        if args.rank == 0:
+            best = log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema,
+                                time.time() - t0, time.time() - t_start)
+    if args.rank == 0:
+        plot_curves(os.path.join(state.output_dir, 'summary.csv'), os.path.join(state.output_dir, 'curves.png'))
+        if best and best[0] is not None:
+            _logger.info(f'Best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]}); '
+                         f'{time.time() - t_start:.0f} s of training; outputs in {state.output_dir}')
+    return best
+
+
+def should_validate(state, epoch):
+    """Every --val-interval epochs and the schedule's last epoch: an interrupted run validates the same epochs."""
+    return (epoch + 1) % state.args.val_interval == 0 or epoch == state.num_epochs - 1
+
+
+def begin_epoch(state, epoch):
+    args = state.args
+    # every epoch's randomness depends only on (seed, epoch, rank): resuming reproduces it exactly
+    random_seed(args.seed + epoch, args.rank)
+    if hasattr(state.loader_train.sampler, 'set_epoch'):
+        state.loader_train.sampler.set_epoch(epoch)
+    mixup_on = not (args.mixup_off_epoch and epoch >= args.mixup_off_epoch)
+    for mix in (state.mixup_fn, state.collate_fn):
+        if mix is not None:
+            if mix.mixup_enabled and not mixup_on and args.rank == 0:
+                _logger.info(f'Mixup/CutMix off from epoch {epoch} (--mixup-off-epoch {args.mixup_off_epoch})')
+            mix.mixup_enabled = mixup_on
+
+
+def train_one_epoch(state, epoch):
+    args, model, optimizer, device = state.args, state.model, state.optimizer, state.device
+    model.train()
+    losses, batch_time, data_time = AverageMeter(), AverageMeter(), AverageMeter()
+    accum = args.grad_accum_steps
+    num_batches = state.num_batches
+    last_batch = num_batches - 1
+    end = time.time()
+    t_epoch = end
+    optimizer.zero_grad()
+    for batch_idx, (inputs, target) in enumerate(state.loader_train):
+        if batch_idx > last_batch:
+            break
+        need_update = (batch_idx + 1) % accum == 0 or batch_idx == last_batch
+        if args.no_prefetcher:
+            inputs, target = inputs.to(device=device, dtype=state.model_dtype), target.to(device)
+            if state.mixup_fn is not None:
+                inputs, target = state.mixup_fn(inputs, target)
+        if args.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        data_time.update(time.time() - end)
+
+        sync_ctx = model.no_sync if (args.distributed and not need_update) else nullcontext
+        with sync_ctx():
+            with state.amp_ctx():
+                output = model(inputs)
+                loss = state.train_loss_fn(output, target)
+                if args.aliasing_reg > 0:
+                    loss = loss + anti_aliasing_penalty(
+                        unwrap(model), target=args.aliasing_target, factor=args.aliasing_reg)
+            loss_value = loss.item()  # the one host sync per micro-batch: the check and the meter share it
+            if not math.isfinite(loss_value):
+                raise TrainingError(
+                    f'non-finite loss ({loss_value}) at epoch {epoch}, batch {batch_idx}: stopping; the last '
+                    f'checkpoint written is intact')
+            if state.scaler is not None:
+                state.scaler(loss / accum, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                             parameters=model.parameters(), need_update=need_update)
+            else:
+                (loss / accum).backward()
+                if need_update:
+                    if args.clip_grad is not None:
+                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                    optimizer.step()
+        losses.update(loss_value, inputs.shape[0])
+        if need_update:
+            optimizer.zero_grad()
+            clamp_smp_radius_(unwrap(model), *args.radius_clamp)
+            state.num_updates += 1
+            if state.model_ema is not None:
+                state.model_ema.update(unwrap(model), step=state.num_updates)
+            if state.lr_scheduler is not None:
+                state.lr_scheduler.step_update(num_updates=state.num_updates, metric=losses.avg)
+        batch_time.update(time.time() - end)
+        end = time.time()
+        if args.rank == 0 and (batch_idx % args.log_interval == 0 or batch_idx == last_batch):
+            lr = optimizer.param_groups[0]['lr']
+            ips = inputs.shape[0] * args.world_size / max(batch_time.avg, 1e-9)
+            done = batch_idx + 1
+            eta = (time.time() - t_epoch) / done * (num_batches - done)
+            _logger.info(
+                f'Train {epoch} [{done:>4d}/{num_batches}] loss {losses.val:.4f} ({losses.avg:.4f}) lr {lr:.3e} '
+                f'{ips:,.0f} img/s data {data_time.avg * 1e3:.0f} ms ETA {eta:.0f} s')
+        if state.saver is not None and args.recovery_interval and (batch_idx + 1) % args.recovery_interval == 0 \
+                and batch_idx != last_batch:
+            state.saver.save_recovery(epoch, batch_idx=batch_idx)
+    if args.distributed:
+        loss_avg = reduce_tensor(torch.tensor(losses.avg, device=device), args.world_size).item()
+    else:
+        loss_avg = losses.avg
+    return OrderedDict([('loss', loss_avg)])
+
+
+def validate(model, loader, args, device, amp_ctx, input_dtype=None):
     loss_fn = nn.CrossEntropyLoss().to(device)
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
     model.eval()
     with torch.no_grad():
         for inputs, target in loader:
             if args.no_prefetcher:
-                inputs, target = inputs.to(device), target.to(device)
+                inputs, target = inputs.to(device=device, dtype=input_dtype), target.to(device)
             if args.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with amp_ctx():
@@ -404,81 +961,33 @@ def validate(model, loader, args, device, amp_ctx):
             losses.update(loss.item(), n)
             top1.update(acc1.item(), n)
             top5.update(acc5.item(), n)
-    return OrderedDict([('loss', losses.avg), ('top1', top1.avg), ('top5', top5.avg)])
+    return OrderedDict(zip(_EVAL_METRICS, (losses.avg, top1.avg, top5.avg)))
 
 
-def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, model_ema, scaler,
-                    mixup_fn, amp_ctx, saver, num_updates):
-    model.train()
-    losses, batch_time, data_time = AverageMeter(), AverageMeter(), AverageMeter()
-    accum = args.grad_accum_steps
-    num_batches = len(loader) if not args.max_train_batches else min(len(loader), args.max_train_batches)
-    updates_per_epoch = (num_batches + accum - 1) // accum
-    last_batch = num_batches - 1
-    end = time.time()
-    t_epoch = end
-    optimizer.zero_grad()
-    for batch_idx, (inputs, target) in enumerate(loader):
-        if batch_idx > last_batch:
-            break
-        need_update = (batch_idx + 1) % accum == 0 or batch_idx == last_batch
-        if args.no_prefetcher:
-            inputs, target = inputs.to(device), target.to(device)
-            if mixup_fn is not None:
-                inputs, target = mixup_fn(inputs, target)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        data_time.update(time.time() - end)
-
-        sync_ctx = model.no_sync if (args.distributed and not need_update) else nullcontext
-        with sync_ctx():
-            with amp_ctx():
-                output = model(inputs)
-                loss = loss_fn(output, target)
-                if args.aliasing_reg > 0:
-                    loss = loss + anti_aliasing_penalty(
-                        unwrap(model), target=args.aliasing_target, factor=args.aliasing_reg)
-            loss_value = loss.item()  # the one host sync per micro-batch: the check and the meter share it
-            if not math.isfinite(loss_value):
-                raise TrainingError(
-                    f'non-finite loss ({loss_value}) at epoch {epoch}, batch {batch_idx}: stopping; the last '
-                    f'checkpoint written is intact')
-            if scaler is not None:
-                scaler(loss / accum, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                       parameters=model.parameters(), need_update=need_update)
-            else:
-                (loss / accum).backward()
-                if need_update:
-                    if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
-                    optimizer.step()
-        losses.update(loss_value, inputs.shape[0])
-        if need_update:
-            optimizer.zero_grad()
-            clamp_smp_radius_(unwrap(model), *args.radius_clamp)
-            num_updates += 1
-            if model_ema is not None:
-                model_ema.update(unwrap(model), step=num_updates)
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates, metric=losses.avg)
-        batch_time.update(time.time() - end)
-        end = time.time()
-        if args.rank == 0 and (batch_idx % args.log_interval == 0 or batch_idx == last_batch):
-            lr = optimizer.param_groups[0]['lr']
-            ips = inputs.shape[0] * args.world_size / max(batch_time.avg, 1e-9)
-            done = batch_idx + 1
-            eta = (time.time() - t_epoch) / done * (num_batches - done)
-            _logger.info(
-                f'Train {epoch} [{done:>4d}/{num_batches}] loss {losses.val:.4f} ({losses.avg:.4f}) lr {lr:.3e} '
-                f'{ips:,.0f} img/s data {data_time.avg * 1e3:.0f} ms ETA {eta:.0f} s')
-        if saver is not None and args.recovery_interval and (batch_idx + 1) % args.recovery_interval == 0 \
-                and batch_idx != last_batch:
-            saver.save_recovery(epoch, batch_idx=batch_idx)
-    if args.distributed:
-        loss_avg = reduce_tensor(torch.tensor(losses.avg, device=device), args.world_size).item()
+def log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema, epoch_time, total_time):
+    """Rank 0, end of an epoch: log line, summary.csv row (and wandb), checkpoint; returns (best metric, epoch)."""
+    args = state.args
+    msg = f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f}'
+    eval_keys = list(_EVAL_METRICS) + ([f'ema_{k}' for k in _EVAL_METRICS] if state.model_ema is not None else [])
+    eval_row = OrderedDict((k, None) for k in eval_keys)  # blank in epochs without validation
+    metric = None  # only validated epochs are ranked (and can become the best)
+    if eval_metrics is None:
+        msg += f' | not validated (--val-interval {args.val_interval})'
     else:
-        loss_avg = losses.avg
-    return OrderedDict([('loss', loss_avg)]), num_updates, updates_per_epoch
+        msg += (f' | val loss {eval_metrics["loss"]:.4f} top-1 {eval_metrics["top1"]:.2f} '
+                f'top-5 {eval_metrics["top5"]:.2f}')
+        eval_row.update(eval_metrics)
+        metric = eval_metrics[args.eval_metric]
+        if metrics_ema is not None:
+            msg += f' | EMA top-1 {metrics_ema["top1"]:.2f} top-5 {metrics_ema["top5"]:.2f}'
+            eval_row.update((f'ema_{k}', v) for k, v in metrics_ema.items())  # -> eval_ema_top1 ...
+            if 'loss' not in args.eval_metric:
+                metric = max(metric, metrics_ema[args.eval_metric])
+    _logger.info(msg + f' | {epoch_time:.1f} s, {total_time:.0f} s total')
+    summary = os.path.join(state.output_dir, 'summary.csv')
+    update_summary(epoch, train_metrics, eval_row, summary, lr=state.optimizer.param_groups[0]['lr'],
+                   write_header=epoch == 0 or not os.path.exists(summary), log_wandb=state.log_wandb)
+    return state.saver.save_checkpoint(epoch, metric=metric)
 
 
 def plot_curves(summary_csv, out_png):
@@ -489,219 +998,31 @@ def plot_curves(summary_csv, out_png):
         rows = list(csv.DictReader(f))
     if not rows:
         return
-    epochs = [int(r['epoch']) for r in rows]
+
+    def plot(ax, key, label=None):  # epochs without validation have blank eval columns
+        points = [(int(r['epoch']), float(r[key])) for r in rows if r.get(key)]
+        if points:
+            ax.plot(*zip(*points), label=label, marker='.' if len(points) < len(rows) else None)
+
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax1.plot(epochs, [float(r['train_loss']) for r in rows], label='train')
-    ax1.plot(epochs, [float(r['eval_loss']) for r in rows], label='val')
-    if 'eval_ema_loss' in rows[0]:
-        ax1.plot(epochs, [float(r['eval_ema_loss']) for r in rows], label='val (EMA)')
+    plot(ax1, 'train_loss', 'train')
+    plot(ax1, 'eval_loss', 'val')
+    plot(ax1, 'eval_ema_loss', 'val (EMA)')
     ax1.set_title('loss')
-    ax2.plot(epochs, [float(r['eval_top1']) for r in rows], label='val top-1')
-    if 'eval_ema_top1' in rows[0]:
-        ax2.plot(epochs, [float(r['eval_ema_top1']) for r in rows], label='val top-1 (EMA)')
+    plot(ax2, 'eval_top1', 'val top-1')
+    plot(ax2, 'eval_ema_top1', 'val top-1 (EMA)')
     ax2.set_title('accuracy (%)')
-    ax3.plot(epochs, [float(r['lr']) for r in rows])
+    plot(ax3, 'lr')
     ax3.set_title('learning rate (end of epoch)')
     for ax in (ax1, ax2, ax3):
         ax.set_xlabel('epoch')
         ax.grid(alpha=0.3)
-    ax1.legend()
-    ax2.legend()
+    for ax in (ax1, ax2):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
-
-
-def run(args):
-    device = init_distributed_device(args)
-    setup_logging(args.rank)
-    check_args(args)
-    if args.distributed:
-        _logger.info(f'Distributed: {args.world_size} processes, backend '
-                     f'{torch.distributed.get_backend()}, device {device}')
-    random_seed(args.seed, args.rank)
-
-    dataset_train, dataset_eval, num_classes = load_datasets(args)
-    if args.data_dir is None and not args.dataset:
-        _logger.info(f"No --data-dir: training on the built-in digits dataset (scikit-learn, {len(dataset_train)} "
-                     f"train / {len(dataset_eval)} val real 8x8 images, 10 classes), preset '{args.preset}'")
-    args.num_classes = args.num_classes or num_classes
-    if not args.num_classes:
-        raise TrainingError('could not infer the number of classes; pass --num-classes')
-
-    model = create_training_model(args, args.num_classes)
-    if args.eval_only:
-        return evaluate_checkpoint(args, model, dataset_eval, device)
-    if args.rank == 0:
-        _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} params, '
-                     f'{args.num_classes} classes')
-    data_config = build_data_config(args, model)
-
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn and device.type == 'cuda':
-        model = convert_sync_batchnorm(model)
-
-    no_decay = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
-    no_decay |= set(args.no_decay_patterns)
-    group_fn = partial(param_groups_smp, weight_decay=args.weight_decay, lr_scale=args.radius_lr_scale,
-                       no_weight_decay_list=no_decay, layer_decay=args.layer_decay)
-    opt_kwargs = optimizer_kwargs(args)
-    opt_kwargs.pop('layer_decay', None)
-    try:
-        optimizer = create_optimizer_v2(model, param_group_fn=group_fn, **opt_kwargs)
-    except (ValueError, TypeError, AssertionError) as e:
-        raise TrainingError(f'could not create optimizer {args.opt!r}: {e}') from e
-
-    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    if args.amp:
-        if device.type == 'cpu' and amp_dtype == torch.float16:
-            raise TrainingError('--amp on CPU supports --amp-dtype bfloat16 only')
-        amp_ctx = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
-    else:
-        amp_ctx = nullcontext
-    scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
-
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
-
-    run_name = args.experiment or '-'.join([
-        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(data_config['input_size'][-1])])
-    if args.distributed:  # one folder for all ranks, even if their clocks straddle a second
-        names = [run_name]
-        torch.distributed.broadcast_object_list(names, src=0)
-        run_name = names[0]
-    output_dir = os.path.join(args.output, run_name)
-    os.makedirs(output_dir, exist_ok=True)  # every rank may get here first (timm's get_outdir races)
-    resume_path = args.resume
-    if not resume_path and args.auto_resume and os.path.isfile(os.path.join(output_dir, 'last.pth.tar')):
-        resume_path = os.path.join(output_dir, 'last.pth.tar')
-    start_epoch = 0
-    if resume_path:
-        try:
-            start_epoch = resume_checkpoint(
-                model, resume_path, optimizer=None if args.no_resume_opt else optimizer, loss_scaler=scaler,
-                log_info=args.rank == 0)
-        except Exception as e:
-            raise TrainingError(f'could not resume from {resume_path!r}: {e}') from e
-        if model_ema is not None:
-            _load_weights(model_ema.module, resume_path, use_ema=True)
-        _logger.info(f'Resumed from {resume_path} at epoch {start_epoch}')
-
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == 'cuda' else None)
-    if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
-
-    mixup_active = args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-    mixup_fn, collate_fn = None, None
-    if mixup_active:
-        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if args.no_prefetcher:
-            mixup_fn = Mixup(**mixup_args)
-        else:
-            collate_fn = FastCollateMixup(**mixup_args)
-    loader_common = dict(
-        mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
-        persistent_workers=False,  # fresh worker RNG each epoch: exact resume at epoch boundaries
-    )
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        auto_augment=args.aa, num_aug_repeats=args.aug_repeats, interpolation=data_config['interpolation'],
-        collate_fn=collate_fn, **loader_common)
-    loader_eval = create_eval_loader(dataset_eval, data_config, args, device)
-    if len(loader_train) == 0:
-        raise TrainingError(f'{len(dataset_train)} training images give no full batch of {args.batch_size}')
-
-    if mixup_active:
-        train_loss_fn = SoftTargetCrossEntropy()
-    elif args.smoothing:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
-    train_loss_fn = train_loss_fn.to(device)
-
-    num_batches = len(loader_train) if not args.max_train_batches else min(len(loader_train), args.max_train_batches)
-    updates_per_epoch = (num_batches + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
-        updates_per_epoch=updates_per_epoch)
-    if start_epoch > 0:
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
-        else:
-            lr_scheduler.step(start_epoch)
-
-    saver = None
-    if args.rank == 0:
-        saver = CheckpointSaver(
-            model=model, optimizer=optimizer, args=args, model_ema=model_ema, amp_scaler=scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing='loss' in args.eval_metric,
-            max_history=args.checkpoint_hist, unwrap_fn=unwrap)
-        if resume_path and os.path.dirname(os.path.abspath(resume_path)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(resume_path)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump({k: v for k, v in vars(args).items() if not isinstance(v, torch.device)}, f)
-        _logger.info(f'Output: {output_dir}')
-        eff = args.batch_size * args.grad_accum_steps * args.world_size
-        _logger.info(f'Training {num_epochs} epochs from epoch {start_epoch}: {len(dataset_train)} images, '
-                     f'{num_batches} batches/epoch, effective batch {eff} ({args.batch_size} x '
-                     f'{args.grad_accum_steps} accumulation x {args.world_size} ranks), lr {args.lr:g}')
-
-    num_updates = start_epoch * updates_per_epoch
-    best = None
-    t_start = time.time()
-    end_epoch = num_epochs if not args.stop_after_epochs else min(num_epochs, start_epoch + args.stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        # every epoch's randomness depends only on (seed, epoch, rank): resuming reproduces it exactly
-        random_seed(args.seed + epoch, args.rank)
-        if hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        if mixup_active and collate_fn is not None and hasattr(collate_fn, 'mixup_enabled'):
-            collate_fn.mixup_enabled = True
-        t0 = time.time()
-        train_metrics, num_updates, _ = train_one_epoch(
-            epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler, model_ema, scaler,
-            mixup_fn, amp_ctx, saver, num_updates)
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce') and not args.sync_bn:
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = validate(model, loader_eval, args, device, amp_ctx)
-        metrics_ema = None
-        if model_ema is not None:
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
-            metrics_ema = validate(model_ema, loader_eval, args, device, amp_ctx)
-        if not args.sched_on_updates:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-        lr = optimizer.param_groups[0]['lr']
-        if args.rank == 0:
-            msg = (f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f} | val loss {eval_metrics["loss"]:.4f} '
-                   f'top-1 {eval_metrics["top1"]:.2f} top-5 {eval_metrics["top5"]:.2f}')
-            if metrics_ema is not None:
-                msg += f' | EMA top-1 {metrics_ema["top1"]:.2f} top-5 {metrics_ema["top5"]:.2f}'
-            _logger.info(msg + f' | {time.time() - t0:.1f} s, {time.time() - t_start:.0f} s total')
-            eval_row = OrderedDict(eval_metrics)
-            if metrics_ema is not None:
-                eval_row.update((f'ema_{k}', v) for k, v in metrics_ema.items())  # -> eval_ema_top1 ...
-            update_summary(epoch, train_metrics, eval_row, os.path.join(output_dir, 'summary.csv'), lr=lr,
-                           write_header=epoch == 0 or not os.path.exists(os.path.join(output_dir, 'summary.csv')))
-            metric = eval_metrics[args.eval_metric]
-            if metrics_ema is not None and 'loss' not in args.eval_metric:
-                metric = max(metric, metrics_ema[args.eval_metric])
-            best = saver.save_checkpoint(epoch, metric=metric)
-    if args.rank == 0:
-        plot_curves(os.path.join(output_dir, 'summary.csv'), os.path.join(output_dir, 'curves.png'))
-        if best and best[0] is not None:
-            _logger.info(f'Best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]}); '
-                         f'{time.time() - t_start:.0f} s of training; outputs in {output_dir}')
-    return best
 
 
 def evaluate_checkpoint(args, model, dataset_eval, device):

@@ -284,10 +284,11 @@ def test_aliasing_regulariser_reaches_the_loss(monkeypatch):
     model = timm.create_model('flexnet_16', img_size=16, num_classes=2)
     loader = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]
     args.no_prefetcher, args.channels_last, args.distributed, args.rank, args.world_size = True, False, False, 0, 1
-    args.max_train_batches, args.grad_accum_steps, args.recovery_interval = 0, 1, 0
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    train_imagenet.train_one_epoch(0, model, loader, opt, torch.nn.CrossEntropyLoss(), args, torch.device('cpu'),
-                                   None, None, None, None, train_imagenet.nullcontext, None, 0)
+    args.grad_accum_steps, args.recovery_interval = 1, 0
+    state = train_imagenet.TrainState(
+        args=args, device=torch.device('cpu'), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+        loader_train=loader, train_loss_fn=torch.nn.CrossEntropyLoss(), num_batches=1, updates_per_epoch=1)
+    train_imagenet.train_one_epoch(state, 0)
     assert calls and calls[0]['factor'] == 0.1 and calls[0]['target'] == 'gabor'
 
 
