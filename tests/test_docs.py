@@ -15,6 +15,8 @@ import pytest
 import timm
 import torch
 
+import timm_smpconv  # noqa: F401  (registers the models the pages name)
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / 'README.md'
 PAGES = [README] + sorted((ROOT / 'docs').glob('*.md'))
