@@ -68,8 +68,9 @@ from timm.utils import (
 import timm_smpconv  # noqa: F401  (registers our models)
 from timm_smpconv import anti_aliasing_penalty, clamp_smp_radius_, param_groups_smp
 from timm_smpconv.data import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, DigitsDataset
-from timm_smpconv.layers.smp_conv import RESIZE_MODES
+from timm_smpconv.layers import RESIZE_MODES
 from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
+from timm_smpconv.regularizers import ALIASING_TARGETS
 
 _logger = logging.getLogger('train')
 
@@ -220,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--grad-accum-steps', type=int, default=2, help='micro-batches per optimizer step')
     g.add_argument('--aliasing-reg', type=float, default=0.,
                    help='anti-aliasing regulariser factor (lambda) for FlexConv models; the paper uses 0.1 (0: off)')
-    g.add_argument('--aliasing-target', default='gabor', choices=['gabor', 'gabor+mask'],
+    g.add_argument('--aliasing-target', default='gabor', choices=ALIASING_TARGETS,
                    help='regulariser target: f_MAGNet+ (gabor) or f_FlexConv+ (gabor+mask)')
 
     g = p.add_argument_group('Learning rate schedule')

@@ -12,10 +12,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._validate import check_kernel_size, check_positive
+from ._validate import check_choice, check_kernel_size, check_positive
 from .layers.flexconv import FlexConv2d, MAGNet
 
-__all__ = ['anti_aliasing_penalty']
+__all__ = ['ALIASING_TARGETS', 'anti_aliasing_penalty']
+
+# 'gabor': the MAGNet filters' frequencies (f_MAGNet+); 'gabor+mask': with the mask's (f_FlexConv+)
+ALIASING_TARGETS = ('gabor', 'gabor+mask')
 
 
 def _filter_frequencies(net: MAGNet, gauss_stddevs: float, per_unit: bool) -> torch.Tensor:
@@ -61,8 +64,7 @@ def anti_aliasing_penalty(
             (which `retarget_resolution` keeps equal to resolution + 1, as their cross-res script sets it).
         per_unit: per-unit frequencies instead of the authors' broadcasting form.
     """
-    if target not in ('gabor', 'gabor+mask'):
-        raise ValueError(f"target must be 'gabor' or 'gabor+mask', got {target!r}")
+    check_choice('target', target, ALIASING_TARGETS)
     if method != 'together':
         raise ValueError(f"method must be 'together', got {method!r}")
     gauss_stddevs = check_positive('gauss_stddevs', gauss_stddevs)

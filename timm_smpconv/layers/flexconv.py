@@ -35,7 +35,7 @@ Decisions about the authors' code (quirks found reading their repository, rjbrui
      The grid is rebuilt on each forward (a linspace), so nothing goes stale. The cropped kernel size
      is data-dependent (one host sync per forward), as theirs; `fuse()` removes it for inference.
   8. Row/column naming in their cropping code: naming only; mask row d applies to spatial axis d here.
-  9. 1-D FlexConv mu init centred at 0 vs the mask mean at +1: we implement the 2-D layer only.
+  9. 1-D FlexConv mu init centred at 0 while the mask starts at +1 (the present): kept as theirs in FlexConv1d.
  12. Their sampling-rate factor multiplies the network output before the mask: a scalar, so the order
      is immaterial; it is a buffer here so that a re-targeted model saves and reloads it.
 """
