@@ -694,6 +694,9 @@ def setup_output(state):
         run_name = names[0]
     state.output_dir = os.path.join(args.output, run_name)
     os.makedirs(state.output_dir, exist_ok=True)  # every rank may get here first (timm's get_outdir races)
+    if args.auto_resume and not args.experiment:
+        _logger.warning(f'--auto-resume without --experiment: this run writes to {state.output_dir}, named by its start '
+                        f'time, so a relaunch will not find it; pass --experiment NAME to resume it later')
     state.resume_path = args.resume
     if not state.resume_path and args.auto_resume and os.path.isfile(os.path.join(state.output_dir, 'last.pth.tar')):
         state.resume_path = os.path.join(state.output_dir, 'last.pth.tar')
