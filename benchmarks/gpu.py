@@ -3,7 +3,8 @@
     python benchmarks/gpu.py                         # on a CUDA machine: writes benchmarks/results/gpu.md
     python benchmarks/gpu.py --device cpu --smoke    # tiny sizes on CPU: checks the script itself (CI)
 
-Measured, each with warm-up and the median of CUDA-event timings (host clock on CPU):
+Measured, each with warm-up and the median of CUDA-event timings (host clock on CPU; CUDA events clock the
+GPU work alone, which is why this script does not use torch.utils.benchmark, whose timer synchronizes the device):
   * training throughput (forward + backward + AdamW step), eager and under torch.compile, and the peak
     device memory of the eager step: smpconv_t, smpconv_mobile31, convnext_tiny, resnet50 at batch 128,
     224 px, bf16 autocast, channels_last; smp_flexnet_16 and flexnet_16 at batch 64, 32 px, float32;
@@ -13,23 +14,18 @@ Measured, each with warm-up and the median of CUDA-event timings (host clock on 
     for the four smpconv_t stage shapes and a 5 x 5, NCHW and channels_last.
 Then the goals of the GPU issue, one line each, as ratios measured here.
 """
-import argparse
 import gc
-import platform
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import timm
 import torch
-import torch.nn.functional as F
+from harness import SMOKE_NOTE, bench_parser, host, median_time, train_step, write_results
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv.ops import conv_backends, get_conv_impl, large_kernel_conv2d, select_conv_backend, set_conv_impl, triton_available
 
-RESULTS = Path(__file__).resolve().parent / 'results'
 IMAGENET = ['smpconv_t', 'smpconv_mobile31', 'convnext_tiny', 'resnet50']
 CIFAR = ['smp_flexnet_16', 'flexnet_16']
 # (label, channels, map, kernel) at batch 64
@@ -37,26 +33,6 @@ LAYERS = [('stage 1', 96, 56, 31), ('stage 2', 192, 28, 29), ('stage 3', 384, 14
           ('5 x 5', 96, 56, 5)]
 # the paper's RTX 3090 training throughput (SMPConv, Table 1), img/s
 PAPER_IMG_S = {'smp_flexnet_16': 4258, 'flexnet_16': 1923}
-
-
-def median_seconds(fn, device: torch.device, warmup: int, reps: int) -> float:
-    """Median time of fn() over `reps` runs after `warmup` runs (CUDA events on CUDA, else the host clock)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == 'cuda':
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _free(device):
@@ -83,18 +59,12 @@ def train_throughput(name: str, args, device, compiled: bool) -> dict:
     y = torch.randint(0, 10, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     fwd = torch.compile(model, backend=args.compile_backend) if compiled else model
+    step = train_step(fwd, x, y, opt, amp)
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(fwd(x), y)
-        loss.backward()
-        opt.step()
-
-    t0 = time.perf_counter()
-    step()  # compiles
+    t0 = time.perf_counter()  # the first step, compile included: timed once, by the host clock
+    step()
     compile_s = time.perf_counter() - t0
-    s = median_seconds(step, device, args.warmup, args.reps)
+    s = median_time(step, args.warmup, args.reps, device)
     res = {'img_s': batch / s, 'step_ms': 1e3 * s, 'first_step_s': compile_s}
     if device.type == 'cuda':
         res['peak_gib'] = torch.cuda.max_memory_allocated(device) / 2 ** 30
@@ -113,7 +83,7 @@ def inference(name: str, args, device) -> dict:
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 model(x)
 
-        s = median_seconds(run, device, args.warmup, args.reps)
+        s = median_time(run, args.warmup, args.reps, device)
         res[key] = batch / s if key == 'img_s' else 1e3 * s
     return res
 
@@ -141,7 +111,7 @@ def layer_times(args, device) -> list:
                     def fb():
                         torch.autograd.grad(large_kernel_conv2d(x, w, None, 1, c), (x, w), gy)
 
-                    row[backend] = 1e3 * median_seconds(fb, device, args.warmup, args.reps)
+                    row[backend] = 1e3 * median_time(fb, args.warmup, args.reps, device)
                 finally:
                     if prev is not None:
                         set_conv_impl(prev)
@@ -159,14 +129,12 @@ def _goal(ok):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser(__doc__, 'gpu.md', threads=False)
     p.add_argument('--device', default='cuda')
-    p.add_argument('--smoke', action='store_true', help='tiny sizes and few repetitions: checks the script runs')
     p.add_argument('--models', nargs='+', default=IMAGENET + CIFAR)
     p.add_argument('--no-compile', action='store_true', help='skip the torch.compile runs')
     p.add_argument('--compile-backend', default='inductor', help='torch.compile backend (aot_eager compiles fast)')
     p.add_argument('--conv-impl', default=None, help="set_conv_impl for the model runs (default: 'auto')")
-    p.add_argument('--out', default=str(RESULTS / 'gpu.md'))
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda':
@@ -191,14 +159,14 @@ def main(argv=None):
         print(name, train[name], infer.get(name), flush=True)
     layers = layer_times(args, device)
 
-    dev = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or platform.machine())
+    dev = torch.cuda.get_device_name(device) if device.type == 'cuda' else host()
     cudnn = torch.backends.cudnn.version() if device.type == 'cuda' else None
     triton_v = None
     if triton_available(device.type):
         import triton
         triton_v = triton.__version__
     lines = [
-        '# GPU benchmark' + (' (smoke run: tiny sizes, not a measurement)' if args.smoke else ''), '',
+        '# GPU benchmark' + (SMOKE_NOTE if args.smoke else ''), '',
         f'Device: {dev}; torch {torch.__version__}, timm {timm.__version__}, cuDNN {cudnn}, Triton {triton_v}; '
         f"conv impl '{get_conv_impl()}'. Command: `python benchmarks/gpu.py {' '.join(argv or sys.argv[1:])}`.", '',
         f'## Training (batch {args.batch} @ {args.img_size} px bf16 channels_last; CIFAR batch {args.cifar_batch} @ 32 px '
@@ -254,9 +222,7 @@ def main(argv=None):
     lines += ['', '## Goals (ratios measured above)', '', '| goal | measured | target | met |', '|---|---|---|---|']
     for label, r, target, ok in goals:
         lines.append(f'| {label} | {_fmt(r, ".2f")} | {target} | {_goal(None if r is None else bool(ok))} |')
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text('\n'.join(lines) + '\n')
+    write_results(args.out, lines)
     print('\n'.join(lines))
 
 

@@ -1,216 +1,127 @@
 """ Benchmark suite: our models against timm's convnext_tiny and resnet50, measured in one run.
 
-    python benchmarks/run.py [--threads 2] [--reps 3] [--models ...] [--quick]
+    python benchmarks/run.py [--threads 2] [--reps 3] [--models ...] [--pairs ...] [--no-profile] [--out ...] [--smoke]
 
 Each model runs in its own process (so peak memory is its own) and reports:
-  * training step (forward + backward + AdamW step) at the stated batch and resolution;
+  * training step (forward + backward + AdamW step) at the stated batch and resolution, median of --reps;
   * eval latency at batch 1, original and reparameterized (timm.utils.reparameterize_model);
   * eval throughput at batch 8 (reparameterized);
   * peak resident memory of the process.
 ImageNet models: training batch 8 at 224 px; CIFAR models: batch 64 at 32 px (FlexNet with its masks
 fully grown, the 33 x 33 state of a trained model, and at initialisation). For smpconv_t it also
 measures the share of a batch-32 training step spent rendering SMP kernels and writes a profile.
-Results: benchmarks/results/benchmark.md, benchmark.png, profile_smpconv_t.txt. Times are medians.
+Results: benchmarks/results/benchmark.md, and next to it benchmark.png, profile_smpconv_t.txt. Times are
+medians; the eval timings are torch.utils.benchmark's (blocked_autorange over 0.3 s per --reps).
 """
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / 'results'
+from harness import (
+    CIFAR_MODELS,
+    SMOKE_NOTE,
+    bench_parser,
+    build_workload,
+    interleaved_times,
+    machine_line,
+    median_time,
+    op_time,
+    parse_args,
+    train_step,
+    write_results,
+)
+
 IMAGENET = ['smpconv_t', 'smpconv_mobile31', 'convnext_tiny', 'resnet50']
-CIFAR = ['smp_flexnet_16', 'flexnet_16', 'flexnet_16@init']
+CIFAR = [*CIFAR_MODELS, 'flexnet_16@init']
 # interleaved ratio runs, a:b:memory format
 PAIRS = ['smpconv_t:convnext_tiny:nchw', 'smpconv_t:convnext_tiny:channels_last',
          'flexnet_16:smp_flexnet_16:nchw', 'flexnet_16@init:smp_flexnet_16:nchw']
+OP_SECONDS_PER_REP = 0.3  # time budget of each eval timing (blocked_autorange), per --reps
 
 
-def machine_line(threads: int, command: str) -> str:
-    """The machine description every results file starts with."""
-    import torch
-    return (f'Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {threads} threads; '
-            f'torch {torch.__version__}. Command: `{command}`.')
-
-
-def bench_parser(doc: str, reps: int) -> argparse.ArgumentParser:
-    """Argument parser with the options all benchmark scripts share (--threads, --reps)."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--threads', type=int, default=2)
-    parser.add_argument('--reps', type=int, default=reps)
-    return parser
-
-
-def bench_start(doc: str, reps: int, title: str, command: str, argv=None):
-    """Parse the shared options, set the thread count; returns (args, the results file's first lines)."""
-    import torch
-    args = bench_parser(doc, reps).parse_args(argv)
-    torch.set_num_threads(args.threads)
-    return args, [f'# {title}', '', machine_line(args.threads, command), '']
-
-
-def write_results(name: str, lines) -> Path:
-    """Write a results file (benchmarks/results/NAME) from its lines."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / name
-    path.write_text('\n'.join(lines) + '\n')
-    return path
-
-
-def _median_time(fn, warmup, reps):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
-def _build(name: str, memory_format=None):
-    """Model `name` ('flexnet_16' with its masks fully grown, 'flexnet_16@init' as initialised), its
-    training batch (inputs, targets) and an AdamW optimizer."""
-    import timm
-    import torch
-
-    import timm_smpconv  # noqa: F401
-
-    torch.manual_seed(0)
-    arch = name.split('@')[0]
-    cifar = arch in ('smp_flexnet_16', 'flexnet_16')
-    size, batch = (32, 64) if cifar else (224, 8)
-    model = timm.create_model(arch, num_classes=10 if cifar else 1000)
-    if name == 'flexnet_16':  # masks fully grown: every FlexConv kernel spans the whole 33 x 33 horizon
-        with torch.no_grad():
-            for m in model.modules():
-                if getattr(m, 'mask_params', None) is not None:
-                    m.mask_params[:, 1].fill_(1.0)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.randint(0, 10 if cifar else 1000, (batch,))
-    if memory_format is not None:
-        model = model.to(memory_format=memory_format)
-        x = x.contiguous(memory_format=memory_format)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    return model, x, y, opt
-
-
-def _train_step(model, x, y, opt):
-    import torch
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return step
-
-
-def interleaved_times(fns: dict, warmup: int, rounds: int) -> dict:
-    """Times (s) of every function in `fns`, all timed back to back in each round (in reverse order on
-    odd rounds), so load that drifts during the run hits them alike. {name: [time per round]}."""
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    items = list(fns.items())
-    times = {k: [] for k in fns}
-    for i in range(rounds):
-        for k, f in items if i % 2 == 0 else items[::-1]:
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
-def _interleaved(fa, fb, warmup: int, rounds: int):
+def _ratio_and_medians(fa, fb, warmup: int, rounds: int):
     """Median of per-round time ratios fa / fb (interleaved_times), with the median times of each."""
     t = interleaved_times({'a': fa, 'b': fb}, warmup, rounds)
     ta, tb = t['a'], t['b']
     return statistics.median(a / b for a, b in zip(ta, tb)), statistics.median(ta), statistics.median(tb)
 
 
-def pair_worker(spec: str, reps: int, threads: int) -> dict:
+def pair_worker(spec: str, reps: int, smoke: bool = False) -> dict:
     """Ratios of model a to model b measured in one process, interleaved: 'a:b:format' with format
     'nchw' or 'channels_last'; training step, and (ImageNet models) reparameterized eval latency at
     batch 1."""
     import torch
     from timm.utils import reparameterize_model
 
-    torch.set_num_threads(threads)
     a, b, fmt = spec.split(':')
     mf = torch.channels_last if fmt == 'channels_last' else None
-    ma, mb = _build(a, mf), _build(b, mf)
+    ma, mb = build_workload(a, mf, smoke), build_workload(b, mf, smoke)
     res = {'a': a, 'b': b, 'format': fmt}
-    res['train_ratio'], res['train_a_s'], res['train_b_s'] = _interleaved(
-        _train_step(*ma), _train_step(*mb), 1, 2 * reps + 1)
-    if ma[1].shape[-1] == 224:
-        x1 = torch.randn(1, 3, 224, 224)
+    res['train_ratio'], res['train_a_s'], res['train_b_s'] = _ratio_and_medians(
+        train_step(*ma), train_step(*mb), 1, 2 * reps + 1)
+    if a.split('@')[0] not in CIFAR_MODELS:
+        size = ma[1].shape[-1]
+        x1 = torch.randn(1, 3, size, size)
         if mf is not None:
             x1 = x1.contiguous(memory_format=mf)
         fa, fb = (reparameterize_model(m[0].eval()) for m in (ma, mb))
         with torch.no_grad():
-            res['latency_ratio'], res['latency_a_ms'], res['latency_b_ms'] = _interleaved(
+            res['latency_ratio'], res['latency_a_ms'], res['latency_b_ms'] = _ratio_and_medians(
                 lambda: fa(x1), lambda: fb(x1), 3, 10 * reps + 1)
         res['latency_a_ms'] *= 1e3
         res['latency_b_ms'] *= 1e3
     return res
 
 
-def worker(name: str, reps: int, threads: int, profile: bool) -> dict:
+def worker(name: str, reps: int, threads: int, profile_path: Path | None, smoke: bool = False) -> dict:
     import torch
     from timm.utils import reparameterize_model
 
     from timm_smpconv.layers import SMPConv2d
 
-    torch.set_num_threads(threads)
-    model, x, y, opt = _build(name)
+    model, x, y, opt = build_workload(name, smoke=smoke)
     size, batch = x.shape[-1], x.shape[0]
     res = {'model': name, 'params': sum(p.numel() for p in model.parameters()), 'train_batch': batch, 'size': size}
 
     model.train()
-    step = _train_step(model, x, y, opt)
-    res['train_step_s'] = _median_time(step, 1, reps)
+    res['train_step_s'] = median_time(train_step(model, x, y, opt), 1, reps)
     res['train_img_s'] = batch / res['train_step_s']
 
     if name == 'smpconv_t':
         # share of a batch-32 training step spent rendering the SMP kernels (forward + backward)
         smp = [m for m in model.modules() if isinstance(m, SMPConv2d)]
-        x32 = torch.randn(32, 3, size, size)
-        y32 = torch.randint(0, 1000, (32,))
-
-        def step32():
-            opt.zero_grad(set_to_none=True)
-            torch.nn.functional.cross_entropy(model(x32), y32).backward()
-            opt.step()
+        batch32 = 2 if smoke else 32
+        step32 = train_step(model, torch.randn(batch32, 3, size, size), torch.randint(0, 1000, (batch32,)), opt)
 
         def render():
             sum(m.get_weight().sum() for m in smp).backward()
 
-        res['step32_s'] = _median_time(step32, 1, max(1, reps - 1))
-        res['render_s'] = _median_time(render, 1, reps)
+        res['step32_s'] = median_time(step32, 1, max(1, reps - 1))
+        res['render_s'] = median_time(render, 1, reps)
         res['render_share'] = res['render_s'] / res['step32_s']
     model.eval()
     x1 = torch.randn(1, 3, size, size)
     x8 = torch.randn(8, 3, size, size)
+    budget = OP_SECONDS_PER_REP * reps
     with torch.no_grad():
-        res['latency_ms'] = 1e3 * _median_time(lambda: model(x1), 2, reps * 2)
+        res['latency_ms'] = 1e3 * op_time(lambda: model(x1), budget)
         fused = reparameterize_model(model)
-        res['latency_reparam_ms'] = 1e3 * _median_time(lambda: fused(x1), 2, reps * 2)
-        res['infer_img_s'] = 8 / _median_time(lambda: fused(x8), 1, reps)
+        res['latency_reparam_ms'] = 1e3 * op_time(lambda: fused(x1), budget)
+        res['infer_img_s'] = 8 / op_time(lambda: fused(x8), budget)
     res['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if name == 'smpconv_t' and profile:  # where a channels_last training step spends its time
+    if name == 'smpconv_t' and profile_path is not None:  # where a channels_last training step spends its time
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as tprofile
-        model, x, y, opt = _build(name, torch.channels_last)
-        step = _train_step(model, x, y, opt)
+        step = train_step(*build_workload(name, torch.channels_last, smoke))
         step()
         with tprofile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-        (RESULTS / 'profile_smpconv_t.txt').write_text(
+        profile_path.write_text(
             f'smpconv_t training step, batch {batch}, {size} px, channels_last, {threads} threads\n'
             + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=25))
     return res
@@ -220,11 +131,11 @@ def _ratio(a, b):
     return f'{a / b:.2f}x' if a and b else '-'
 
 
-def write_report(rows: dict, pairs: dict, threads: int, out_md: Path, out_png: Path):
+def write_report(rows: dict, pairs: dict, threads: int, out_md: Path, out_png: Path, smoke: bool = False):
     lines = [
-        '# Benchmarks (CPU)',
+        '# Benchmarks (CPU)' + (SMOKE_NOTE if smoke else ''),
         '',
-        machine_line(threads, 'python benchmarks/run.py') + ' Medians; every number from one run.',
+        machine_line('python benchmarks/run.py', threads) + ' Medians; every number from one run.',
         '',
         '| model | params | train batch @ px | train step s | train img/s | eval latency ms (bs 1) | '
         'reparam latency ms | reparam img/s (bs 8) | peak RSS MB |',
@@ -283,7 +194,7 @@ def write_report(rows: dict, pairs: dict, threads: int, out_md: Path, out_png: P
         lines.append(f'| SMP kernel rendering / smpconv_t training step (batch 32) | '
                      f'{100 * r["render_share"]:.2f}% ({r["render_s"] * 1e3:.0f} ms of {r["step32_s"]:.2f} s) | '
                      f'<= 2% |')
-    out_md.write_text('\n'.join(lines) + '\n')
+    write_results(out_md, lines)
 
     import matplotlib
     matplotlib.use('Agg')
@@ -303,9 +214,8 @@ def write_report(rows: dict, pairs: dict, threads: int, out_md: Path, out_png: P
 
 
 def _run_worker(extra, args, env) -> dict:
-    cmd = [sys.executable, __file__, *extra, '--reps', str(args.reps), '--threads', str(args.threads)]
-    if args.no_profile:
-        cmd.append('--no-profile')
+    cmd = [sys.executable, __file__, *extra, '--reps', str(args.reps), '--threads', str(args.threads), '--out', str(args.out)]
+    cmd += ['--no-profile'] * args.no_profile + ['--smoke'] * args.smoke
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith('RESULT ')), None)
     if out.returncode or line is None:
@@ -314,19 +224,19 @@ def _run_worker(extra, args, env) -> dict:
 
 
 def main(argv=None):
-    parser = bench_parser(__doc__, 3)
+    parser = bench_parser(__doc__, 'benchmark.md', reps=3)
     parser.add_argument('--models', nargs='+', default=IMAGENET + CIFAR)
     parser.add_argument('--pairs', nargs='*', default=PAIRS, help='interleaved ratio runs a:b:format')
     parser.add_argument('--worker', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--pair', default=None, help=argparse.SUPPRESS)
     parser.add_argument('--no-profile', action='store_true', help='skip the smpconv_t profile table')
-    args = parser.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args = parse_args(parser, argv)
     if args.worker:
-        print('RESULT ' + json.dumps(worker(args.worker, args.reps, args.threads, not args.no_profile)))
+        profile = None if args.no_profile else args.out.parent / 'profile_smpconv_t.txt'
+        print('RESULT ' + json.dumps(worker(args.worker, args.reps, args.threads, profile, args.smoke)))
         return
     if args.pair:
-        print('RESULT ' + json.dumps(pair_worker(args.pair, args.reps, args.threads)))
+        print('RESULT ' + json.dumps(pair_worker(args.pair, args.reps, args.smoke)))
         return
     rows = {}
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -342,8 +252,8 @@ def main(argv=None):
             continue
         pairs[spec] = _run_worker(['--pair', spec], args, env)
         print(f'{spec}: {json.dumps(pairs[spec])}', flush=True)
-    write_report(rows, pairs, args.threads, RESULTS / 'benchmark.md', RESULTS / 'benchmark.png')
-    print((RESULTS / 'benchmark.md').read_text())
+    write_report(rows, pairs, args.threads, args.out, args.out.with_suffix('.png'), args.smoke)
+    print(args.out.read_text())
 
 
 if __name__ == '__main__':

@@ -1,19 +1,38 @@
-""" The benchmark suite's report (benchmarks/run.py) from given measurements: every ratio row present and
-computed from the numbers it is given. The measurements themselves run with `python benchmarks/run.py`. """
+""" The benchmark scripts (benchmarks/*.py) and their shared module (benchmarks/harness.py): the suite's report
+(benchmarks/run.py) from given measurements, the shared timers and options, and every script run end to end
+at smoke size, writing results files shaped like the committed ones in benchmarks/results/. The measurements
+themselves run with `python benchmarks/<script>.py`. """
 import importlib.util
+import os
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-RUN = Path(__file__).resolve().parents[1] / 'benchmarks' / 'run.py'
+BENCH = Path(__file__).resolve().parents[1] / 'benchmarks'
+RUN = BENCH / 'run.py'
+SMOKE_NOTE = ' (smoke run: tiny sizes, not a measurement)'
 
 
-@pytest.fixture(scope='module')
-def run():
-    spec = importlib.util.spec_from_file_location('bench_run', RUN)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def bench(monkeypatch):
+    """Loads benchmarks/NAME.py as a module (with benchmarks/ on the path, as when a script runs); torch's
+    thread count, which the scripts set, is restored afterwards."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    threads = torch.get_num_threads()
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f'bench_{name}', BENCH / f'{name}.py')
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    yield load
+    torch.set_num_threads(threads)
 
 
 def _row(step, lat, rep, **extra):
@@ -21,7 +40,8 @@ def _row(step, lat, rep, **extra):
                 latency_ms=lat, latency_reparam_ms=rep, infer_img_s=10.0, peak_rss_mb=100.0, **extra)
 
 
-def test_report_has_every_ratio(run, tmp_path):
+def test_report_has_every_ratio(bench, tmp_path):
+    run = bench('run')
     rows = {'smpconv_t': _row(3.0, 120.0, 100.0, render_share=0.002, render_s=0.05, step32_s=25.0),
             'convnext_tiny': _row(2.0, 80.0, 80.0), 'resnet50': _row(1.5, 70.0, 70.0),
             'smpconv_mobile31': _row(1.0, 50.0, 40.0)}
@@ -47,19 +67,140 @@ def test_report_has_every_ratio(run, tmp_path):
     assert '0.20% (50 ms of 25.00 s)' in text
 
 
+# ---- the shared module
+
+def test_median_time_takes_the_median_of_reps_after_warmup(bench):
+    harness = bench('harness')
+    sleeps = iter([0.3, 0.0, 0.05, 0.2])  # one warm-up (the slow one), then three timed calls
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(next(sleeps))
+
+    t = harness.median_time(fn, warmup=1, reps=3)
+    assert len(calls) == 4
+    assert 0.05 <= t < 0.2
+
+
+def test_op_time_runs_at_the_current_thread_count(bench):
+    """torch.utils.benchmark.Timer runs on one thread unless told otherwise; op_time keeps the scripts' --threads."""
+    harness = bench('harness')
+    seen = set()
+    torch.set_num_threads(2)
+    t = harness.op_time(lambda: seen.add(torch.get_num_threads()) or time.sleep(1e-3), min_run_time=0.05)
+    assert seen == {2} and 1e-3 <= t < 0.05
+
+
+def test_interleaved_times_alternate_the_order_each_round(bench):
+    harness = bench('harness')
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in 'abc'}
+    times = harness.interleaved_times(fns, warmup=1, rounds=3)
+    assert ''.join(calls) == 'abc' + 'abc' + 'cba' + 'abc'
+    assert {k: len(v) for k, v in times.items()} == {'a': 3, 'b': 3, 'c': 3}
+    medians = harness.interleaved_medians(fns, 0, 3, scale=1e3)
+    assert set(medians) == set('abc') and all(v >= 0 for v in medians.values())
+
+
+def test_shared_options(bench, tmp_path, capsys):
+    harness = bench('harness')
+    parser = harness.bench_parser('doc', 'x.md', reps=4)
+    args = harness.parse_args(parser, ['--threads', '1'])
+    assert (args.reps, args.threads, args.out, args.smoke) == (4, 1, harness.RESULTS / 'x.md', False)
+    assert torch.get_num_threads() == 1
+    args = harness.parse_args(parser, ['--smoke', '--out', str(tmp_path / 'y.md')])
+    assert (args.reps, args.out) == (1, tmp_path / 'y.md')
+    for flag in ('--reps', '--threads'):
+        with pytest.raises(SystemExit):
+            harness.parse_args(parser, [flag, '0'])
+        assert f'argument {flag}: must be at least 1, got 0' in capsys.readouterr().err
+    assert not hasattr(harness.parse_args(harness.bench_parser('doc', 'x.md', threads=False), []), 'threads')
+    path = harness.write_results(tmp_path / 'new' / 'r.md', ['a', 'b'])
+    assert path.read_text() == 'a\nb\n'
+
+
+# ---- every script at smoke size: results shaped like the committed ones
+
+def _tables(text):
+    """[(header cells, [row cells])] of the markdown tables in text."""
+    lines, tables = text.splitlines(), []
+    for i, line in enumerate(lines):
+        if line.startswith('|---'):
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.startswith('| '):
+                    break
+                rows.append(row.strip('| ').split(' | '))
+            tables.append((lines[i - 1].strip('| ').split(' | '), rows))
+    return tables
+
+
+def _structure(text):
+    """What a results file's format fixes: headings, the machine / command line and the table headers, with the
+    smoke note dropped and every word holding a digit (numbers, versions, the processor) read as N."""
+    lines = text.replace(SMOKE_NOTE, '').splitlines()
+    keep = [line for i, line in enumerate(lines) if line.startswith(('#', '|---')) or 'Command: `' in line
+            or (i + 1 < len(lines) and lines[i + 1].startswith('|---'))]
+    return [re.sub(r'\S*\d\S*', 'N', line) for line in keep]
+
+
+# script, its committed results file, extra arguments, rows of each table, columns holding timings
+SMOKE_RUNS = [
+    ('conv_paths', 'conv_paths.md', [], None, {0: [4, 5, 6, 7]}),
+    ('conv1d_paths', 'conv1d_paths.md', [], [4], {0: [2, 3, 4, 5]}),
+    ('kernel_generation', 'kernel_generation.md', [], [2, 2], {0: [2, 3]}),
+    ('sequence', 'sequence.md', [], [3], {0: [5]}),
+    ('support_crop', 'support_crop.md', [], [2], {0: [2, 3]}),
+    ('reparam_latency', 'reparam.md', ['--models', 'smpconv_mobile31'], [1], {0: [4, 5]}),
+    ('train_digits', 'digits.md', [], [1], {}),
+    ('run', 'benchmark.md', ['--models', 'flexnet_16@init', '--pairs'], [1, 0, 0], {0: [3, 5, 6]}),
+]
+
+
+@pytest.mark.parametrize('script,committed,extra,rows,timings', SMOKE_RUNS, ids=[r[0] for r in SMOKE_RUNS])
+def test_script_smoke_run(bench, tmp_path, script, committed, extra, rows, timings):
+    mod = bench(script)
+    out = tmp_path / committed
+    mod.main(['--smoke', '--threads', '1', '--out', str(out)] + extra)
+    text = out.read_text()
+    assert text.splitlines()[0].endswith(SMOKE_NOTE)
+    assert _structure(text) == _structure((BENCH / 'results' / committed).read_text())
+    assert re.search(r'\b1 threads\b', text)
+    tables = _tables(text)
+    if script == 'conv_paths':
+        rows = [2 * len(mod.SHAPES), len(mod.GRIDS)]
+    assert [len(r) for _, r in tables] == rows
+    for header, body in tables:
+        assert all(len(cells) == len(header) for cells in body)
+    for t, cols in timings.items():
+        for cells in tables[t][1]:
+            assert all(float(cells[c]) >= 0 for c in cols), cells
+    if script == 'run':
+        assert out.with_suffix('.png').stat().st_size > 1000
+    if script == 'train_digits':
+        assert tables[0][1][0][0] == '1'  # one epoch
+
+
+def test_run_pair_worker_smoke(bench):
+    """A ratio run of two ImageNet models at smoke size: training-step and batch-1 latency ratios."""
+    run = bench('run')
+    torch.set_num_threads(1)
+    r = run.pair_worker('smpconv_mobile31:resnet50:channels_last', 1, smoke=True)
+    assert (r['a'], r['b'], r['format']) == ('smpconv_mobile31', 'resnet50', 'channels_last')
+    assert r['train_ratio'] > 0 and r['latency_ratio'] > 0 and r['latency_a_ms'] > 0
+
+
 def test_gpu_benchmark_smoke_run_on_cpu(tmp_path):
     """`benchmarks/gpu.py --device cpu --smoke` runs end to end and writes every section (tiny sizes; the
     compiled runs use aot_eager to keep the test short; Triton's interpreter is left out: too slow here)."""
-    import os
-    import subprocess
-    import sys
     out = tmp_path / 'gpu.md'
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
-    cmd = [sys.executable, str(RUN.parent / 'gpu.py'), '--device', 'cpu', '--smoke', '--models', 'smpconv_mobile31',
+    cmd = [sys.executable, str(BENCH / 'gpu.py'), '--device', 'cpu', '--smoke', '--models', 'smpconv_mobile31',
            'smp_flexnet_16', '--compile-backend', 'aot_eager', '--out', str(out)]
-    subprocess.run(cmd, check=True, env=env, cwd=RUN.parents[1], timeout=600, capture_output=True)
+    subprocess.run(cmd, check=True, env=env, cwd=BENCH.parent, timeout=600, capture_output=True)
     text = out.read_text()
-    assert text.startswith('# GPU benchmark (smoke run: tiny sizes, not a measurement)')
+    assert text.startswith('# GPU benchmark' + SMOKE_NOTE)
     rows = {line.split(' | ')[0]: line for line in text.splitlines() if line.startswith('| ')}
     for name in ('smpconv_mobile31', 'smp_flexnet_16'):
         cells = rows[f'| {name}'].strip('| ').split(' | ')
