@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from timm_smpconv.layers import (
     CKConv2d,
     FlexConv2d,
+    FlexConvBN1d,
     FlexConvBN2d,
     MAGNet,
     SMPConv2d,
@@ -460,9 +461,49 @@ def test_retarget_resolution_errors():
 
 
 # ------------------------------------------------------------------------------------------------
+# The branch's BatchNorm statistics at init
+
+@pytest.mark.parametrize('cls,kwargs,shape', [
+    (FlexConvBN2d, dict(kernel_net='siren', mask=False), (9, 9)),  # CKConv: the full 9 x 9 kernel
+    (FlexConvBN2d, dict(mask_init=0.3), (9, 9)),  # masked MAGNet, cropped to 5 x 5
+    (FlexConvBN1d, dict(mask_init=0.5), (12,)),  # causal 1-D, cropped
+])
+def test_bn_running_var_starts_at_the_conv_output_variance(cls, kwargs, shape):
+    torch.manual_seed(0)
+    branch = cls(3, 4, shape[0], hidden_dim=8, **kwargs)
+    with torch.no_grad():
+        w = branch.conv.get_weight()
+    want = w.pow(2).flatten(1).sum(1) + w.flatten(2).sum(2).pow(2).sum(1)
+    torch.testing.assert_close(branch.bn.running_var, want)
+    assert not branch.bn.running_mean.any() and (want - 1).abs().max() > 0.5  # not BatchNorm's default 1
+    # it is the output variance for unit inputs: a per-channel constant plus white noise, each N(0, 1), seen
+    # at the position whose receptive field holds the whole kernel (the centre; the causal layer's last step)
+    g = torch.Generator().manual_seed(1)
+    n = 8000
+    x = torch.randn(n, 3, *[1] * len(shape), generator=g) + torch.randn(n, 3, *shape, generator=g)
+    with torch.no_grad():
+        y = branch.conv(x)
+    y = y[..., shape[0] // 2, shape[1] // 2] if len(shape) == 2 else y[..., -1]
+    assert ((y.var(0) / want - 1).abs() < 0.06).all()  # the estimate's standard error is 1.6%
+    # a train-mode forward moves the statistics; reset_running_stats brings back those of the current kernel
+    branch.train()(x[:16])
+    assert not torch.allclose(branch.bn.running_var, want)
+    branch.reset_running_stats()
+    torch.testing.assert_close(branch.bn.running_var, want)
+    assert not branch.bn.running_mean.any() and branch.bn.num_batches_tracked == 0
+
+
+# ------------------------------------------------------------------------------------------------
 # Devices, dtypes and bad inputs
 
 def test_meta_and_bf16():
+    branch = FlexConvBN2d(3, 4, kernel_size=9, device='meta')  # no kernel to measure: the statistics stay meta
+    assert branch.bn.running_var.is_meta
+    branch = FlexConvBN2d(3, 4, kernel_size=9, kernel_net='siren', mask=False, dtype=torch.bfloat16)
+    w = branch.conv.get_weight().float()
+    want = w.pow(2).flatten(1).sum(1) + w.flatten(2).sum(2).pow(2).sum(1)
+    assert branch.bn.running_var.dtype == torch.bfloat16
+    torch.testing.assert_close(branch.bn.running_var.float(), want, rtol=1e-2, atol=0)
     conv = FlexConv2d(3, 4, kernel_size=9, device='meta')
     assert all(t.device.type == 'meta' for t in list(conv.parameters()) + list(conv.buffers()))
     assert conv(torch.empty(1, 3, 8, 8, device='meta')).shape == (1, 4, 8, 8)

@@ -512,10 +512,25 @@ class FlexConv1d(FlexConv2d):
         return fill_conv_(conv, weight, bias, training)
 
 
+def _init_output_variance(weight: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the variance of conv(x, weight) (no bias) for zero-mean inputs whose channels are
+    independent, each the sum of a unit-variance value constant over the kernel's extent and unit-variance
+    white noise: sum_{i,x} K[o, i, x]^2 + sum_i (sum_x K[o, i, x])^2. Any kernel layout (Cout, Cin, *taps)."""
+    w = weight.detach().float().flatten(2)
+    return w.pow(2).sum((1, 2)) + w.sum(2).pow(2).sum(1)
+
+
 class FlexConvBN2d(nn.Module):
     """BN(FlexConv2d(x)); fuses to one nn.Conv2d with bias.
 
     `flex_kwargs` go to FlexConv2d (kernel_net='siren', mask=False for a CKConv branch).
+
+    The BN's running variance starts at the conv's output variance at init (`reset_running_stats`), not
+    at 1. Generated kernels are not scaled to the conv's fan-in: per output channel that variance is up
+    to 9e5 in CKCNN-16 and 60 in FlexNet-16 (horizon 33), 700 in FlexTCN-6 (784 steps), so with BatchNorm's
+    default a fresh or barely trained network explodes in eval mode, each branch passing on its conv's
+    gain. Train-mode outputs and gradients do not depend on the running statistics, and checkpoints load
+    their own: training and the authors' checkpoints are unaffected.
     """
     conv_cls = FlexConv2d
     bn_cls = nn.BatchNorm2d
@@ -534,6 +549,16 @@ class FlexConvBN2d(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.conv = self.conv_cls(in_channels, out_channels, kernel_size, **flex_kwargs, **dd)
         self.bn = self.bn_cls(out_channels, eps=bn_eps, **dd)
+        self.reset_running_stats()
+
+    @torch.no_grad()
+    def reset_running_stats(self):
+        """Reset the BN's running statistics to those of the conv's current kernel: mean 0 and, per channel,
+        the output variance for unit-variance inputs (`_init_output_variance`), so that eval mode normalises
+        a freshly initialised branch as train mode does. Nothing to compute on the meta device."""
+        self.bn.reset_running_stats()
+        if self.bn.running_var is not None and not self.bn.running_var.is_meta:
+            self.bn.running_var.copy_(_init_output_variance(self.conv.get_weight()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.bn(self.conv(x))
