@@ -1,6 +1,7 @@
 """ The large-kernel convolution: FFT == direct (values, gradients, layouts, dtypes), dispatch, FLOP
 counting through FFT-dispatched models, and the eval-mode kernel cache. """
 import copy
+import pickle
 
 import pytest
 import timm
@@ -281,6 +282,14 @@ def test_eval_kernel_cache_and_invalidation(monkeypatch):
         cached = layer.get_weight()
     assert not cached.is_inference() and not cached.requires_grad and len(calls) == 1 and torch.equal(y1, y2)
     copy.deepcopy(layer)  # what timm.utils.reparameterize_model does first: the cache must not block it
+    loaded = pickle.loads(pickle.dumps(layer))  # torch.save(model) pickles it: the cache stays behind
+    assert '_weight_cache' in layer.__dict__ and '_weight_cache' not in loaded.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), layer(x))
+        # a replaced parameter is a new key even at version 0 (the cache holds weak references, not addresses)
+        layer.weight = nn.Parameter(layer.weight.detach() * 2)
+        torch.testing.assert_close(layer.get_weight(), layer._render())
+        assert torch.allclose(layer.get_weight(), 2 * cached)
     layer.train()
     assert '_weight_cache' not in layer.__dict__
     with torch.no_grad():

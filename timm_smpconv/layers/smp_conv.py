@@ -11,6 +11,7 @@ plain nn.Conv2d (or a CausalConv1d, an nn.Conv1d subclass that left-pads) with b
 `timm.utils.reparameterize_model(model)` leaves no SMP machinery behind.
 """
 import math
+import weakref
 from typing import Optional, Tuple, Union
 
 import torch
@@ -224,9 +225,9 @@ class _SMPConvNd(nn.Module):
     def get_weight(self) -> torch.Tensor:
         """The rendered conv weight, (out_channels, in_channels // groups, k[, k]).
 
-        In eval mode without autograd the rendered kernel is cached, keyed by the parameters' storage and
-        version counters (an optimizer step, load_state_dict or .to() invalidates it) and by the kernel
-        size; train() drops it.
+        In eval mode without autograd the rendered kernel is cached, keyed by the parameters themselves (weak
+        references), their version counters (an optimizer step, load_state_dict or .to() invalidates it) and
+        the kernel size; train() drops it.
         """
         if torch.jit.is_scripting():
             return self._render()
@@ -241,15 +242,22 @@ class _SMPConvNd(nn.Module):
         if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or isinstance(params[0], torch.fx.Proxy)):  # (fx hands out proxies while tracing)
             return self._render()
-        key = (self.kernel_size,) + tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        key = (self.kernel_size,) + tuple((p._version, p.dtype, p.device) for p in params)
         cache = self.__dict__.get('_weight_cache')
-        if cache is None or cache[0] != key:
+        # weak references, not addresses: a replaced parameter may reuse a freed tensor's memory
+        if cache is None or cache[1] != key or any(r() is not p for r, p in zip(cache[0], params)):
             # a normal tensor (not an inference tensor), so the FFT backend can cache its spectrum too;
             # inference_mode(False) alone would turn autograd back on
             with torch.inference_mode(False), torch.no_grad():
-                cache = (key, self._render())
+                cache = (tuple(weakref.ref(p) for p in params), key, self._render())
             self.__dict__['_weight_cache'] = cache
-        return cache[1]
+        return cache[2]
+
+    def __getstate__(self):
+        # the render cache holds weak references (not picklable) and is derived state: pickles go without it
+        state = dict(super().__getstate__())
+        state.pop('_weight_cache', None)
+        return state
 
     def train(self, mode: bool = True):
         self.__dict__.pop('_weight_cache', None)
