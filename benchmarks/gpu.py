@@ -20,7 +20,7 @@ import time
 
 import timm
 import torch
-from harness import SMOKE_NOTE, bench_parser, host, median_time, train_step, write_results
+from harness import SMOKE_NOTE, bench_parser, host, median_time, model_kwargs, train_step, write_results
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
@@ -48,7 +48,8 @@ def _setup(name, args, device):
     fmt = torch.contiguous_format if cifar else torch.channels_last
     amp = (not cifar) and args.amp
     torch.manual_seed(0)
-    model = timm.create_model(name, num_classes=10 if cifar else 1000).to(device, memory_format=fmt)
+    model = timm.create_model(name, num_classes=10 if cifar else 1000, **model_kwargs(name, args.smoke))
+    model = model.to(device, memory_format=fmt)
     return model, batch, size, fmt, amp
 
 

@@ -153,11 +153,26 @@ def train_step(model, x, y, opt, amp: bool = False):
     return step
 
 
+# --smoke builds every model one block per stage (the same layer types, a fraction of the time): smoke runs check
+# that a script works and writes its report, they measure nothing
+SMOKE_MODEL_KWARGS = {
+    **{n: dict(layers=(1, 1, 1, 1)) for n in ('smpconv_t', 'smpconv_b', 'smpconv_mobile31', 'smpconv_mobile51',
+                                              'resnet50')},
+    'convnext_tiny': dict(depths=(1, 1, 1, 1)),
+    **{n: dict(widths=(24,)) for n in ('flexnet_16', 'smp_flexnet_16', 'ckcnn_16')},
+}
+
+
+def model_kwargs(name: str, smoke: bool) -> dict:
+    """Extra create_model arguments for `name`: the one-block-per-stage version in smoke runs, none otherwise."""
+    return dict(SMOKE_MODEL_KWARGS.get(name, {})) if smoke else {}
+
+
 def build_workload(name: str, memory_format=None, smoke: bool = False):
     """The CPU benchmarks' training workload: model `name` ('flexnet_16' with its masks fully grown,
     'flexnet_16@init' as initialised), its training batch (inputs, targets) and an AdamW optimizer.
     CIFAR models: batch 64 at 32 px, 10 classes; ImageNet models: batch 8 at 224 px (smoke: batch 2 at
-    16 / 64 px)."""
+    16 / 64 px, one block per stage)."""
     import timm
 
     import timm_smpconv  # noqa: F401
@@ -168,7 +183,7 @@ def build_workload(name: str, memory_format=None, smoke: bool = False):
     size, batch = (32, 64) if cifar else (224, 8)
     if smoke:
         size, batch = (16 if cifar else 64), 2
-    model = timm.create_model(arch, num_classes=10 if cifar else 1000)
+    model = timm.create_model(arch, num_classes=10 if cifar else 1000, **model_kwargs(arch, smoke))
     if name == 'flexnet_16':  # masks fully grown: every FlexConv kernel spans the whole 33 x 33 horizon
         with torch.no_grad():
             for m in model.modules():

@@ -9,7 +9,7 @@ eval forwards at batch 1 after --warmup untimed ones, in the same process for bo
 """
 import timm
 import torch
-from harness import SMOKE_NOTE, bench_parser, machine_line, median_time, parse_args, positive_int, write_results
+from harness import SMOKE_NOTE, bench_parser, machine_line, median_time, model_kwargs, parse_args, positive_int, write_results
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
@@ -28,7 +28,7 @@ def main(argv=None):
     x = torch.randn(1, 3, args.img_size, args.img_size)
     rows = []
     for name in args.models:
-        model = timm.create_model(name)
+        model = timm.create_model(name, **model_kwargs(name, args.smoke))
         randomize_bn_stats_(model)
         model.eval()
         fused = reparameterize_model(model)

@@ -8,7 +8,7 @@ sizes; median of --reps steps after one warm-up. Writes benchmarks/results/suppo
 """
 import timm
 import torch
-from harness import SMOKE_NOTE, bench_parser, median_time, parse_args, positive_int, train_step, write_results
+from harness import SMOKE_NOTE, bench_parser, median_time, model_kwargs, parse_args, positive_int, train_step, write_results
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv.layers import SMPConv2d
@@ -28,7 +28,7 @@ def main(argv=None):
         times = {}
         for crop in (False, True):
             torch.manual_seed(0)
-            model = timm.create_model('smpconv_t', crop_to_support=crop).train()
+            model = timm.create_model('smpconv_t', crop_to_support=crop, **model_kwargs('smpconv_t', args.smoke)).train()
             with torch.no_grad():
                 for m in model.modules():
                     if isinstance(m, SMPConv2d):
