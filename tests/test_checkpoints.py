@@ -223,6 +223,9 @@ def test_half_precision_authors_checkpoint_renders_on_its_stored_grid(tmp_path, 
     torch.save(sd, tmp_path / 'ours.pth')
     again = timm.create_model('smpconv_mobile31', checkpoint_path=str(tmp_path / 'ours.pth'))
     assert all(torch.equal(v, sd[k]) for k, v in again.state_dict().items()) and set(again.state_dict()) == set(sd)
+    # and through the pretrained route (checkpoint_filter_fn checks the keys: a stored grid is allowed)
+    again = load(tmp_path / 'ours.pth')
+    assert all(torch.equal(v, sd[k]) for k, v in again.state_dict().items()) and set(again.state_dict()) == set(sd)
 
 
 def test_authors_grid_that_is_not_a_linspace_meshgrid_raises(tmp_path, authors_sd):

@@ -233,18 +233,15 @@ class _SMPConvNd(nn.Module):
                     self.resize_mode)
             state_dict[key] = torch.tensor(self.kernel_size)
         if names[0] in state_dict:
-            self._load_render_grid(state_dict, prefix, local_metadata, saved)
+            self._load_render_grid(state_dict, prefix, saved)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
-    def _load_render_grid(self, state_dict, prefix, local_metadata, saved_size: int):
-        """The render grid follows the state dict being loaded: its `render_grid` entry, or the one the authors'
-        checkpoint converter hands over in the module's state-dict metadata (the converted dict may only hold the
-        keys a fresh model has); none there, or one stored at another kernel size than this layer's: linspace."""
+    def _load_render_grid(self, state_dict, prefix, saved_size: int):
+        """The render grid follows the state dict being loaded: its `render_grid` entry; none there, or one stored
+        at another kernel size than this layer's: linspace."""
         key = prefix + 'render_grid'
         grid = state_dict.pop(key, None)
-        if grid is None:
-            grid = local_metadata.get('render_grid')
         if grid is None or saved_size != self.kernel_size:
             self.render_grid = None
             return

@@ -22,7 +22,6 @@ are calibrated for; on loading at another size `kernel_resize` maps them (see
     (k1 - 1) / (k2 - 1)); the network's outputs are unchanged at the trained resolution and the
     points can move into the new border: the choice for fine-tuning at the same resolution.
 """
-from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -426,8 +425,7 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
         # (row, col) = (-c1, c0) (_authors_to_points): rows sample -lin[k-1-i], columns lin[j], bit for bit
         return torch.stack([-lin.flip(0), lin])
 
-    out = OrderedDict()
-    metadata = OrderedDict()
+    out = {}
     for k, v in state_dict.items():
         if k.startswith('transitions.'):
             _, s, rest = k.split('.', 2)
@@ -441,7 +439,7 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
             if k.endswith('smp.conv.kernel_coord'):
                 grid = render_grid(k, v)
                 if grid is not None:
-                    metadata[prefix + 'smp'] = {'render_grid': grid}
+                    out[prefix + 'smp.render_grid'] = grid
                 k, v = prefix + 'smp.kernel_size_record', torch.tensor(v.shape[-1])
             elif k.endswith('smp.conv.weight_coord'):
                 k, v = prefix + 'smp.points', points_from_authors(v)
@@ -453,8 +451,6 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
                 k = (k.replace('.smp.bn.', '.smp_bn.').replace('.small_conv.conv.', '.small_conv.')
                      .replace('.small_conv.bn.', '.small_bn.'))
         out[k] = v
-    if metadata:
-        out._metadata = metadata  # read by each SMP layer's _load_from_state_dict as its local metadata
     return out
 
 
