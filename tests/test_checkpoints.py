@@ -191,6 +191,62 @@ def test_authors_checkpoint_gives_reference_logits(tmp_path, authors_sd, x, wrap
     torch.testing.assert_close(w, authors_kernel(authors_sd, 'stages.1.blocks.2.large_kernel.smp.conv.'))
 
 
+def _cast(sd, dtype):
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def test_half_precision_authors_checkpoint_renders_on_its_stored_grid(tmp_path, authors_sd, x):
+    """A file saved in fp16 (every tensor half, their grid buffer included): the authors' model loads the values
+    into its fp32 parameters and buffers and renders on the fp16-rounded grid; ours reproduces that."""
+    half = _cast(authors_sd, torch.float16)
+    torch.save({'model': half}, tmp_path / 'half.pth')
+    model = load(tmp_path / 'half.pth')
+    theirs = _cast(half, torch.float32)  # what their fp32 model holds after loading the file
+    with torch.no_grad():
+        assert_rel(model(x[:1]), reference_logits(theirs, x[:1]), 2e-6)  # 4e-4 on the exact linspace
+    h = torch.randn(1, 64, 16, 16)
+    for s in range(4):
+        p = f'stages.{s}.blocks.2.large_kernel'
+        w = authors_kernel(theirs, p + '.smp.conv.')
+        torch.testing.assert_close(model.get_submodule(p + '.smp').get_weight(), w)
+        on_linspace = dict(theirs, **{p + '.smp.conv.kernel_coord': authors_sd[p + '.smp.conv.kernel_coord']})
+        assert not torch.allclose(authors_kernel(on_linspace, p + '.smp.conv.'), w)  # the grid matters
+    # reparameterized: the fused conv holds the kernel rendered on the stored grid
+    branch = model.stages[0].blocks[0].large_kernel
+    with torch.no_grad():
+        torch.testing.assert_close(branch.fuse()(h), branch(h), rtol=1e-5, atol=1e-5)
+    # the grid is state of the loaded model only: our state dict carries it, and our strict loaders bring it back
+    sd = model.state_dict()
+    fresh_keys = set(timm.create_model('smpconv_mobile31', device='meta').state_dict())
+    grid_keys = set(sd) - fresh_keys
+    assert set(sd) >= fresh_keys and len(grid_keys) == 8 and all(k.endswith('large_kernel.smp.render_grid') for k in grid_keys)
+    torch.save(sd, tmp_path / 'ours.pth')
+    again = timm.create_model('smpconv_mobile31', checkpoint_path=str(tmp_path / 'ours.pth'))
+    assert all(torch.equal(v, sd[k]) for k, v in again.state_dict().items()) and set(again.state_dict()) == set(sd)
+    # and through the pretrained route (checkpoint_filter_fn checks the keys: a stored grid is allowed)
+    again = load(tmp_path / 'ours.pth')
+    assert all(torch.equal(v, sd[k]) for k, v in again.state_dict().items()) and set(again.state_dict()) == set(sd)
+
+
+def test_authors_grid_that_is_not_a_linspace_meshgrid_raises(tmp_path, authors_sd):
+    from timm_smpconv.models.smpconv import _convert_authors
+    key = 'stages.1.blocks.0.large_kernel.smp.conv.kernel_coord'
+    sd = dict(authors_sd)
+    grid = sd[key].clone()
+    grid[0, 0, 3, 5] += 0.01  # one row no longer constant
+    sd[key] = grid
+    torch.save({'model': sd}, tmp_path / 'bad.pth')
+    with pytest.raises(ValueError, match=f'{key}: not a sampling grid'):
+        load(tmp_path / 'bad.pth')
+    lin = torch.linspace(-1, 1, 29) * 1.01
+    sd[key] = torch.stack(torch.meshgrid(lin, lin, indexing='ij')).unsqueeze(0).half()
+    with pytest.raises(ValueError, match=r'off linspace\(-1, 1, 29\), more than torch.float16 rounding'):
+        _convert_authors(sd)
+    sd[key] = torch.zeros(2, 29, 29)
+    with pytest.raises(ValueError, match=r'shape \(1, 2, k, k\)'):
+        _convert_authors(sd)
+
+
 def test_ema_weights_are_preferred(tmp_path, authors_sd, x):
     ema = authors_state_dict(seed=5)
     torch.save({'model': authors_sd, 'model_ema': ema}, tmp_path / 'ckpt.pth')

@@ -1,18 +1,24 @@
 """ The SMP kernel: formula, initialisation, rendering at other sizes, gradients. """
+import copy
 import math
 
 import pytest
 import torch
+import torch.nn as nn
 
 from timm_smpconv.layers import SMPConv1d, SMPConv2d, default_n_points, default_radius, render_smp_kernel, rescale_factor
 
 
-def loop_reference(points, radius, weight, k, normalize):
-    """The paper's formula evaluated point by point with Python floats."""
+def loop_reference(points, radius, weight, k, normalize, grid=None):
+    """The paper's formula evaluated point by point with Python floats (on `grid`, (d, k) coordinates per axis,
+    if given)."""
     num_f, num_points, dims = points.shape
     out_chs, in_chs = weight.shape[:2]
-    grid = [-1 + 2 * i / (k - 1) for i in range(k)] if k > 1 else [-1.0]
-    coords = [(a,) for a in grid] if dims == 1 else [(a, b) for a in grid for b in grid]
+    if grid is None:
+        grid = [[-1 + 2 * i / (k - 1) for i in range(k)] if k > 1 else [-1.0]] * dims
+    else:
+        grid = grid.tolist()
+    coords = [(a,) for a in grid[0]] if dims == 1 else [(a, b) for a in grid[0] for b in grid[1]]
     out = torch.zeros(out_chs, in_chs, len(coords), dtype=torch.float64)
     for o in range(out_chs):
         f = 0 if num_f == 1 else o
@@ -226,3 +232,132 @@ def test_rescaled_kernel_gives_same_response_on_resized_input():
     assert ratio < 0.05
     # the unscaled kernel would be ~4x too strong
     assert (y_fine[..., ::2, ::2].abs().max() / y_coarse.abs().max()).item() == pytest.approx(1, abs=0.05)
+
+
+def _rounded_grid(k, dims, dtype=torch.float16):
+    """Per-axis coordinates as a half-precision file stores the authors' grid: linspace rounded to `dtype`."""
+    return torch.linspace(-1, 1, k).to(dtype).float().expand(dims, k).clone()
+
+
+@pytest.mark.parametrize('dims', [1, 2])
+def test_render_on_a_given_grid_matches_formula(dims):
+    g = torch.Generator().manual_seed(7)
+    k, num_points = 9, 6
+    points = torch.rand(1, num_points, dims, generator=g) * 2 - 1
+    radius = torch.rand(1, num_points, generator=g) * 0.5 + 0.2
+    weight = torch.randn(3, 1, num_points, generator=g)
+    grid = torch.sort(torch.rand(dims, k, generator=g) * 2 - 1).values  # an arbitrary grid, other per axis
+    got = render_smp_kernel(points.double(), radius.double(), weight.double(), k, grid=grid.double())
+    torch.testing.assert_close(got, loop_reference(points.double(), radius.double(), weight.double(), k, False, grid),
+                               rtol=1e-10, atol=1e-10)
+    # the linspace as an explicit grid is the default rendering, bit for bit; cropping crops the grid
+    lin = torch.linspace(-1, 1, k).expand(dims, k)
+    default = render_smp_kernel(points, radius, weight, k)
+    assert torch.equal(render_smp_kernel(points, radius, weight, k, grid=lin), default)
+    inner = render_smp_kernel(points, radius, weight, k, grid=grid, crop=2)
+    full = render_smp_kernel(points, radius, weight, k, grid=grid)
+    assert torch.equal(inner, full[..., 2:-2, 2:-2] if dims == 2 else full[..., 2:-2])
+
+
+def _grid_state(layer, grid):
+    sd = layer.state_dict()
+    sd['render_grid'] = grid
+    return sd
+
+
+def test_layer_render_grid_is_optional_state():
+    torch.manual_seed(4)
+    k = 31
+    layer = SMPConv2d(6, 6, k, groups=6, n_points=40, radius=0.2).eval()
+    # fresh layers render on linspace and their state dict has no grid entry
+    assert layer.render_grid is None and 'render_grid' not in layer.state_dict()
+    exact = layer.get_weight()
+    grid = _rounded_grid(k, 2)
+    sd = _grid_state(layer, grid)
+    loaded = SMPConv2d(6, 6, k, groups=6, n_points=40).eval()
+    loaded.load_state_dict(sd)
+    want = render_smp_kernel(layer.points, layer.radius, layer.weight, k, grid=grid)
+    assert torch.equal(loaded.render_grid, grid) and torch.equal(loaded.get_weight(), want)
+    assert not torch.equal(want, exact) and 'render_grid=stored' in repr(loaded)
+    # it survives our state dict, deepcopy and dtype moves; fusing bakes it in
+    again = SMPConv2d(6, 6, k, groups=6, n_points=40).eval()
+    again.load_state_dict(loaded.state_dict())
+    assert torch.equal(again.get_weight(), want)
+    assert torch.equal(copy.deepcopy(loaded).get_weight(), want)
+    assert loaded.double().render_grid.dtype == torch.float64
+    loaded.float()
+    x = torch.randn(2, 6, 20, 20)
+    with torch.no_grad():
+        y = loaded(x)
+        torch.testing.assert_close(loaded.fuse()(x), y)
+        torch.testing.assert_close(torch.jit.script(loaded)(x), y)
+        cropped = SMPConv2d(6, 6, k, groups=6, n_points=40, crop_to_support=True).eval()
+        cropped.load_state_dict(sd)
+        torch.testing.assert_close(cropped(x), y)
+    # a state dict without a grid puts the layer back on linspace; the eval-mode kernel cache follows the grid
+    with torch.no_grad():
+        loaded.load_state_dict(layer.state_dict())
+        assert loaded.render_grid is None and torch.equal(loaded.get_weight(), exact)
+        loaded.render_grid = grid.clone()
+        assert torch.equal(loaded.get_weight(), want)
+    # a grid of the wrong shape is named like any other mis-sized entry
+    bad = _grid_state(layer, torch.zeros(2, k + 2))
+    with pytest.raises(RuntimeError, match='size mismatch for render_grid'):
+        SMPConv2d(6, 6, k, groups=6, n_points=40).load_state_dict(bad)
+
+
+def test_render_grid_dropped_at_another_kernel_size():
+    """A grid stored for size k is meaningless at another size: resizing renders on the exact linspace."""
+    torch.manual_seed(5)
+    src = SMPConv2d(4, 4, 13, groups=4, n_points=20, radius=0.25)
+    sd = _grid_state(src, _rounded_grid(13, 2, torch.bfloat16))
+    big = SMPConv2d(4, 4, 25, groups=4, n_points=20)
+    big.load_state_dict(sd)
+    ref = SMPConv2d(4, 4, 25, groups=4, n_points=20)
+    ref.load_state_dict(src.state_dict())
+    assert big.render_grid is None and 'render_grid' not in big.state_dict()
+    assert torch.equal(big.get_weight(), ref.get_weight())
+    same = SMPConv2d(4, 4, 13, groups=4, n_points=20)
+    same.load_state_dict(sd)
+    assert same.render_grid is not None
+    same.set_kernel_size(13)  # the same size keeps it
+    assert same.render_grid is not None
+    same.set_kernel_size(25)
+    assert same.render_grid is None and torch.equal(same.get_weight(), ref.get_weight())
+
+
+def test_render_grid_on_meta_device_and_1d():
+    with torch.device('meta'):
+        layer = SMPConv2d(4, 4, 9, groups=4, n_points=8)
+    src = SMPConv2d(4, 4, 9, groups=4, n_points=8)
+    sd = _grid_state(src, _rounded_grid(9, 2))
+    layer.load_state_dict(sd, assign=True)
+    assert layer.render_grid.device.type == 'cpu'
+    assert torch.equal(layer.get_weight(), render_smp_kernel(src.points, src.radius, src.weight, 9, grid=sd['render_grid']))
+    seq = SMPConv1d(3, 3, 17, groups=3, n_points=5)
+    seq.load_state_dict(_grid_state(seq, _rounded_grid(17, 1)))
+    want = render_smp_kernel(seq.points, seq.radius, seq.weight, 17, grid=_rounded_grid(17, 1))
+    assert seq.render_grid.shape == (1, 17) and torch.equal(seq.get_weight(), want)
+
+
+def test_flops_unchanged_by_a_render_grid():
+    from timm_smpconv import flops
+    torch.manual_seed(6)
+    plain = nn.Sequential(SMPConv2d(4, 4, 15, groups=4, n_points=30))
+    gridded = copy.deepcopy(plain)
+    gridded[0].load_state_dict(_grid_state(plain[0], _rounded_grid(15, 2)))
+    assert gridded[0].render_grid is not None
+    a = flops.count_flops(plain, img_size=16, in_chans=4)
+    b = flops.count_flops(gridded, img_size=16, in_chans=4)
+    assert a['kernel_gen'] > 0 and a == b
+
+
+def test_render_grid_is_exported_as_a_buffer():
+    torch.manual_seed(8)
+    layer = SMPConv2d(4, 4, 15, groups=4, n_points=30).eval()
+    layer.load_state_dict(_grid_state(layer, _rounded_grid(15, 2)))
+    x = torch.randn(2, 4, 20, 20)
+    with torch.no_grad():
+        ep = torch.export.export(layer, (x,))
+        assert 'render_grid' in ep.graph_signature.buffers
+        torch.testing.assert_close(ep.module()(x), layer(x))

@@ -18,7 +18,9 @@ Tensor layout used throughout the package:
 Rendering samples K on the grid linspace(-1, 1, k) along every axis. Axis order follows the
 tensor: points[..., 0] is the row (first spatial axis, 'ij' indexing), points[..., 1] the
 column. For d = 1 the single axis is time and coordinate +1 is the newest sample of a causal
-kernel.
+kernel. A layer may instead carry explicit per-axis sample coordinates (`grid`, shape (d, k)):
+the SMPConv authors' models sample on a stored grid buffer, and a checkpoint saved in half
+precision holds that grid rounded to fp16, which their model then renders on.
 
 Rendering at another size. The continuous kernel covers [-1, 1]^d whatever k is, so rendering
 at k2 instead of the trained k1 samples the same function (k2 - 1) / (k1 - 1) times more densely
@@ -29,6 +31,8 @@ old one at even indices, and there the rescaled values times 2 ** d equal the ol
 The layers apply this (and the alternative 'extend' mapping) to their parameters: see
 `timm_smpconv.layers.smp_conv.resize_smp_params`.
 """
+from typing import Optional
+
 import torch
 from timm.layers import trunc_normal_
 
@@ -85,6 +89,7 @@ def render_smp_kernel(
         normalize: bool = False,
         eps: float = 1e-6,
         crop: int = 0,
+        grid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Render the SMP kernel to a discrete (O, I, k[, k]) tensor.
 
@@ -97,16 +102,20 @@ def render_smp_kernel(
         eps: added to the point count before dividing (normalize=True), as the reference does.
         crop: render only the central k - 2 * crop samples per axis (the same values; see
             `support_crop`).
+        grid: (d, k) sample coordinates per axis (row axis first) instead of linspace(-1, 1, k) on
+            every axis.
     """
     num_f, num_points, dims = points.shape
     out_chs, in_chs = weight.shape[0], weight.shape[1]
-    grid = torch.linspace(-1., 1., kernel_size, device=points.device, dtype=points.dtype)
-    if crop:
-        grid = grid[crop:kernel_size - crop]
+    if grid is None:
+        lin = torch.linspace(-1., 1., kernel_size, device=points.device, dtype=points.dtype)
+        axes = [lin[crop:kernel_size - crop]] * dims
+    else:
+        axes = grid.to(points.dtype)[:, crop:kernel_size - crop].unbind(0)
     # L1 distance is separable: |q_0 - p_0| + |q_1 - p_1|, built by broadcasting per axis.
-    dist = (grid - points[:, :, 0:1]).abs()  # (F, Np, k)
+    dist = (axes[0] - points[:, :, 0:1]).abs()  # (F, Np, k)
     if dims == 2:
-        dist = dist.unsqueeze(-1) + (grid - points[:, :, 1:2]).abs().unsqueeze(-2)  # (F, Np, k, k)
+        dist = dist.unsqueeze(-1) + (axes[1] - points[:, :, 1:2]).abs().unsqueeze(-2)  # (F, Np, k, k)
     dist = dist.flatten(2)  # (F, Np, k^d)
     g = torch.relu(1. - dist / radius.unsqueeze(-1))
     if normalize:
@@ -120,12 +129,21 @@ def render_smp_kernel(
     return kernel.reshape([out_chs, in_chs] + [kernel_size - 2 * crop] * dims)
 
 
-def support_crop(points: torch.Tensor, radius: torch.Tensor, kernel_size: int) -> int:
+def support_crop(points: torch.Tensor, radius: torch.Tensor, kernel_size: int,
+                 grid: Optional[torch.Tensor] = None) -> int:
     """How many samples per side lie outside every point's support (L1 ball of its radius).
 
     The kernel is exactly zero there, so rendering and convolving with the central
     kernel_size - 2 * crop samples gives the same output. Reads the parameters on the host (a sync).
+    `grid`: the (d, k) sample coordinates the kernel is rendered on, if not linspace(-1, 1, k).
     """
     extent = (points.detach().abs().amax(-1) + radius.detach().abs()).max().item()
     half = (kernel_size - 1) // 2
-    return max(0, half - min(half, int(extent * (kernel_size - 1) / 2)))
+    if grid is None:
+        return max(0, half - min(half, int(extent * (kernel_size - 1) / 2)))
+    # a sample index can go when its coordinate lies beyond the extent on every axis, on both sides
+    outside = (grid.detach().abs() > extent).all(0).tolist()
+    crop = 0
+    while crop < half and outside[crop] and outside[kernel_size - 1 - crop]:
+        crop += 1
+    return crop

@@ -172,6 +172,14 @@ class _SMPConvNd(nn.Module):
         # the kernel size the parameters are calibrated for, saved with them so that a state dict
         # loaded into a layer of another size is resized (see _load_from_state_dict)
         self.register_buffer('kernel_size_record', torch.tensor(kernel_size, device=device, dtype=torch.long))
+        # Optional (d, k) sample coordinates per axis, rendered on instead of linspace(-1, 1, k). None (and then
+        # absent from the state dict, so our models' keys are unchanged) except in a layer loaded from an SMPConv
+        # authors' checkpoint whose stored grid is not our linspace: a file saved in half precision holds their
+        # grid rounded to fp16 and their model renders on those values, so we carry them to reproduce it. A
+        # buffer, so it follows .to(), deepcopy and our own state dict save/load (as the `render_grid` key);
+        # it only means something at the size it was stored for: set_kernel_size or loading at another size
+        # drops it (back to the exact linspace).
+        self.register_buffer('render_grid', None)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -188,6 +196,8 @@ class _SMPConvNd(nn.Module):
             s += f', groups={self.groups}'
         if self.bias is None:
             s += ', bias=False'
+        if self.render_grid is not None:
+            s += ', render_grid=stored'
         return s
 
     @torch.no_grad()
@@ -201,6 +211,8 @@ class _SMPConvNd(nn.Module):
         self.points.copy_(points)
         self.radius.copy_(radius)
         self.weight.copy_(weight)
+        if kernel_size != self.kernel_size:
+            self.render_grid = None  # a stored grid belongs to the size it was stored for
         self.kernel_size = kernel_size
         self.kernel_size_record.fill_(kernel_size)
 
@@ -209,6 +221,7 @@ class _SMPConvNd(nn.Module):
         # parameters saved at another kernel size are mapped to this layer's size by resize_mode
         key = prefix + 'kernel_size_record'
         names = [prefix + n for n in ('points', 'radius', 'weight')]
+        saved = self.kernel_size
         if key in state_dict and all(n in state_dict for n in names):
             saved = int(state_dict[key])
             if saved != self.kernel_size:
@@ -219,8 +232,23 @@ class _SMPConvNd(nn.Module):
                     state_dict[names[0]], state_dict[names[1]], state_dict[names[2]], saved, self.kernel_size,
                     self.resize_mode)
             state_dict[key] = torch.tensor(self.kernel_size)
+        if names[0] in state_dict:
+            self._load_render_grid(state_dict, prefix, saved)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def _load_render_grid(self, state_dict, prefix, saved_size: int):
+        """The render grid follows the state dict being loaded: its `render_grid` entry; none there, or one stored
+        at another kernel size than this layer's: linspace."""
+        key = prefix + 'render_grid'
+        grid = state_dict.pop(key, None)
+        if grid is None or saved_size != self.kernel_size:
+            self.render_grid = None
+            return
+        # an empty buffer of this layer's shape and dtype for the base class to fill (or assign), so a grid of
+        # another shape is reported as a size mismatch like any other entry
+        state_dict[key] = grid
+        self.render_grid = torch.empty(self.dims, self.kernel_size, device=self.points.device, dtype=self.points.dtype)
 
     def get_weight(self) -> torch.Tensor:
         """The rendered conv weight, (out_channels, in_channels // groups, k[, k]).
@@ -234,7 +262,8 @@ class _SMPConvNd(nn.Module):
         return self._cached_weight()
 
     def _render(self) -> torch.Tensor:
-        return render_smp_kernel(self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize)
+        return render_smp_kernel(
+            self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize, grid=self.render_grid)
 
     @torch.jit.unused
     def _cached_weight(self) -> torch.Tensor:
@@ -242,6 +271,8 @@ class _SMPConvNd(nn.Module):
         if (self.training or torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling()
                 or isinstance(params[0], torch.fx.Proxy)):  # (fx hands out proxies while tracing)
             return self._render()
+        if self.render_grid is not None:
+            params = params + (self.render_grid,)
         key = (self.kernel_size,) + tuple((p._version, p.dtype, p.device) for p in params)
         cache = self.__dict__.get('_weight_cache')
         # weak references, not addresses: a replaced parameter may reuse a freed tensor's memory
@@ -297,10 +328,11 @@ class SMPConv2d(DispatchConvMixin, _SMPConvNd):
     @torch.jit.unused
     def _forward_cropped(self, x: torch.Tensor) -> torch.Tensor:
         """Render and convolve over the support's bounding box only (exactly the same output)."""
-        crop = 0 if isinstance(self.points, torch.fx.Proxy) else support_crop(self.points, self.radius, self.kernel_size)
+        crop = 0 if isinstance(self.points, torch.fx.Proxy) else support_crop(
+            self.points, self.radius, self.kernel_size, grid=self.render_grid)
         if crop:
-            w = render_smp_kernel(
-                self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize, crop=crop)
+            w = render_smp_kernel(self.points, self.radius, self.weight, self.kernel_size, normalize=self.normalize,
+                                  crop=crop, grid=self.render_grid)
         else:
             w = self.get_weight()
         return self._dispatch_conv(x, w, self.bias, self.stride, self.groups)

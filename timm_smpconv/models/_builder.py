@@ -81,8 +81,12 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     adaptable = {cfg.get('classifier', 'head.fc') + '.weight', cfg.get('classifier', 'head.fc') + '.bias',
                  cfg.get('first_conv', 'stem.0.conv') + '.weight'}
+    # buffers registered as None (absent from a fresh model's state dict) may be present, e.g. an SMP layer's
+    # render_grid; the layer checks their shape when loading
+    optional = {f'{name}.{b}' if name else b for name, m in model.named_modules()
+                for b, v in m._buffers.items() if v is None}
     missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own and k not in adaptable]
+    unexpected = [k for k in state_dict if k not in own and k not in adaptable and k not in optional]
     shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
               for k, v in state_dict.items() if k in own and k not in adaptable and v.shape != own[k].shape]
     problems = []

@@ -391,7 +391,40 @@ class SMPConvNet(nn.Module):
 
 
 def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The authors' ImageNet layout -> ours (their constant grid buffer becomes our kernel-size record)."""
+    """The authors' ImageNet layout -> ours.
+
+    Their constant grid buffer `kernel_coord` becomes our kernel-size record. Their model renders on the stored
+    grid values, and a file saved in half precision holds them rounded (fp16: up to 2.4e-4 off linspace(-1, 1, k),
+    which moves smpconv_t's logits by a few 1e-4 relative). A grid that is not exactly the linspace our layers
+    render on is therefore handed to the layer (its `render_grid`) through the state dict's per-module metadata,
+    the channel torch provides for what a module's loader needs besides its tensors: the converted dict itself
+    holds only the keys a fresh model has. A grid that is not a meshgrid of one 1-D linspace(-1, 1, k) (up to
+    the rounding of the file's dtype) raises ValueError.
+    """
+
+    def render_grid(key: str, coord: torch.Tensor) -> Optional[torch.Tensor]:
+        # theirs: (1, 2, k, k) = meshgrid(lin, lin, 'ij'); checked exactly (a rounded meshgrid is still a meshgrid)
+        k = coord.shape[-1]
+        if coord.shape != (1, 2, k, k) or not coord.is_floating_point():
+            raise ValueError(f'{key}: expected a floating-point grid of shape (1, 2, k, k), got {coord.dtype} '
+                             f'{tuple(coord.shape)}')
+        lin = coord[0, 0, :, 0]
+        if not (torch.equal(coord[0, 0], lin[:, None].expand(k, k)) and torch.equal(coord[0, 1], lin.expand(k, k))):
+            raise ValueError(f'{key}: not a sampling grid (a meshgrid of one 1-D coordinate vector, as the authors\' '
+                             f'rel_pos({k}) builds): the file is corrupt or not an SMPConv checkpoint')
+        # their linspace is computed in fp32, then possibly rounded to the file's dtype
+        tol = 2 * max(torch.finfo(coord.dtype).eps, torch.finfo(torch.float32).eps)
+        dev = (lin.double() - torch.linspace(-1, 1, k, dtype=torch.float64)).abs().max().item()
+        if not dev <= tol:
+            raise ValueError(f'{key}: the grid is {dev:.3g} off linspace(-1, 1, {k}), more than {coord.dtype} '
+                             f'rounding ({tol:.3g}): the file is corrupt or not an SMPConv checkpoint')
+        lin = lin.float()  # their model loads the values into its fp32 buffer
+        if torch.equal(lin, torch.linspace(-1, 1, k)):
+            return None  # our own grid: nothing to carry, the layer keeps its state dict keys
+        # the sample at our (row i, col j) is theirs at (c0, c1) = (lin[j], lin[k-1-i]), and our points are
+        # (row, col) = (-c1, c0) (_authors_to_points): rows sample -lin[k-1-i], columns lin[j], bit for bit
+        return torch.stack([-lin.flip(0), lin])
+
     out = {}
     for k, v in state_dict.items():
         if k.startswith('transitions.'):
@@ -404,6 +437,9 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
         if '.large_kernel.' in k:
             prefix = k[:k.index('.large_kernel.')] + '.large_kernel.'
             if k.endswith('smp.conv.kernel_coord'):
+                grid = render_grid(k, v)
+                if grid is not None:
+                    out[prefix + 'smp.render_grid'] = grid
                 k, v = prefix + 'smp.kernel_size_record', torch.tensor(v.shape[-1])
             elif k.endswith('smp.conv.weight_coord'):
                 k, v = prefix + 'smp.points', points_from_authors(v)
