@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
-from timm_smpconv.layers import LargeKernelConv2d, randomize_bn_stats_
+from timm_smpconv.layers import LargeKernelConv2d, SMPLargeKernel2d, randomize_bn_stats_
 from timm_smpconv.ops import conv_impl, fft_grid, kernel_spectrum
 
 
@@ -21,21 +21,14 @@ def _rel(a, b):
 SMALL_MOBILE31 = dict(layers=(1, 1, 1, 1), channels=(16, 32, 48, 64))
 
 
-@pytest.mark.parametrize('name,size,kwargs', [
-    ('smpconv_mobile31', 64, SMALL_MOBILE31),
-    ('smp_flexnet_16', 32, dict(block_drop_rate=0., stem_width=12, widths=(12, 16))),
-])
-def test_torch_compile_fullgraph_equals_eager_and_no_grad_calls_do_not_recompile(name, size, kwargs):
-    # eval-mode BatchNorm (random statistics): gradients are well conditioned at this tiny batch, so compiled
-    # and eager agree to float32 rounding (train-mode BN over 8 values per channel amplifies rounding)
-    torch.manual_seed(0)
-    model = randomize_bn_stats_(timm.create_model(name, num_classes=5, **kwargs)).eval()
-    x = torch.randn(2, 3, size, size)
-    ref = model(x)  # the large-kernel convs take the FFT custom op here (CPU, with gradient)
+def _check_compiled_equals_eager(model, x, backend):
+    """fullgraph compile (any graph break is an error): outputs and every parameter gradient equal eager's, then
+    repeated no-grad calls run without recompiling (one recompile for the no-grad mode, none after)."""
+    ref = model(x)
     ref.square().sum().backward()
     want = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True)  # Inductor; fullgraph: any graph break is an error
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     y = compiled(x)
     y.square().sum().backward()
     assert _rel(y, ref) < 1e-5
@@ -43,10 +36,39 @@ def test_torch_compile_fullgraph_equals_eager_and_no_grad_calls_do_not_recompile
         assert _rel(p.grad, want[n]) < 1e-4, n
     with torch.no_grad():
         ref = model(x)
-        assert _rel(compiled(x), ref) < 1e-5  # one recompile: no grad
+        assert _rel(compiled(x), ref) < 1e-5
         with torch._dynamo.config.patch(error_on_recompile=True):
             for _ in range(3):
                 assert _rel(compiled(x), ref) < 1e-5
+
+
+@pytest.mark.parametrize('name,size,kwargs', [
+    ('smpconv_mobile31', 64, SMALL_MOBILE31),
+    ('smp_flexnet_16', 32, dict(block_drop_rate=0., stem_width=12, widths=(12, 16))),
+])
+def test_whole_models_compile_fullgraph_and_equal_eager(name, size, kwargs):
+    """Every model's code captures as one graph, forward and backward, through the custom conv ops (AOTAutograd
+    with the aot_eager backend: the same capture Inductor gets, without generating C++; Inductor itself is the
+    next test). Eval-mode BatchNorm with random statistics keeps the tiny batch's gradients well conditioned, so
+    compiled and eager agree to float32 rounding."""
+    torch.manual_seed(0)
+    model = randomize_bn_stats_(timm.create_model(name, num_classes=5, **kwargs)).eval()
+    _check_compiled_equals_eager(model, torch.randn(2, 3, size, size), 'aot_eager')
+
+
+@pytest.mark.parametrize('memory_format', [torch.contiguous_format, torch.channels_last])
+def test_inductor_compiles_the_large_kernel_layers(memory_format):
+    """Inductor (the default backend) lowers the layers around the FFT custom op and its backward: an SMP
+    large-kernel branch (depthwise SMP conv + small conv, each with BN) and a full large-kernel conv, NCHW and
+    channels_last inputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        SMPLargeKernel2d(8, 8, 13, small_kernel_size=3, groups=8), nn.GELU(), LargeKernelConv2d(8, 6, 9)).eval()
+    randomize_bn_stats_(model)
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(2, 8, 16, 16).contiguous(memory_format=memory_format)
+    with conv_impl('fft'):  # the custom op, whatever the CPU rule would pick at these sizes
+        _check_compiled_equals_eager(model, x, 'inductor')
 
 
 def test_torch_export_keeps_each_large_kernel_conv_as_one_custom_op():

@@ -1,11 +1,14 @@
 """ train_imagenet.py: torchrun on CPU, exact resume, SMP optimizer rules inside a run, faults, bad input. """
 import argparse
+import contextlib
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,26 @@ def run_script(args, timeout=300, torchrun_procs=0, env=None):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
 
 
+def run_main(args):
+    """train_imagenet.main(args) in this process, as `python train_imagenet.py ARGS` would run it: the exit code,
+    stdout and stderr, on one intra-op thread (the subprocess runs get OMP_NUM_THREADS=1). No interpreter start
+    and no torch / timm import per run: most of a tiny run's time otherwise."""
+    out, err = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                train_imagenet.main(args)
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()  # a --torchcompile run leaves compiled code behind
+    return types.SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
+
+
 def load_ckpt(path):
     with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location='cpu', weights_only=True)
@@ -80,11 +103,11 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
                      '--grad-accum-steps', '2', '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8', '--cutmix', '1.0',
                      '--reprob', '0.25', '--model-ema', '--model-ema-decay', '0.9', '--warmup-epochs', '1',
                      '--drop-path', '0.1']
-    assert run_script(common + ['--experiment', 'full']).returncode == 0
-    first = run_script(common + ['--experiment', 'parts', '--stop-after-epochs', '1'])
+    assert run_main(common + ['--experiment', 'full']).returncode == 0
+    first = run_main(common + ['--experiment', 'parts', '--stop-after-epochs', '1'])
     assert first.returncode == 0, first.stderr[-2000:]
     assert load_ckpt(tmp_path / 'parts' / 'last.pth.tar')['epoch'] == 0
-    second = run_script(common + ['--experiment', 'parts', '--auto-resume'])
+    second = run_main(common + ['--experiment', 'parts', '--auto-resume'])
     assert second.returncode == 0, second.stderr[-2000:]
     assert 'Resumed from' in second.stdout
     a = load_ckpt(tmp_path / 'full' / 'last.pth.tar')
@@ -104,8 +127,8 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
 def test_channels_last_trains_the_same_model(data_dir, tmp_path):
     common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--epochs', '1', '--batch-size', '4',
                      '--grad-accum-steps', '1', '--warmup-epochs', '0']
-    plain = run_script(common + ['--experiment', 'nchw'])
-    res = run_script(common + ['--experiment', 'cl', '--channels-last'])
+    plain = run_main(common + ['--experiment', 'nchw'])
+    res = run_main(common + ['--experiment', 'cl', '--channels-last'])
     assert plain.returncode == 0 and res.returncode == 0, res.stderr[-2000:]
     b = load_ckpt(tmp_path / 'cl' / 'last.pth.tar')['state_dict']
     assert any(v.dim() == 4 and not v.is_contiguous() for v in b.values())  # it really ran channels_last
@@ -118,7 +141,7 @@ def test_channels_last_trains_the_same_model(data_dir, tmp_path):
 
 
 def test_radius_lr_ratio_and_clamp_in_a_real_run(data_dir, tmp_path):
-    res = run_script(TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'r',
+    res = run_main(TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'r',
                              '--epochs', '1', '--batch-size', '4', '--grad-accum-steps', '1', '--lr', '0.05',
                              '--radius-clamp', '0.3', '0.35', '--mixup', '0', '--cutmix', '0', '--no-model-ema',
                              '--warmup-epochs', '0', '--sched', 'cosine'])
@@ -194,9 +217,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
     common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--experiment', 'nan',
                      '--batch-size', '4', '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0',
                      '--no-model-ema', '--warmup-epochs', '0', '--epochs', '3']
-    assert run_script(common + ['--stop-after-epochs', '1']).returncode == 0
+    assert run_main(common + ['--stop-after-epochs', '1']).returncode == 0
     good = load_ckpt(tmp_path / 'nan' / 'last.pth.tar')
-    res = run_script(common + ['--auto-resume', '--no-resume-opt', '--lr', '1e20'])
+    res = run_main(common + ['--auto-resume', '--no-resume-opt', '--lr', '1e20'])
     assert res.returncode == 2
     assert 'non-finite loss' in res.stderr
     after = load_ckpt(tmp_path / 'nan' / 'last.pth.tar')
@@ -208,10 +231,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
 def test_eval_only_with_reparam_and_finetune_from_checkpoint(data_dir, tmp_path):
     common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--batch-size', '4',
                      '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0', '--warmup-epochs', '0']
-    assert run_script(common + ['--experiment', 'base', '--epochs', '1']).returncode == 0
+    assert run_main(common + ['--experiment', 'base', '--epochs', '1']).returncode == 0
     ckpt = tmp_path / 'base' / 'last.pth.tar'
-    plain = run_script(common + ['--eval-only', '--checkpoint', str(ckpt)])
-    fused = run_script(common + ['--eval-only', '--checkpoint', str(ckpt), '--reparam'])
+    plain = run_main(common + ['--eval-only', '--checkpoint', str(ckpt)])
+    fused = run_main(common + ['--eval-only', '--checkpoint', str(ckpt), '--reparam'])
     assert plain.returncode == 0 and fused.returncode == 0, plain.stderr[-2000:] + fused.stderr[-2000:]
     for out, tag in ((plain.stdout, ''), (fused.stdout, ' (reparameterized)')):
         assert f'model{tag}: top-1' in out and f'EMA{tag}: top-1' in out and 'top-5' in out
@@ -219,7 +242,7 @@ def test_eval_only_with_reparam_and_finetune_from_checkpoint(data_dir, tmp_path)
     top1_f = [line.split('top-1 ')[1].split()[0] for line in fused.stdout.splitlines() if 'top-1' in line]
     assert top1 == top1_f
     # fine-tune: new head size and larger kernels, classifier re-initialised, the rest loaded
-    ft = run_script(common + ['--experiment', 'ft', '--epochs', '1', '--pretrained-path', str(ckpt),
+    ft = run_main(common + ['--experiment', 'ft', '--epochs', '1', '--pretrained-path', str(ckpt),
                               '--num-classes', '3', '--model-kwargs', 'kernel_sizes=[13,9,5,5]', 'n_points=[8,6,3,3]',
                               'small_kernel_size=3', 'channels=[16,24,32,40]', 'layers=[1,1,1,1]',
                               '--kernel-resize', 'extend', '--layer-decay', '0.8'])
@@ -260,7 +283,7 @@ def test_defaults_are_the_papers_imagenet_recipe_and_digits_without_data():
 
 
 def test_flexnet_training_with_aliasing_regulariser(data_dir, tmp_path):
-    res = run_script(['--model', 'flexnet_16', '--img-size', '16', '--data-dir', str(data_dir), '--output',
+    res = run_main(['--model', 'flexnet_16', '--img-size', '16', '--data-dir', str(data_dir), '--output',
                       str(tmp_path), '--experiment', 'flex', '--epochs', '1', '--batch-size', '4',
                       '--grad-accum-steps', '1', '--mixup', '0', '--cutmix', '0', '--no-model-ema', '--opt', 'adam',
                       '--lr', '0.01', '--weight-decay', '0', '--warmup-epochs', '0', '--aliasing-reg', '0.1',
@@ -298,8 +321,8 @@ def test_torchcompile_trains_the_same_model(data_dir, tmp_path):
     the time; Inductor itself (fullgraph) is checked in test_compile_export.py."""
     common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--epochs', '1', '--batch-size', '4',
                      '--grad-accum-steps', '1', '--warmup-epochs', '0']
-    eager = run_script(common + ['--experiment', 'eager'])
-    res = run_script(common + ['--experiment', 'compiled', '--torchcompile', 'aot_eager'], timeout=900)
+    eager = run_main(common + ['--experiment', 'eager'])
+    res = run_main(common + ['--experiment', 'compiled', '--torchcompile', 'aot_eager'])
     assert eager.returncode == 0 and res.returncode == 0, res.stderr[-2000:]
 
     def first_loss(out):
@@ -308,15 +331,18 @@ def test_torchcompile_trains_the_same_model(data_dir, tmp_path):
     assert (tmp_path / 'compiled' / 'last.pth.tar').exists()
 
 
-@pytest.mark.parametrize('model', ['smp_tcn.pdigits', pytest.param('flextcn_2.digits', marks=pytest.mark.slow)])
-def test_sequence_preset_trains_with_torchrun(tmp_path, model):
-    """The 'seq-digits' preset: the built-in digits read as 64-step sequences, two ranks."""
+@pytest.mark.parametrize('model,ranks', [('smp_tcn.pdigits', 1), ('flextcn_2.digits', 1),
+                                         pytest.param('smp_tcn.pdigits', 2, marks=pytest.mark.slow)])
+def test_sequence_preset_trains(tmp_path, model, ranks):
+    """The 'seq-digits' preset: the built-in digits read as 64-step sequences (one process, or two ranks under
+    torchrun: the DDP pipeline itself is test_torchrun_two_ranks_cpu_full_pipeline's)."""
     args = ['--preset', 'seq-digits', '--model', model, '--epochs', '1', '--output', str(tmp_path),
             '--experiment', 'seq', '--device', 'cpu', '--seed', '1']
-    res = run_script(args, torchrun_procs=2)
+    res = run_script(args, torchrun_procs=2) if ranks == 2 else run_main(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / 'seq'
-    assert "preset 'seq-digits'" in res.stdout and 'Distributed: 2 processes' in res.stdout
+    assert "preset 'seq-digits'" in res.stdout
+    assert ('Distributed: 2 processes' in res.stdout) == (ranks == 2)
     row = (out / 'summary.csv').read_text().splitlines()[1].split(',')
     assert 0 <= float(row[3]) <= 100 and float(row[1]) < 2.5  # eval top-1 (%) logged, train loss below ln(10)
     state = load_ckpt(out / 'last.pth.tar')['state_dict']
@@ -339,7 +365,7 @@ def test_sequential_mnist_flags_on_a_grey_image_folder(tmp_path):
     args = ['--preset', 'seq-digits', '--model', 'smp_tcn.smnist', '--data-dir', str(tmp_path / 'data'),
             '--input-img-mode', 'L', '--img-size', '28', '--mean', '0.1307', '--std', '0.3081', '--epochs', '1',
             '--batch-size', '4', '--output', str(tmp_path), '--experiment', 'smnist', '--device', 'cpu']
-    res = run_script(args)
+    res = run_main(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     state = load_ckpt(tmp_path / 'smnist' / 'last.pth.tar')['state_dict']
     assert state['blocks.0.conv1.smp.weight'].shape == (30, 1, 30)  # one input channel
