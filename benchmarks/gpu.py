@@ -20,14 +20,14 @@ import time
 
 import timm
 import torch
-from harness import SMOKE_NOTE, bench_parser, host, median_time, model_kwargs, train_step, write_results
+from harness import CIFAR_MODELS, SMOKE_NOTE, bench_parser, host, median_time, model_kwargs, train_step, write_results
 from timm.utils import reparameterize_model
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv.ops import conv_backends, get_conv_impl, large_kernel_conv2d, select_conv_backend, set_conv_impl, triton_available
 
 IMAGENET = ['smpconv_t', 'smpconv_mobile31', 'convnext_tiny', 'resnet50']
-CIFAR = ['smp_flexnet_16', 'flexnet_16']
+CIFAR = list(CIFAR_MODELS)
 # (label, channels, map, kernel) at batch 64
 LAYERS = [('stage 1', 96, 56, 31), ('stage 2', 192, 28, 29), ('stage 3', 384, 14, 27), ('stage 4', 768, 7, 13),
           ('5 x 5', 96, 56, 5)]

@@ -159,7 +159,7 @@ SMOKE_MODEL_KWARGS = {
     **{n: dict(layers=(1, 1, 1, 1)) for n in ('smpconv_t', 'smpconv_b', 'smpconv_mobile31', 'smpconv_mobile51',
                                               'resnet50')},
     'convnext_tiny': dict(depths=(1, 1, 1, 1)),
-    **{n: dict(widths=(24,)) for n in ('flexnet_16', 'smp_flexnet_16', 'ckcnn_16')},
+    **{n: dict(widths=(24,)) for n in CIFAR_MODELS},
 }
 
 

@@ -45,13 +45,11 @@ def data_dir(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp('imgs'))
 
 
-def run_script(args, timeout=300, torchrun_procs=0, env=None):
-    cmd = [sys.executable, SCRIPT] + args
-    if torchrun_procs:
-        cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun_procs}',
-               SCRIPT] + args
-    full_env = dict(os.environ, OMP_NUM_THREADS='1', **(env or {}))
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+def run_torchrun(args, procs=2):
+    """`torchrun --standalone --nproc_per_node=PROCS train_imagenet.py ARGS` in a subprocess, one thread per rank."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={procs}', SCRIPT] + args
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS='1'))
 
 
 def run_main(args):
@@ -84,7 +82,7 @@ def test_torchrun_two_ranks_cpu_full_pipeline(data_dir, tmp_path):
                    '--batch-size', '4', '--grad-accum-steps', '1', '--aa', 'rand-m9-mstd0.5-inc1', '--mixup', '0.8',
                    '--cutmix', '1.0', '--reprob', '0.25', '--model-ema', '--model-ema-decay', '0.9',
                    '--warmup-epochs', '1', '--lr', '1e-3', '--drop-path', '0.1']
-    res = run_script(args, torchrun_procs=2)
+    res = run_torchrun(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / 'ddp'
     for name in ('last.pth.tar', 'model_best.pth.tar', 'checkpoint-1.pth.tar', 'summary.csv', 'curves.png',
@@ -338,7 +336,7 @@ def test_sequence_preset_trains(tmp_path, model, ranks):
     torchrun: the DDP pipeline itself is test_torchrun_two_ranks_cpu_full_pipeline's)."""
     args = ['--preset', 'seq-digits', '--model', model, '--epochs', '1', '--output', str(tmp_path),
             '--experiment', 'seq', '--device', 'cpu', '--seed', '1']
-    res = run_script(args, torchrun_procs=2) if ranks == 2 else run_main(args)
+    res = run_torchrun(args) if ranks == 2 else run_main(args)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = tmp_path / 'seq'
     assert "preset 'seq-digits'" in res.stdout
