@@ -12,13 +12,17 @@ AdamW lr 4e-3 at total batch 2048, weight decay 0.05, cosine with 10 warm-up epo
 rand-m9-mstd0.5-inc1, Mixup 0.8 / CutMix 1.0, label smoothing 0.1, random erasing 0.25, drop path
 0.1, EMA 0.9999, radius lr x0.1 and radius clamp [1e-3, 1]). --preset picks other recipes.
 
-Flags follow timm's train.py names and meanings; -c FILE reads a YAML file of defaults as timm's does (a
-run's args.yaml is one). The lr is the preset's unless --lr is given, or --lr-base (timm's batch-size rule).
-Output (under --output/<experiment>): last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar (timm's
-CheckpointSaver format, EMA inside), summary.csv, curves.png, args.yaml.
+A drop-in for timm's train.py: every option of timm's train.py is accepted with timm's meaning (or refused with
+the reason, e.g. the NaFlex loader, which is for ViTs), the step and evaluation run on timm's task API
+(timm.task: ClassificationTask, logit / feature / token distillation with --kd-model-name), -c FILE reads a YAML
+file of defaults. The defaults are the SMPConv paper's recipe, not timm's: a run's first lines list every value
+that differs from timm's train.py default. Output (under --output/<experiment>): last.pth.tar,
+model_best.pth.tar, checkpoint-N.pth.tar (timm's CheckpointSaver format, EMA inside), summary.csv, curves.png,
+args.yaml.
 """
 import argparse
 import csv
+import importlib
 import logging
 import math
 import os
@@ -38,30 +42,39 @@ import yaml
 from timm.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    AugMixDataset,
     FastCollateMixup,
     Mixup,
     create_dataset,
     create_loader,
     resolve_data_config,
 )
-from timm.layers import convert_sync_batchnorm
-from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import load_checkpoint, resume_checkpoint, safe_model_name
+from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
+from timm.loss import create_classification_loss
+from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import (
+    ClassificationTask,
+    DistillationTeacher,
+    FeatureDistillationTask,
+    LogitDistillationTask,
+    TokenDistillationTask,
+    evaluation_sample_limit,
+    load_task_ema_checkpoint,
+    resume_task_checkpoint,
+)
 from timm.utils import (
     AverageMeter,
     CheckpointSaver,
-    ModelEmaV3,
     NativeScaler,
     ParseKwargs,
-    accuracy,
-    dispatch_clip_grad,
     distribute_bn,
     init_distributed_device,
     random_seed,
     reduce_tensor,
     reparameterize_model,
+    set_jit_fuser,
     update_summary,
 )
 
@@ -71,10 +84,12 @@ from timm_smpconv.data import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, Digit
 from timm_smpconv.layers import RESIZE_MODES
 from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
 from timm_smpconv.regularizers import ALIASING_TARGETS
+from timm_smpconv.timm_train_args import TIMM_TRAIN_OPTIONS, TIMM_TRAIN_VERSION, timm_defaults
 
 _logger = logging.getLogger('train')
 
-# Named recipes: each sets defaults; flags given on the command line still win.
+# Named recipes: each sets defaults; flags given on the command line still win. A preset's `model_kwargs` belong
+# to its own `model`: with another --model they are left out (and the run says so).
 PRESETS = {
     # the SMPConv paper's ImageNet recipe for SMPConv-T (the script's defaults)
     'imagenet': dict(),
@@ -116,14 +131,31 @@ PRESETS = {
     ),
 }
 
+# timm train.py options that cannot apply here: dest -> the one-line reason a run that sets them is refused
+REFUSED = {
+    'naflex_loader': "the NaFlex loader feeds NaFlexViT models patch sequences of variable length; it does not "
+                     "apply to convolutional models (train at one --img-size or with --train-img-sizes)",
+    'tta': "timm's train.py averages groups of --tta consecutive validation outputs, but its validation loader "
+           "makes no augmented copies to average, so the figure would not be a test-time-augmentation accuracy",
+}
+for _dest in ('naflex_train_seq_lens', 'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs',
+              'naflex_loss_scale'):
+    REFUSED[_dest] = REFUSED['naflex_loader']
+
 
 class TrainingError(RuntimeError):
     """A problem with the run's set-up or state, reported with a clear message and exit code 2."""
 
 
-def _kv(text):
-    key, _, value = text.partition('=')
-    return key, yaml.safe_load(value)
+class _ParseKwargs(ParseKwargs):
+    """timm's KEY=VALUE parsing (Python literals, a string where the value is not one), with a clear error for an
+    item without '='."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        bad = [v for v in values if v and '=' not in v]
+        if bad:
+            parser.error(f'{option_string} takes KEY=VALUE items, got {" ".join(map(repr, bad))}')
+        super().__call__(parser, namespace, values, option_string)
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -147,17 +179,32 @@ def build_parser() -> argparse.ArgumentParser:
                         'digits without)')
 
     g = p.add_argument_group('Data')
+    g.add_argument('data', nargs='?', metavar='DIR', default=None,
+                   help="dataset root as a positional argument (timm's deprecated form of --data-dir)")
     g.add_argument('--data-dir', default=None,
                    help='dataset root (ImageFolder / tar, or the download root for torch/ datasets); '
                         'omit to train on the built-in digits')
     g.add_argument('--dataset', default='',
-                   help="timm dataset name: '' (folder or tar), torch/NAME, hfds/NAME, wds/NAME")
+                   help="timm dataset name: '' (folder or tar), torch/NAME, hfds/NAME, hfids/NAME, wds/NAME, tfds/NAME")
     g.add_argument('--train-split', default='train', help='training split (folder name)')
     g.add_argument('--val-split', default='validation', help="validation split ('validation' also finds val/)")
+    g.add_argument('--train-num-samples', type=int, default=None,
+                   help='samples in the training split, for iterable datasets (wds/, tfds/, hfids/)')
+    g.add_argument('--val-num-samples', type=int, default=None,
+                   help='samples in the validation split, for iterable datasets')
     g.add_argument('--dataset-download', action='store_true', help='allow torch/ datasets to download')
     g.add_argument('--class-map', default='', help='class map file for the folder dataset')
-    g.add_argument('--input-img-mode', default=None, help="image mode, e.g. 'RGB' or 'L'")
+    g.add_argument('--input-img-mode', default=None, help="image mode, e.g. 'RGB' or 'L' (default: timm's, RGB)")
+    g.add_argument('--input-key', default=None, help='dataset key of the input images (hfds/, wds/)')
+    g.add_argument('--target-key', default=None, help='dataset key of the labels (hfds/, wds/)')
+    g.add_argument('--dataset-trust-remote-code', action='store_true',
+                   help="let a Hugging Face dataset run code from its repository")
+    g.add_argument('--epoch-repeats', type=float, default=0.,
+                   help='times an iterable dataset (wds/, tfds/, hfids/) is repeated per epoch (0: once)')
     g.add_argument('--workers', '-j', type=int, default=4, help='data loading processes per rank')
+    g.add_argument('--worker-seeding', default='all', help="loader worker seeding ('all' or 'part'), as timm's")
+    g.add_argument('--use-multi-epochs-loader', action='store_true',
+                   help="timm's MultiEpochsDataLoader (keeps workers across epochs)")
     g.add_argument('--pin-mem', action='store_true', help='pin loader memory (CUDA)')
     g.add_argument('--no-prefetcher', action='store_true', help="disable timm's prefetching loader")
 
@@ -167,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--pretrained-path', default=None,
                    help="fine-tune from this file (ours, timm's, or the authors' format); the classifier is "
                         "re-initialised")
-    g.add_argument('--initial-checkpoint', default=None, help='load this checkpoint strictly before training')
+    g.add_argument('--initial-checkpoint', default='', help='load this checkpoint strictly before training')
     g.add_argument('--num-classes', type=int, default=None, help='number of classes (default: the dataset\'s)')
+    g.add_argument('--gp', default=None, help="global pool type, e.g. 'avg', 'max', 'avgmax' (default: the model's)")
     g.add_argument('--in-chans', type=int, default=None, help='input channels')
     g.add_argument('--img-size', type=int, default=None, help='square input size (default: the model\'s)')
     g.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
@@ -178,21 +226,29 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mean', type=float, nargs='+', default=None, help='normalisation mean per channel')
     g.add_argument('--std', type=float, nargs='+', default=None, help='normalisation std per channel')
     g.add_argument('--interpolation', default='', help='resize interpolation (default: the model\'s)')
-    g.add_argument('--train-interpolation', default='',
-                   help="interpolation of the training transforms: 'random', 'bilinear', 'bicubic', ... (default: the "
-                        "validation interpolation above; timm's train.py defaults to 'random')")
     g.add_argument('--kernel-sizes', type=int, nargs='+', default=None,
                    help='SMP kernel size per stage; continuous kernels are re-rendered when loading')
     g.add_argument('--kernel-resize', default=None, choices=RESIZE_MODES,
                    help='how loaded SMP kernels map to new kernel sizes (see README)')
     g.add_argument('--drop', type=float, default=0., help='dropout before the classifier')
     g.add_argument('--drop-path', type=float, default=0.1, help='stochastic depth rate')
-    g.add_argument('--model-kwargs', nargs='*', default={}, type=_kv, metavar='KEY=VALUE',
-                   help='extra create_model kwargs, values in YAML (e.g. kernel_sizes=[51,49,47,13])')
+    g.add_argument('--drop-connect', type=float, default=None,
+                   help="timm's deprecated name of --drop-path; used as the drop path rate when --drop-path is not given")
+    g.add_argument('--drop-block', type=float, default=None, help='DropBlock rate, for models that take one')
+    g.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum, for models that take one')
+    g.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon, for models that take one')
+    g.add_argument('--head-init-scale', type=float, default=None, help='multiply the initial classifier weights by this')
+    g.add_argument('--head-init-bias', type=float, default=None, help='initial classifier bias value')
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
+                   help="extra create_model kwargs, values as Python literals with a string fallback, as timm's "
+                        "(e.g. kernel_sizes='(51,49,47,13)' ls_init_value=1e-6)")
     g.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     g.add_argument('--torchcompile', nargs='?', const='inductor', default=None, help='torch.compile backend')
     g.add_argument('--torchcompile-mode', default=None,
                    help="torch.compile mode with --torchcompile, e.g. 'reduce-overhead', 'max-autotune' (default: torch's)")
+    g.add_argument('--torchscript', action='store_true', help='torch.jit.script the model (not with --torchcompile)')
+    g.add_argument('--fuser', default='', help="TorchScript fuser: '', 'te', 'old' or 'nvfuser' (timm's set_jit_fuser)")
+    g.add_argument('--fast-norm', action='store_true', help="timm's fast (fused, low-precision) norm layers")
     g.add_argument('--grad-checkpointing', action='store_true',
                    help='gradient checkpointing (model.set_grad_checkpointing): less memory, more compute')
     g.add_argument('--model-dtype', default=None, choices=['float32', 'float16', 'bfloat16'],
@@ -200,18 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm (CUDA, distributed)')
     g.add_argument('--dist-bn', default='reduce', choices=['reduce', 'broadcast', ''],
                    help='sync BatchNorm statistics across ranks after each epoch when not using SyncBN')
+    g.add_argument('--split-bn', action='store_true',
+                   help='separate BatchNorm layers per augmentation split (--aug-splits), as timm')
 
     g = p.add_argument_group('Optimizer')
     g.add_argument('--opt', default='adamw', help='timm optimizer name')
     g.add_argument('--opt-eps', type=float, default=None, help='optimizer epsilon')
     g.add_argument('--opt-betas', type=float, nargs='+', default=None, help='optimizer betas')
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
                    help='extra optimizer arguments, values as Python literals (e.g. amsgrad=True)')
     g.add_argument('--momentum', type=float, default=0.9, help='SGD momentum')
     g.add_argument('--weight-decay', type=float, default=0.05, help='weight decay')
     g.add_argument('--no-decay-patterns', nargs='*', default=[],
                    help="extra parameter-name patterns without weight decay (e.g. '*.points')")
     g.add_argument('--layer-decay', type=float, default=None, help='layer-wise lr decay')
+    g.add_argument('--layer-decay-min-scale', type=float, default=0., help='lower bound of the layer-wise lr scale')
+    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
+                   help='layers whose layer-wise lr scale falls below this are frozen (not optimized)')
     g.add_argument('--radius-lr-scale', type=float, default=RADIUS_LR_SCALE,
                    help='lr multiplier of SMP radii and FlexConv mask parameters (no weight decay)')
     g.add_argument('--radius-clamp', type=float, nargs=2, default=list(RADIUS_RANGE_IMAGENET), metavar=('MIN', 'MAX'),
@@ -238,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr-base-scale', default='', choices=['', 'linear', 'sqrt'],
                    help="scaling of --lr-base with the global batch (default: '', i.e. 'sqrt' for optimizers whose "
                         "name contains 'ada' or 'lamb', else 'linear', as timm)")
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='PCT',
+                   help='lr noise on/off epoch fractions of the schedule (one or two values)')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67, help='lr noise limit (fraction)')
+    g.add_argument('--lr-noise-std', type=float, default=1.0, help='lr noise standard deviation')
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0, help='lr cycle length multiplier')
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5, help='lr decay per cycle')
+    g.add_argument('--lr-cycle-limit', type=int, default=1, help='lr cycles (restarts when > 1)')
+    g.add_argument('--lr-k-decay', type=float, default=1.0, help='k-decay of the cosine / poly schedules')
     g.add_argument('--warmup-lr', type=float, default=1e-6, help='warm-up start lr')
     g.add_argument('--min-lr', type=float, default=1e-6, help='final lr of the cosine')
     g.add_argument('--epochs', type=int, default=300, help='epochs to train')
@@ -245,27 +314,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--warmup-prefix', action='store_true',
                    help='warm-up epochs come before the decay schedule instead of counting towards its length')
     g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min lr after the schedule')
-    g.add_argument('--decay-epochs', type=float, default=90, help='step schedule period')
-    g.add_argument('--decay-rate', type=float, default=0.1, help='step schedule factor')
+    g.add_argument('--patience-epochs', type=int, default=10, help="epochs without improvement of the 'plateau' schedule")
+    g.add_argument('--decay-epochs', type=float, default=90, help="period of the 'step' schedule")
+    g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
+                   help="epochs at which the 'multistep' schedule decays, increasing")
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='step / multistep / plateau decay factor')
     g.add_argument('--start-epoch', type=int, default=None,
                    help="epoch to start from; also overrides a resumed checkpoint's epoch, as timm (default: 0 or "
                         "the resumed epoch)")
 
     g = p.add_argument_group('Augmentation and regularisation')
     g.add_argument('--no-aug', action='store_true', help='no training augmentation')
-    g.add_argument('--scale', type=float, nargs=2, default=[0.08, 1.0], help='random-resized-crop scale')
-    g.add_argument('--ratio', type=float, nargs=2, default=[3. / 4., 4. / 3.], help='random-resized-crop ratio')
+    g.add_argument('--train-crop-mode', default=None,
+                   help="training crop: timm's 'rrc' (random resized crop, default) or 'rkrc' / 'rkrr' (random keep-ratio)")
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
+                   help='random-resized-crop scale: MIN MAX')
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                   help='random-resized-crop aspect ratio: MIN MAX')
     g.add_argument('--hflip', type=float, default=0.5, help='horizontal flip probability')
     g.add_argument('--vflip', type=float, default=0., help='vertical flip probability')
     g.add_argument('--color-jitter', type=float, default=0.4, help='colour jitter strength')
+    g.add_argument('--color-jitter-prob', type=float, default=None, help='apply colour jitter with this probability')
+    g.add_argument('--grayscale-prob', type=float, default=None, help='random greyscale probability')
+    g.add_argument('--gaussian-blur-prob', type=float, default=None, help='random Gaussian blur probability')
     g.add_argument('--aa', default='rand-m9-mstd0.5-inc1', help="auto-augment policy ('' or None: off)")
-    g.add_argument('--aug-repeats', type=int, default=0, help='repeated augmentation count')
+    g.add_argument('--aug-repeats', type=float, default=0,
+                   help='repeated augmentation: each image this many times per epoch (distributed runs only)')
+    g.add_argument('--aug-splits', type=int, default=0,
+                   help='AugMix-style augmentation splits of each batch (0, or >= 2), as timm')
+    g.add_argument('--jsd-loss', action='store_true',
+                   help='Jensen-Shannon divergence + cross-entropy loss over the --aug-splits')
     g.add_argument('--reprob', type=float, default=0.25, help='random erasing probability')
     g.add_argument('--remode', default='pixel', help='random erasing mode')
     g.add_argument('--recount', type=int, default=1, help='random erasing count')
+    g.add_argument('--resplit', action='store_true', help='no random erasing on the first (clean) augmentation split')
     g.add_argument('--mixup', type=float, default=0.8, help='mixup alpha (0: off)')
     g.add_argument('--cutmix', type=float, default=1.0, help='cutmix alpha (0: off)')
-    g.add_argument('--cutmix-minmax', type=float, nargs=2, default=None, help='cutmix min/max ratio')
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None, metavar='RATIO',
+                   help='cutmix box ratio MIN MAX; overrides --cutmix and enables it')
     g.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixup or cutmix per batch')
     g.add_argument('--mixup-switch-prob', type=float, default=0.5, help='probability of cutmix instead of mixup')
     g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'], help='mixup mode')
@@ -279,19 +365,81 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--bce-target-thresh', type=float, default=None,
                    help='BCE: binarize the (smoothed, mixed) targets at this threshold (default: off)')
     g.add_argument('--bce-pos-weight', type=float, default=None, help='BCE: weight of the positive targets (default: 1)')
+    g.add_argument('--train-interpolation', default='',
+                   help="interpolation of the training transforms: 'random', 'bilinear', 'bicubic', ... (default: the "
+                        "validation interpolation above; timm's train.py defaults to 'random')")
+
+    g = p.add_argument_group('Variable-resolution training', "timm's scheduled input sizes (create_loader's "
+                             "input_size_choices): each batch is drawn at one of several sizes")
+    g.add_argument('--train-img-sizes', type=int, nargs='+', default=None, metavar='N',
+                   help='training input sizes to draw batches at (validation stays at --img-size)')
+    g.add_argument('--train-batch-sizes', type=int, nargs='+', default=None, metavar='N',
+                   help='batch size at each of --train-img-sizes (default: --batch-size for all)')
+    g.add_argument('--train-size-probs', type=float, nargs='+', default=None, metavar='P',
+                   help='sampling weight of each of --train-img-sizes (default: uniform)')
+    g.add_argument('--train-size-schedule', default='constant', choices=['constant', 'progressive'],
+                   help="'constant': sizes drawn with fixed weights; 'progressive': a window moving from the first "
+                        "size to the last over the run")
+    g.add_argument('--train-size-schedule-spread', type=float, default=0.65,
+                   help='progressive schedule: width (std, in size-index units) of the moving window')
+    g.add_argument('--train-size-random-mix', type=float, default=0.1,
+                   help='progressive schedule: fraction of uniformly random size choices')
+    g.add_argument('--train-batches-per-epoch', type=int, default=None,
+                   help='loader batches per epoch with --train-img-sizes (default: as many as the data gives)')
+    g.add_argument('--train-steps-per-epoch', type=int, default=None,
+                   help='optimizer steps per epoch with --train-img-sizes (batches = steps x --grad-accum-steps)')
+    g.add_argument('--variable-batch-loss-scale', default='none', choices=['none', 'sqrt', 'linear'],
+                   help="scale each batch's loss by its size relative to --batch-size ('linear'), by the square root "
+                        "of that ('sqrt'), or not")
+
+    g = p.add_argument_group('NaFlex loader (timm train.py options, refused: NaFlexViT only)')
+    g.add_argument('--naflex-loader', action='store_true', help='refused: ' + REFUSED['naflex_loader'])
+    g.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024],
+                   help='refused, as --naflex-loader')
+    g.add_argument('--naflex-max-seq-len', type=int, default=576, help='refused, as --naflex-loader')
+    g.add_argument('--naflex-patch-sizes', type=int, nargs='+', default=None, help='refused, as --naflex-loader')
+    g.add_argument('--naflex-patch-size-probs', type=float, nargs='+', default=None, help='refused, as --naflex-loader')
+    g.add_argument('--naflex-loss-scale', default='linear', help='refused, as --naflex-loader')
+
+    g = p.add_argument_group('Knowledge distillation', "timm's task API: the teacher is any timm model, e.g. "
+                             "local-dir:DIR (a folder written by save_for_hf or python -m timm_smpconv.export), "
+                             "hf-hub:NAME, or a model name with --kd-checkpoint FILE")
+    g.add_argument('--kd-model-name', default=None, help='teacher model (a timm name); enables distillation')
+    g.add_argument('--kd-checkpoint', default=None, metavar='FILE',
+                   help="teacher weights for a plain --kd-model-name (ours: timm has no such flag): a training "
+                        "checkpoint of train_imagenet.py (its EMA if it has one), a timm or an authors' file")
+    g.add_argument('--kd-model-kwargs', nargs='*', default=None, action=_ParseKwargs, metavar='KEY=VALUE',
+                   help="create_model kwargs of the teacher (default: those stored in --kd-checkpoint's args, if any)")
+    g.add_argument('--kd-distill-type', default='logit', choices=['logit', 'feature', 'token'],
+                   help="'logit': KL divergence of the logits; 'feature': MSE of the pooled pre-logit features "
+                        "(a linear projection where the widths differ); 'token': for models with a distillation head")
+    g.add_argument('--kd-loss-type', default='kl', choices=['kl'], help="logit distillation loss (timm: only 'kl')")
+    g.add_argument('--kd-temperature', type=float, default=4.0, help='softmax temperature of logit distillation')
+    g.add_argument('--distill-loss-weight', type=float, default=None,
+                   help='weight of the distillation loss (default: 1, or 1 - --task-loss-weight when only that is given)')
+    g.add_argument('--task-loss-weight', type=float, default=None, help='weight of the classification loss (default: 1)')
+    g.add_argument('--kd-student-feature-dim', type=int, default=None,
+                   help="feature distillation: the student's pre-logit width (default: the model's)")
+    g.add_argument('--kd-teacher-feature-dim', type=int, default=None,
+                   help="feature distillation: the teacher's pre-logit width (default: the model's)")
+    g.add_argument('--kd-token-distill-type', default='soft', choices=['soft', 'hard'],
+                   help="token distillation: 'soft' (KL with temperature) or 'hard' (CE with the teacher's argmax)")
 
     g = p.add_argument_group('Model EMA')
     g.add_argument('--model-ema', action=argparse.BooleanOptionalAction, default=True,
                    help='keep an EMA of the weights (ModelEmaV3) and evaluate it')
     g.add_argument('--model-ema-decay', type=float, default=0.9999, help='EMA decay')
     g.add_argument('--model-ema-warmup', action='store_true', help='EMA decay warm-up')
+    g.add_argument('--model-ema-force-cpu', action='store_true',
+                   help='keep the EMA on the CPU, as timm: it is then not validated')
 
     g = p.add_argument_group('Run')
     g.add_argument('--device', default=None, help="'cuda' or 'cpu' (default: cuda if available)")
+    g.add_argument('--device-modules', nargs='+', default=None, help='Python modules to import for a device backend')
     g.add_argument('--amp', action='store_true', help='mixed precision (CUDA: bf16/fp16, CPU: bf16 autocast)')
     g.add_argument('--amp-dtype', default='bfloat16', choices=['bfloat16', 'float16'], help='AMP dtype')
     g.add_argument('--batch-size', '-b', type=int, default=256, help='batch size per rank')
-    g.add_argument('--validation-batch-size', type=int, default=None, help='validation batch size per rank')
+    g.add_argument('--validation-batch-size', '-vb', type=int, default=None, help='validation batch size per rank')
     g.add_argument('--seed', type=int, default=42, help='random seed')
     g.add_argument('--output', default='output/train', help='output root')
     g.add_argument('--experiment', default='', help='run folder name (default: date-model-size)')
@@ -305,24 +453,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-interval', type=int, default=1,
                    help="validate every N epochs and at the schedule's last epoch; only validated epochs can "
                         "become the best")
+    g.add_argument('--tta', type=int, default=0, help='refused when > 0: ' + REFUSED['tta'])
     g.add_argument('--log-interval', type=int, default=50, help='batches between log lines')
+    g.add_argument('--save-images', action='store_true',
+                   help='save the input batch as an image at every log line (debugging), as timm')
+    g.add_argument('--synchronize-step', action='store_true',
+                   help='synchronize the device at the end of every step (timing, debugging)')
     g.add_argument('--log-wandb', action='store_true',
                    help='log the per-epoch metrics to Weights & Biases (needs the wandb package; without it a '
                         'warning and the run continues)')
     g.add_argument('--wandb-project', default=None, help="wandb project name (default: wandb's)")
+    g.add_argument('--wandb-tags', nargs='+', default=[], help='wandb run tags')
+    g.add_argument('--wandb-resume-id', default='', help='wandb run id to continue (with --resume)')
     g.add_argument('--eval-only', action='store_true', help='evaluate --checkpoint and exit')
     g.add_argument('--checkpoint', default='', help='checkpoint for --eval-only')
     g.add_argument('--reparam', action='store_true', help='reparameterize before --eval-only evaluation')
     g.add_argument('--stop-after-epochs', type=int, default=0,
                    help='end this invocation after N epochs (continue later with --resume/--auto-resume)')
     g.add_argument('--max-train-batches', type=int, default=0, help='use only the first N batches of each epoch')
+    g.add_argument('--no-ddp-bb', action='store_true', help='DDP without broadcasting buffers from rank 0')
+    g.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                   help="the rank on this node, as passed by torch.distributed.launch (torchrun sets LOCAL_RANK)")
     g.add_argument('--dist-backend', default=None, help='override the process-group backend')
     g.add_argument('--dist-url', default='env://', help='process-group init url')
     return p
 
 
 # keys of a run's args.yaml that the run sets itself (not flags): skipped when the file is read back with -c
-_RUN_STATE_KEYS = ('config', 'rank', 'world_size', 'local_rank', 'distributed')
+_RUN_STATE_KEYS = ('config', 'rank', 'world_size', 'local_rank', 'distributed', 'device_id', 'preset_kwargs_dropped')
 
 
 def load_config(parser, path):
@@ -351,13 +509,18 @@ def load_config(parser, path):
     return cfg
 
 
+def _base_name(model_name):
+    """The architecture of a timm model name: 'smp_tcn.pdigits' -> 'smp_tcn'."""
+    return model_name.split('.')[0]
+
+
 def parse_args(argv=None):
     """Command-line flags over the -c config file over the preset over the parser's defaults."""
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
     config = load_config(parser, pre.config) if pre.config else {}
-    preset = pre.preset or config.get('preset') or (
-        'imagenet' if pre.data_dir or config.get('data_dir') else 'digits')
+    has_data = pre.data_dir or pre.data or config.get('data_dir') or config.get('data')
+    preset = pre.preset or config.get('preset') or ('imagenet' if has_data else 'digits')
     recipe_lr = PRESETS[preset].get('lr', parser.get_default('lr'))
     parser.set_defaults(**PRESETS[preset])
     parser.set_defaults(**config)
@@ -365,15 +528,45 @@ def parse_args(argv=None):
         parser.set_defaults(lr=None)  # tells an --lr given on the command line from the recipe's
     args = parser.parse_args(argv)
     args.preset = preset
+    if args.data and not args.data_dir:
+        args.data_dir = args.data  # timm's positional form
     if args.lr is None and args.lr_base is None:
         args.lr = recipe_lr  # else resolve_lr() computes it once the world size is known
-    if isinstance(args.model_kwargs, list):
-        args.model_kwargs = dict(args.model_kwargs)
+    args.preset_kwargs_dropped = {}
+    preset_kwargs = PRESETS[preset].get('model_kwargs')
+    if preset_kwargs is not None and args.model_kwargs is preset_kwargs:
+        args.model_kwargs = dict(preset_kwargs)
+        if _base_name(args.model) != _base_name(PRESETS[preset]['model']):
+            # the preset's kwargs shape its own model; another architecture is built with its own defaults
+            args.preset_kwargs_dropped, args.model_kwargs = args.model_kwargs, {}
     if args.aa in ('', 'none', 'None'):
         args.aa = None
+    if args.drop_connect is not None and args.drop_path == parser.get_default('drop_path'):
+        args.drop_path = args.drop_connect  # timm's deprecated name of the drop path rate
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     return args
+
+
+def timm_differences(args):
+    """(flag, our value, timm train.py's default) for every timm option whose value here differs from timm's."""
+    ours = vars(args)
+    out = []
+    for option, timm_value in zip(TIMM_TRAIN_OPTIONS, timm_defaults().values()):
+        dest = option.dest
+        if dest not in ours or option.positional or dest in ('config',):
+            continue
+        value = ours[dest]
+        same = _as_list(value) == _as_list(timm_value)
+        if dest == 'output':
+            same = value in ('', 'output/train', './output/train')  # timm's '' means ./output/train
+        if not same:
+            out.append((option.flags[-1], value, timm_value))
+    return out
+
+
+def _as_list(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 _EVAL_METRICS = ('loss', 'top1', 'top5')
@@ -381,18 +574,32 @@ _EVAL_METRICS = ('loss', 'top1', 'top5')
 
 def check_args(args):
     """Input errors that must stop the run before anything is built."""
+    defaults = build_parser()
+    for dest, reason in REFUSED.items():
+        if getattr(args, dest) != defaults.get_default(dest):
+            raise TrainingError(f'--{dest.replace("_", "-")}: not supported: {reason}')
     if args.batch_size < 1 or args.grad_accum_steps < 1:
         raise TrainingError('--batch-size and --grad-accum-steps must be >= 1')
     if _mixup_active(args) and args.batch_size % 2:
         raise TrainingError(f'Mixup/CutMix mixes pairs of samples and needs an even --batch-size, got {args.batch_size}')
+    for flag in ('scale', 'ratio', 'cutmix_minmax'):
+        value = getattr(args, flag)
+        if value is not None and len(value) != 2:
+            raise TrainingError(f'--{flag.replace("_", "-")} takes two values (MIN MAX), got {len(value)}: {value}')
+    if any(b <= a for a, b in zip(args.decay_milestones, args.decay_milestones[1:])):
+        raise TrainingError(f'--decay-milestones must increase, got {args.decay_milestones}')
     if args.data_dir is not None:
         if not os.path.isdir(args.data_dir):
             raise TrainingError(f'--data-dir {args.data_dir!r} does not exist or is not a directory')
         if not args.dataset and not any(os.scandir(args.data_dir)):
             raise TrainingError(f'--data-dir {args.data_dir!r} is empty')
-    if not timm.is_model(args.model.split('.')[0]):
-        raise TrainingError(f'unknown model {args.model!r}; ours: {", ".join(timm.list_models(module="smpconv"))}')
-    for path in (args.resume, args.pretrained_path, args.initial_checkpoint, args.checkpoint):
+    if args.epoch_repeats and not args.dataset.startswith(('wds/', 'tfds/', 'hfids/')):
+        raise TrainingError('--epoch-repeats repeats an iterable dataset (wds/, tfds/, hfids/) per epoch, as timm; '
+                            f'{args.dataset or "a folder dataset"} is map-style and would ignore it')
+    for name in (args.model, args.kd_model_name):
+        if name and ':' not in name and not timm.is_model(_base_name(name)):
+            raise TrainingError(f'unknown model {name!r}; ours: {", ".join(timm.list_models(module="smpconv"))}')
+    for path in (args.resume, args.pretrained_path, args.initial_checkpoint, args.checkpoint, args.kd_checkpoint):
         if path and not os.path.isfile(path):
             raise TrainingError(f'checkpoint {path!r} not found')
     if args.eval_only and not args.checkpoint:
@@ -410,8 +617,61 @@ def check_args(args):
         raise TrainingError(f'--input-size has {args.input_size[0]} channels but --in-chans is {args.in_chans}')
     if args.torchcompile_mode and not args.torchcompile:
         raise TrainingError('--torchcompile-mode needs --torchcompile')
+    if args.torchscript and args.torchcompile:
+        raise TrainingError('--torchscript and --torchcompile exclude each other (as in timm)')
     if not args.bce_loss and (args.bce_sum or args.bce_target_thresh is not None or args.bce_pos_weight is not None):
         raise TrainingError('--bce-sum, --bce-target-thresh and --bce-pos-weight need --bce-loss')
+    if args.aug_splits == 1 or args.aug_splits < 0:
+        raise TrainingError(f'--aug-splits must be 0 or >= 2, got {args.aug_splits}')
+    if args.jsd_loss and args.aug_splits < 2:
+        raise TrainingError('--jsd-loss needs --aug-splits >= 2')
+    if args.split_bn and args.aug_splits < 2 and not args.resplit:
+        raise TrainingError('--split-bn needs --aug-splits >= 2 or --resplit')
+    if args.aug_repeats and not args.distributed:
+        raise TrainingError('--aug-repeats repeats augmented copies across ranks: it needs a distributed run (torchrun)')
+    if args.wandb_resume_id and not args.resume:
+        raise TrainingError('--wandb-resume-id continues a wandb run and needs --resume')
+    _check_variable_resolution(args)
+    _check_distillation(args)
+
+
+def _set_away_from_default(args, dests):
+    parser = build_parser()
+    return [d for d in dests if getattr(args, d) != parser.get_default(d)]
+
+
+def _check_variable_resolution(args):
+    options = ('train_batch_sizes', 'train_size_probs', 'train_size_schedule', 'train_size_schedule_spread',
+               'train_size_random_mix', 'train_batches_per_epoch', 'train_steps_per_epoch', 'variable_batch_loss_scale')
+    if not args.train_img_sizes:
+        stray = _set_away_from_default(args, options)
+        if stray:
+            raise TrainingError(f'--{stray[0].replace("_", "-")} needs --train-img-sizes')
+        return
+    for flag in ('train_batch_sizes', 'train_size_probs'):
+        value = getattr(args, flag)
+        if value is not None and len(value) != len(args.train_img_sizes):
+            raise TrainingError(f'--{flag.replace("_", "-")} needs one value per --train-img-sizes size '
+                                f'({len(args.train_img_sizes)}), got {len(value)}')
+    if args.train_batches_per_epoch and args.train_steps_per_epoch:
+        raise TrainingError('--train-batches-per-epoch and --train-steps-per-epoch set the same thing: give one')
+    if args.aug_splits or args.use_multi_epochs_loader:
+        raise TrainingError('--train-img-sizes does not combine with --aug-splits or --use-multi-epochs-loader '
+                            "(timm's scheduled loader supports neither)")
+
+
+def _check_distillation(args):
+    options = ('kd_checkpoint', 'kd_model_kwargs', 'kd_distill_type', 'kd_loss_type', 'kd_temperature',
+               'distill_loss_weight', 'task_loss_weight', 'kd_student_feature_dim', 'kd_teacher_feature_dim',
+               'kd_token_distill_type')
+    if not args.kd_model_name:
+        stray = _set_away_from_default(args, options)
+        if stray:
+            raise TrainingError(f'--{stray[0].replace("_", "-")} needs --kd-model-name (the teacher)')
+        return
+    if args.kd_checkpoint and ':' in args.kd_model_name:
+        raise TrainingError(f'--kd-checkpoint gives weights to a plain model name; {args.kd_model_name!r} brings its '
+                            f'own (local-dir:/hf-hub:)')
 
 
 def lr_from_base(lr_base, global_batch_size, lr_base_size=256, lr_base_scale='', opt=''):
@@ -444,18 +704,24 @@ def _mixup_active(args):
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
+def _builtin_data(args):
+    return args.data_dir is None and not args.dataset
+
+
 def load_datasets(args):
     """(train, val, num_classes) from --data-dir/--dataset, or the built-in digits."""
-    if args.data_dir is None and not args.dataset:
+    if _builtin_data(args):
         return DigitsDataset('train'), DigitsDataset('val'), DIGITS_NUM_CLASSES
+    chans = args.input_size[0] if args.input_size else args.in_chans
     common = dict(root=args.data_dir, download=args.dataset_download, batch_size=args.batch_size,
-                  class_map=args.class_map)
-    if args.input_img_mode:
-        common['input_img_mode'] = args.input_img_mode
+                  class_map=args.class_map, input_key=args.input_key, target_key=args.target_key,
+                  trust_remote_code=args.dataset_trust_remote_code,
+                  input_img_mode=args.input_img_mode or ('L' if chans == 1 else 'RGB'))
     try:
-        train_set = create_dataset(args.dataset, split=args.train_split, is_training=True,
-                                   repeats=0, seed=args.seed, **common)
-        val_set = create_dataset(args.dataset, split=args.val_split, is_training=False, **common)
+        train_set = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
+                                   repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
+        val_set = create_dataset(args.dataset, split=args.val_split, is_training=False,
+                                 num_samples=args.val_num_samples, **common)
     except Exception as e:  # timm raises various types for empty/malformed roots
         raise TrainingError(f'could not read dataset {args.dataset or "folder"} at {args.data_dir!r}: {e}') from e
     if len(train_set) == 0 or len(val_set) == 0:
@@ -467,6 +733,16 @@ def load_datasets(args):
     elif hasattr(train_set, 'classes'):
         num_classes = len(train_set.classes)
     return train_set, val_set, num_classes
+
+
+def _create_model(name, what, **kwargs):
+    """timm.create_model with every failure as a TrainingError naming the model (exit code 2)."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TrainingError:
+        raise
+    except (RuntimeError, ValueError, KeyError, OSError, TypeError, AssertionError) as e:
+        raise TrainingError(f'could not create {what} {name}: {e}') from e
 
 
 def create_training_model(args, num_classes):
@@ -481,16 +757,24 @@ def create_training_model(args, num_classes):
     if args.pretrained_path:
         # like timm's train.py: load the file, re-initialise the classifier
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
-    try:
-        model = timm.create_model(
-            args.model, pretrained=args.pretrained or bool(args.pretrained_path), num_classes=num_classes,
-            drop_rate=args.drop, drop_path_rate=args.drop_path, **kwargs)
-    except TrainingError:
-        raise
-    except (RuntimeError, ValueError, KeyError, OSError) as e:
-        raise TrainingError(f'could not create {args.model}: {e}') from e
+    # timm's train.py create_model arguments; create_model drops those left at None
+    for key, value in (('drop_block_rate', args.drop_block), ('global_pool', args.gp),
+                       ('bn_momentum', args.bn_momentum), ('bn_eps', args.bn_eps)):
+        if value is not None:
+            kwargs[key] = value
+    model = _create_model(
+        args.model, 'model', pretrained=args.pretrained or bool(args.pretrained_path), num_classes=num_classes,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, scriptable=args.torchscript or None, **kwargs)
     if args.initial_checkpoint:
         _load_weights(model, args.initial_checkpoint, use_ema=False)
+    if args.head_init_scale is not None or args.head_init_bias is not None:
+        head = model.get_classifier()
+        with torch.no_grad():
+            if args.head_init_scale is not None:
+                head.weight.mul_(args.head_init_scale)
+                head.bias.mul_(args.head_init_scale)
+            if args.head_init_bias is not None:
+                nn.init.constant_(head.bias, args.head_init_bias)
     if args.grad_checkpointing:
         try:
             model.set_grad_checkpointing(enable=True)
@@ -500,10 +784,119 @@ def create_training_model(args, num_classes):
 
 
 def _load_weights(model, path, use_ema):
+    from timm.models import load_checkpoint
     try:
         load_checkpoint(model, path, use_ema=use_ema)
     except Exception as e:
         raise TrainingError(f'could not load checkpoint {path!r}: {e}') from e
+
+
+def _read_checkpoint(path, what='checkpoint'):
+    """A checkpoint file as a dict, loaded safely (weights_only; a run's stored args allowed)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's saver stores the run's args
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle_errors() as e:
+        raise TrainingError(f'{what} {path!r} holds Python objects other than tensors and a run\'s args; it is '
+                            f'not loaded, since unpickling them could run code: {e}') from e
+    except Exception as e:
+        raise TrainingError(f'could not read {what} {path!r} (corrupt or not a checkpoint): {e}') from e
+    if not isinstance(ckpt, dict):
+        raise TrainingError(f'{what} {path!r} holds a {type(ckpt).__name__}, not a state dict')
+    return ckpt
+
+
+def pickle_errors():
+    import pickle
+    return (pickle.UnpicklingError,)
+
+
+def create_teacher(args, student, data_config, device):
+    """The distillation teacher (timm's DistillationTeacher), frozen, in eval mode, on the device.
+
+    Any timm name works: `local-dir:DIR` / `hf-hub:NAME` bring their weights and config; a plain name loads
+    --kd-checkpoint (for a checkpoint of this trainer: its EMA when it has one, and the model kwargs and the input
+    normalisation of the run that wrote it). The teacher sees the inputs normalised as it was trained.
+    """
+    name = args.kd_model_name
+    kwargs = dict(num_classes=student.num_classes, in_chans=getattr(student, 'in_chans', 3))
+    teacher_mean_std = None
+    if ':' in name:  # local-dir: / hf-hub: carry their weights and their model_args
+        model = _create_model(name, 'teacher', pretrained=True, **kwargs)
+    else:
+        ckpt_args = None
+        if args.kd_checkpoint:
+            ckpt = _read_checkpoint(args.kd_checkpoint, 'teacher checkpoint')
+            ckpt_args = ckpt.get('args') if isinstance(ckpt.get('args'), argparse.Namespace) else None
+        model_kwargs = args.kd_model_kwargs
+        if model_kwargs is None:
+            model_kwargs = dict(getattr(ckpt_args, 'model_kwargs', {}) or {}) if ckpt_args is not None and \
+                _base_name(ckpt_args.model) == _base_name(name) else {}
+        model = _create_model(name, 'teacher', pretrained=False, **kwargs, **model_kwargs)
+        if args.kd_checkpoint:
+            _load_weights(model, args.kd_checkpoint, use_ema=True)  # the EMA if the file has one (timm's rule)
+            if ckpt_args is not None:
+                teacher_cfg = build_data_config(ckpt_args, model)
+                teacher_mean_std = teacher_cfg['mean'], teacher_cfg['std']
+        elif not args.pretrained:
+            try:
+                model = _create_model(name, 'teacher', pretrained=True, **kwargs, **model_kwargs)
+            except TrainingError as e:
+                raise TrainingError(f'{e} (give the teacher weights with --kd-checkpoint FILE, or a local-dir:/hf-hub: '
+                                    f'name)') from e
+    model.to(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    teacher = DistillationTeacher(model, device=device)
+    if teacher_mean_std is not None:
+        mean, std = teacher_mean_std
+        teacher.mean_kd = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+        teacher.std_kd = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    _logger.info(f'Distillation teacher {name}: {sum(p.numel() for p in model.parameters()):,} params')
+    return teacher
+
+
+def create_task(args, model, teacher, data_config, device, model_dtype):
+    """timm's training task: ClassificationTask, or logit / feature / token distillation with a teacher."""
+    criterion_kwargs = create_loss_kwargs(args)
+    common = dict(criterion_kwargs=criterion_kwargs, device=device, dtype=model_dtype, verbose=args.rank == 0)
+    weights = dict(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
+    try:
+        if teacher is None:
+            task = ClassificationTask(model, **common)
+        elif args.kd_distill_type == 'logit':
+            task = LogitDistillationTask(model, teacher, loss_type=args.kd_loss_type, temperature=args.kd_temperature,
+                                         **weights, **common)
+        elif args.kd_distill_type == 'feature':
+            task = FeatureDistillationTask(model, teacher, student_feature_dim=args.kd_student_feature_dim,
+                                           teacher_feature_dim=args.kd_teacher_feature_dim, **weights, **common)
+        else:
+            task = TokenDistillationTask(model, teacher, distill_type=args.kd_token_distill_type,
+                                         temperature=args.kd_temperature, **weights, **common)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise TrainingError(f'could not set up {args.kd_distill_type} distillation of {args.model} from '
+                            f'{args.kd_model_name}: {e}') from e
+    if teacher is not None:
+        # the student's inputs are normalised with the data config's statistics, whatever its pretrained_cfg says
+        task.student_mean = torch.tensor(data_config['mean'], device=device).view(1, -1, 1, 1)
+        task.student_std = torch.tensor(data_config['std'], device=device).view(1, -1, 1, 1)
+    return task
+
+
+def create_loss_kwargs(args):
+    """create_classification_loss arguments, as timm's train.py picks its loss (Mixup/CutMix targets carry the label
+    smoothing; --jsd-loss over the --aug-splits)."""
+    if args.jsd_loss:
+        return dict(loss_type='jsd', jsd_splits=args.aug_splits, smoothing=args.smoothing)
+    kwargs = dict(loss_type='bce' if args.bce_loss else 'ce', smoothing=args.smoothing, soft_targets=_mixup_active(args))
+    if args.bce_loss:
+        kwargs.update(bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
+    return kwargs
+
+
+def create_train_loss(args):
+    """The training loss timm's train.py would use for these flags (the task builds the same)."""
+    return create_classification_loss(**create_loss_kwargs(args))
 
 
 def setup_logging(rank):
@@ -530,21 +923,9 @@ def build_data_config(args, model):
     data_config = resolve_data_config(
         dict(input_size=input_size, crop_pct=args.crop_pct, mean=args.mean, std=args.std,
              interpolation=args.interpolation), model=model)
-    if args.data_dir is None and not args.dataset and args.mean is None:
+    if _builtin_data(args) and args.mean is None:
         data_config['mean'], data_config['std'] = DIGITS_MEAN, DIGITS_STD
     return data_config
-
-
-def create_train_loss(args):
-    """The training loss, as timm's train.py picks it (Mixup/CutMix targets carry the label smoothing)."""
-    bce = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
-    if _mixup_active(args):
-        return BinaryCrossEntropy(**bce) if args.bce_loss else SoftTargetCrossEntropy()
-    if args.bce_loss:
-        return BinaryCrossEntropy(smoothing=args.smoothing, **bce)
-    if args.smoothing:
-        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    return nn.CrossEntropyLoss()
 
 
 def create_eval_loader(dataset, data_config, args, device, img_dtype=None):
@@ -561,17 +942,19 @@ class TrainState:
     """What the set-up steps of run() build, in their order, and the epoch loop uses."""
     args: argparse.Namespace
     device: torch.device
-    model: nn.Module  # the training model; wrapped by DDP / torch.compile in wrap_model()
+    model: nn.Module  # the model being trained (the student), never wrapped
     dataset_train: Any = None
     dataset_eval: Any = None
     # setup_model
     data_config: dict = field(default_factory=dict)
     model_dtype: Optional[torch.dtype] = None  # None: float32
+    # setup_task: timm's training task (step: task(input, target) -> {'loss', 'output', ...}), its EMA
+    task: Any = None
+    model_ema: Any = None  # the task's ModelEmaV3 of the trainable module
     # setup_optimizer
     optimizer: Optional[torch.optim.Optimizer] = None
     amp_ctx: Callable = nullcontext
     scaler: Optional[NativeScaler] = None
-    model_ema: Optional[ModelEmaV3] = None
     # setup_output, resume
     output_dir: str = ''
     resume_path: str = ''
@@ -581,7 +964,6 @@ class TrainState:
     collate_fn: Optional[FastCollateMixup] = None  # Mixup/CutMix in the prefetching loader's collation
     loader_train: Any = None
     loader_eval: Any = None
-    train_loss_fn: Optional[nn.Module] = None
     # setup_schedule: the per-epoch counts, computed once
     num_batches: int = 0  # training batches per epoch (--max-train-batches applied)
     updates_per_epoch: int = 0  # optimizer steps per epoch (--grad-accum-steps applied)
@@ -593,6 +975,10 @@ class TrainState:
     saver: Optional[CheckpointSaver] = None
     log_wandb: bool = False
 
+    @property
+    def train_loss_fn(self):
+        return getattr(self.task, 'criterion', None)
+
 
 def run(args):
     """The set-up steps, then the epoch loop (or the --eval-only evaluation)."""
@@ -602,12 +988,13 @@ def run(args):
     if args.eval_only:
         return evaluate_checkpoint(args, model, dataset_eval, device)
     state = TrainState(args=args, device=device, model=model, dataset_train=dataset_train, dataset_eval=dataset_eval)
-    setup_model(state)  # data config, device, dtype, memory format, SyncBN
-    setup_optimizer(state)  # optimizer, AMP, EMA
+    setup_model(state)  # data config, device, dtype, memory format, SyncBN / split BN, TorchScript
+    setup_task(state)  # timm's task (classification or distillation), its EMA
+    setup_optimizer(state)  # optimizer over the task's trainable module, AMP
     setup_output(state)  # run folder, checkpoint to resume
-    resume(state)  # weights, optimizer, EMA; start epoch
-    wrap_model(state)  # DDP, torch.compile
-    setup_loaders(state)  # Mixup/CutMix, loaders, training loss
+    resume(state)  # weights, optimizer, EMA, task state; start epoch
+    wrap_model(state)  # torch.compile, DDP (through the task)
+    setup_loaders(state)  # Mixup/CutMix, loaders
     setup_schedule(state)  # per-epoch counts, lr schedule
     setup_saver(state)  # checkpoints, args.yaml, wandb (rank 0)
     return train(state)
@@ -615,21 +1002,45 @@ def run(args):
 
 def setup_device(args):
     """Device and process group, logging, input checks, seed, and the lr (which may depend on the world size)."""
+    for module in args.device_modules or ():
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise TrainingError(f'--device-modules: cannot import {module!r}: {e}') from e
     device = init_distributed_device(args)
     setup_logging(args.rank)
     check_args(args)
+    if args.rank == 0:
+        log_defaults(args)
     if args.distributed:
         _logger.info(f'Distributed: {args.world_size} processes, backend '
                      f'{torch.distributed.get_backend()}, device {device}')
+    if args.fuser:
+        set_jit_fuser(args.fuser)
+    if args.fast_norm:
+        set_fast_norm()
     random_seed(args.seed, args.rank)
     resolve_lr(args)
     return device
 
 
+def log_defaults(args):
+    """The run's first lines: the recipe, and each value that differs from timm's train.py default."""
+    diffs = timm_differences(args)
+    _logger.info(f"Recipe: preset '{args.preset}' (the SMPConv paper's, not timm's defaults); {len(diffs)} values "
+                 f"differ from timm {TIMM_TRAIN_VERSION} train.py's defaults:")
+    for flag, ours, theirs in diffs:
+        _logger.info(f'  {flag} {ours!r} (timm: {theirs!r})')
+    if args.preset_kwargs_dropped:
+        kw = ' '.join(f'{k}={v}' for k, v in args.preset_kwargs_dropped.items())
+        _logger.info(f"Preset '{args.preset}' model kwargs ({kw}) are for {PRESETS[args.preset]['model']}; "
+                     f"{args.model} is built with its own defaults")
+
+
 def setup_datasets(args):
     """(train, val) datasets; sets args.num_classes from the dataset unless given."""
     dataset_train, dataset_eval, num_classes = load_datasets(args)
-    if args.data_dir is None and not args.dataset:
+    if _builtin_data(args):
         _logger.info(f"No --data-dir: training on the built-in digits dataset (scikit-learn, {len(dataset_train)} "
                      f"train / {len(dataset_eval)} val real 8x8 images, 10 classes), preset '{args.preset}'")
     args.num_classes = args.num_classes or num_classes
@@ -644,6 +1055,8 @@ def setup_model(state):
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} params, '
                      f'{args.num_classes} classes')
     state.data_config = build_data_config(args, model)
+    if args.split_bn:
+        model = convert_splitbn_model(model, max(args.aug_splits, 2))
     if args.model_dtype:
         state.model_dtype = getattr(torch, args.model_dtype)
         if state.model_dtype == torch.float16:
@@ -652,24 +1065,46 @@ def setup_model(state):
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn and state.device.type == 'cuda':
-        state.model = convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
+    if args.torchscript:
+        try:
+            model = torch.jit.script(model)
+        except Exception as e:
+            raise TrainingError(f'--torchscript: could not torch.jit.script {args.model}: {e}'.split('\n')[0]) from e
+    state.model = model
+
+
+def setup_task(state):
+    """timm's training task around the model (a teacher for --kd-model-name) and, with --model-ema, its EMA."""
+    args = state.args
+    teacher = None
+    if args.kd_model_name:
+        teacher = create_teacher(args, state.model, state.data_config, state.device)
+    state.task = create_task(args, state.model, teacher, state.data_config, state.device, state.model_dtype)
+    if args.model_ema:
+        state.model_ema = state.task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                                               device='cpu' if args.model_ema_force_cpu else None)
 
 
 def setup_optimizer(state):
-    """The optimizer (SMP parameter groups), the AMP context and loss scaler, the EMA of the weights."""
-    args, model, device = state.args, state.model, state.device
-    no_decay = set(model.no_weight_decay()) if hasattr(model, 'no_weight_decay') else set()
+    """The optimizer over the task's trainable parameters (SMP parameter groups), the AMP context and loss scaler."""
+    args, device = state.args, state.device
+    trainable = state.task.get_trainable_module()
+    no_decay = set(trainable.no_weight_decay()) if hasattr(trainable, 'no_weight_decay') else set()
     no_decay |= set(args.no_decay_patterns)
     group_fn = partial(param_groups_smp, weight_decay=args.weight_decay, lr_scale=args.radius_lr_scale,
-                       no_weight_decay_list=no_decay, layer_decay=args.layer_decay)
+                       no_weight_decay_list=no_decay, layer_decay=args.layer_decay,
+                       layer_decay_min_scale=args.layer_decay_min_scale,
+                       layer_decay_no_opt_scale=args.layer_decay_no_opt_scale)
     opt_kwargs = optimizer_kwargs(args)
-    opt_kwargs.pop('layer_decay', None)  # applied by param_groups_smp
+    for key in ('layer_decay', 'layer_decay_min_scale', 'layer_decay_no_opt_scale'):
+        opt_kwargs.pop(key, None)  # applied by param_groups_smp
     clash = sorted(set(opt_kwargs) & set(args.opt_kwargs))
     if clash:
         raise TrainingError(f'--opt-kwargs {", ".join(clash)}: set these with their own flags (--lr, --opt-eps, ...)')
     opt_kwargs.update(args.opt_kwargs)
     try:
-        state.optimizer = create_optimizer_v2(model, param_group_fn=group_fn, **opt_kwargs)
+        state.optimizer = create_optimizer_v2(trainable, param_group_fn=group_fn, **opt_kwargs)
     except (ValueError, TypeError, AssertionError) as e:
         raise TrainingError(f'could not create optimizer {args.opt!r}: {e}') from e
 
@@ -679,8 +1114,6 @@ def setup_optimizer(state):
             raise TrainingError('--amp on CPU supports --amp-dtype bfloat16 only')
         state.amp_ctx = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
     state.scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
-    if args.model_ema:
-        state.model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
 
 
 def setup_output(state):
@@ -693,7 +1126,6 @@ def setup_output(state):
         torch.distributed.broadcast_object_list(names, src=0)
         run_name = names[0]
     state.output_dir = os.path.join(args.output, run_name)
-    os.makedirs(state.output_dir, exist_ok=True)  # every rank may get here first (timm's get_outdir races)
     if args.auto_resume and not args.experiment:
         _logger.warning(f'--auto-resume without --experiment: this run writes to {state.output_dir}, named by its start '
                         f'time, so a relaunch will not find it; pass --experiment NAME to resume it later')
@@ -703,18 +1135,19 @@ def setup_output(state):
 
 
 def resume(state):
-    """Restore model, optimizer, loss scaler and EMA; the start epoch is the checkpoint's unless --start-epoch."""
+    """Restore model, optimizer, loss scaler, EMA and task state; the start epoch is the checkpoint's unless
+    --start-epoch."""
     args = state.args
     resume_epoch = None
     if state.resume_path:
         try:
-            resume_epoch = resume_checkpoint(
-                state.model, state.resume_path, optimizer=None if args.no_resume_opt else state.optimizer,
-                loss_scaler=state.scaler, log_info=args.rank == 0)
+            resume_epoch = resume_task_checkpoint(
+                state.task, state.resume_path, optimizer=None if args.no_resume_opt else state.optimizer,
+                loss_scaler=None if args.no_resume_opt else state.scaler, log_info=args.rank == 0)
+            if state.model_ema is not None:
+                load_task_ema_checkpoint(state.task, state.resume_path)
         except Exception as e:
             raise TrainingError(f'could not resume from {state.resume_path!r}: {e}') from e
-        if state.model_ema is not None:
-            _load_weights(state.model_ema.module, state.resume_path, use_ema=True)
         _logger.info(f'Resumed from {state.resume_path} at epoch {resume_epoch}')
     state.start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     if args.start_epoch is not None:
@@ -722,18 +1155,22 @@ def resume(state):
 
 
 def wrap_model(state):
-    args = state.args
+    """torch.compile the task's train and eval modules, then DDP (the task wraps its trainable module only)."""
+    args, task = state.args, state.task
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        if state.model_ema is not None and not args.model_ema_force_cpu:
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
     if args.distributed:
         device = state.device
-        state.model = nn.parallel.DistributedDataParallel(
-            state.model, device_ids=[device] if device.type == 'cuda' else None)
-    if args.torchcompile:
-        state.model = torch.compile(state.model, backend=args.torchcompile, mode=args.torchcompile_mode)
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
+                                 broadcast_buffers=not args.no_ddp_bb)
 
 
 def setup_loaders(state):
-    """Mixup/CutMix, the training and validation loaders, the training loss."""
+    """Mixup/CutMix, AugMix splits, the training (optionally variable-resolution) and validation loaders."""
     args, data_config = state.args, state.data_config
+    dataset_train = state.dataset_train
     if _mixup_active(args):
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -741,25 +1178,44 @@ def setup_loaders(state):
         if args.no_prefetcher:
             state.mixup_fn = Mixup(**mixup_args)
         else:
+            if args.aug_splits:
+                raise TrainingError('--aug-splits with Mixup/CutMix needs --no-prefetcher (as timm)')
             state.collate_fn = FastCollateMixup(**mixup_args)
+    if args.aug_splits > 1:
+        dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
     img_dtype = state.model_dtype or torch.float32
     train_interpolation = data_config['interpolation']
     if args.train_interpolation and not args.no_aug:
         train_interpolation = args.train_interpolation
-    state.loader_train = create_loader(
-        state.dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        auto_augment=args.aa, num_aug_repeats=args.aug_repeats, interpolation=train_interpolation,
-        collate_fn=state.collate_fn, mean=data_config['mean'], std=data_config['std'], num_workers=args.workers,
-        distributed=args.distributed, pin_memory=args.pin_mem, device=state.device,
-        use_prefetcher=not args.no_prefetcher, img_dtype=img_dtype,
-        persistent_workers=False,  # fresh worker RNG each epoch: exact resume at epoch boundaries
-    )
+    scheduled = {}
+    if args.train_img_sizes:
+        num_batches = args.train_batches_per_epoch
+        if args.train_steps_per_epoch:
+            num_batches = args.train_steps_per_epoch * args.grad_accum_steps
+        scheduled = dict(input_size_choices=args.train_img_sizes, batch_size_choices=args.train_batch_sizes,
+                         batch_choice_weights=args.train_size_probs, batch_choice_seed=args.seed,
+                         batch_choice_schedule=args.train_size_schedule, batch_schedule_epochs=args.epochs,
+                         batch_schedule_spread=args.train_size_schedule_spread,
+                         batch_schedule_random_mix=args.train_size_random_mix, num_batches=num_batches)
+    try:
+        state.loader_train = create_loader(
+            dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+            train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+            color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
+            grayscale_prob=args.grayscale_prob or 0., gaussian_blur_prob=args.gaussian_blur_prob or 0.,
+            auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats), num_aug_splits=args.aug_splits,
+            interpolation=train_interpolation, collate_fn=state.collate_fn, mean=data_config['mean'],
+            std=data_config['std'], num_workers=args.workers, distributed=args.distributed, pin_memory=args.pin_mem,
+            device=state.device, use_prefetcher=not args.no_prefetcher, img_dtype=img_dtype,
+            use_multi_epochs_loader=args.use_multi_epochs_loader, worker_seeding=args.worker_seeding,
+            persistent_workers=False,  # fresh worker RNG each epoch: exact resume at epoch boundaries
+            **scheduled)
+    except (ValueError, TypeError, AssertionError) as e:
+        raise TrainingError(f'could not build the training loader: {e}') from e
     state.loader_eval = create_eval_loader(state.dataset_eval, data_config, args, state.device, img_dtype)
     if len(state.loader_train) == 0:
         raise TrainingError(f'{len(state.dataset_train)} training images give no full batch of {args.batch_size}')
-    state.train_loss_fn = create_train_loss(args).to(state.device)
 
 
 def setup_schedule(state):
@@ -783,14 +1239,16 @@ def setup_schedule(state):
 
 
 def setup_saver(state):
-    """Rank 0: the checkpoint saver (with its history when resuming in the run folder), args.yaml, wandb."""
+    """Rank 0: the run folder, the checkpoint saver (with its history when resuming in the run folder), args.yaml,
+    wandb. The folder is made only now, once everything that can fail on bad input has run."""
     args = state.args
+    os.makedirs(state.output_dir, exist_ok=True)  # every rank may get here first (timm's get_outdir races)
     if args.rank != 0:
         return
     state.saver = CheckpointSaver(
         model=state.model, optimizer=state.optimizer, args=args, model_ema=state.model_ema, amp_scaler=state.scaler,
         checkpoint_dir=state.output_dir, recovery_dir=state.output_dir, decreasing='loss' in args.eval_metric,
-        max_history=args.checkpoint_hist, unwrap_fn=unwrap)
+        max_history=args.checkpoint_hist, unwrap_fn=unwrap, task=state.task)
     if state.resume_path and os.path.dirname(os.path.abspath(state.resume_path)) == os.path.abspath(state.output_dir):
         state.saver.load_state_dict_from_checkpoint(state.resume_path)
     with open(os.path.join(state.output_dir, 'args.yaml'), 'w') as f:
@@ -813,7 +1271,8 @@ def init_wandb(args, run_name):
         _logger.warning('--log-wandb: the wandb package is not installed (pip install wandb); the metrics are not '
                         'logged to wandb')
         return False
-    wandb.init(project=args.wandb_project, name=run_name, config=args)
+    wandb.init(project=args.wandb_project, name=run_name, config=args, tags=args.wandb_tags,
+               resume='must' if args.wandb_resume_id else None, id=args.wandb_resume_id or None)
     return True
 
 
@@ -833,10 +1292,9 @@ def train(state):
                 distribute_bn(state.model_ema, args.world_size, args.dist_bn == 'reduce')
         eval_metrics = metrics_ema = None
         if should_validate(state, epoch):
-            eval_metrics = validate(state.model, state.loader_eval, args, state.device, state.amp_ctx, state.model_dtype)
-            if state.model_ema is not None:
-                metrics_ema = validate(
-                    state.model_ema, state.loader_eval, args, state.device, state.amp_ctx, state.model_dtype)
+            eval_metrics = validate(state, ema=False)
+            if state.model_ema is not None and not args.model_ema_force_cpu:
+                metrics_ema = validate(state, ema=True)
         if not args.sched_on_updates:
             state.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
         if args.rank == 0:
@@ -845,9 +1303,21 @@ def train(state):
     if args.rank == 0:
         plot_curves(os.path.join(state.output_dir, 'summary.csv'), os.path.join(state.output_dir, 'curves.png'))
         if best and best[0] is not None:
-            _logger.info(f'Best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]}); '
+            source = best_source(os.path.join(state.output_dir, 'summary.csv'), best[1], args.eval_metric)
+            _logger.info(f'Best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]}, {source}); '
                          f'{time.time() - t_start:.0f} s of training; outputs in {state.output_dir}')
     return best
+
+
+def best_source(summary_csv, epoch, metric):
+    """'model' or 'EMA': which of the two gave the best epoch's ranked metric (the better one, see log_and_save)."""
+    with open(summary_csv) as f:
+        row = next((r for r in csv.DictReader(f) if int(r['epoch']) == epoch), {})
+    model_value, ema_value = row.get(f'eval_{metric}'), row.get(f'eval_ema_{metric}')
+    if not ema_value or not model_value:
+        return 'model'
+    better = float(ema_value) < float(model_value) if 'loss' in metric else float(ema_value) > float(model_value)
+    return 'EMA' if better else 'model'
 
 
 def should_validate(state, epoch):
@@ -859,8 +1329,11 @@ def begin_epoch(state, epoch):
     args = state.args
     # every epoch's randomness depends only on (seed, epoch, rank): resuming reproduces it exactly
     random_seed(args.seed + epoch, args.rank)
-    if hasattr(state.loader_train.sampler, 'set_epoch'):
-        state.loader_train.sampler.set_epoch(epoch)
+    loader = state.loader_train
+    for holder in (loader, getattr(loader, 'loader', None)):  # timm's PrefetchLoader wraps the DataLoader
+        for part in (getattr(holder, 'sampler', None), getattr(holder, 'batch_sampler', None)):
+            if hasattr(part, 'set_epoch'):
+                part.set_epoch(epoch)
     mixup_on = not (args.mixup_off_epoch and epoch >= args.mixup_off_epoch)
     for mix in (state.mixup_fn, state.collate_fn):
         if mix is not None:
@@ -869,9 +1342,29 @@ def begin_epoch(state, epoch):
             mix.mixup_enabled = mixup_on
 
 
+def step_loss(state, result, batch_size):
+    """Our hooks around the task's loss: FlexConv's anti-aliasing regulariser and the variable-batch loss scale."""
+    args = state.args
+    loss = result['loss']
+    if args.aliasing_reg > 0:
+        loss = loss + anti_aliasing_penalty(state.model, target=args.aliasing_target, factor=args.aliasing_reg)
+    if args.variable_batch_loss_scale != 'none' and batch_size != args.batch_size:
+        scale = batch_size / args.batch_size
+        loss = loss * (scale ** 0.5 if args.variable_batch_loss_scale == 'sqrt' else scale)
+    return loss
+
+
+def after_update(state):
+    """Our hooks after each optimizer update: the SMP radius clamp, the EMA, the lr schedule's clock."""
+    clamp_smp_radius_(state.model, *state.args.radius_clamp)
+    state.num_updates += 1
+    if state.model_ema is not None:
+        state.task.update_ema(step=state.num_updates)
+
+
 def train_one_epoch(state, epoch):
-    args, model, optimizer, device = state.args, state.model, state.optimizer, state.device
-    model.train()
+    args, task, optimizer, device = state.args, state.task, state.optimizer, state.device
+    task.train()
     losses, batch_time, data_time = AverageMeter(), AverageMeter(), AverageMeter()
     accum = args.grad_accum_steps
     num_batches = state.num_batches
@@ -891,14 +1384,11 @@ def train_one_epoch(state, epoch):
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         data_time.update(time.time() - end)
 
-        sync_ctx = model.no_sync if (args.distributed and not need_update) else nullcontext
+        sync_ctx = task.no_sync if (args.distributed and not need_update) else nullcontext
         with sync_ctx():
             with state.amp_ctx():
-                output = model(inputs)
-                loss = state.train_loss_fn(output, target)
-                if args.aliasing_reg > 0:
-                    loss = loss + anti_aliasing_penalty(
-                        unwrap(model), target=args.aliasing_target, factor=args.aliasing_reg)
+                result = task(inputs, target)
+                loss = step_loss(state, result, inputs.shape[0])
             loss_value = loss.item()  # the one host sync per micro-batch: the check and the meter share it
             if not math.isfinite(loss_value):
                 raise TrainingError(
@@ -906,22 +1396,22 @@ def train_one_epoch(state, epoch):
                     f'checkpoint written is intact')
             if state.scaler is not None:
                 state.scaler(loss / accum, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                             parameters=model.parameters(), need_update=need_update)
+                             parameters=task.get_clip_parameters(), need_update=need_update)
             else:
                 (loss / accum).backward()
                 if need_update:
                     if args.clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+                        from timm.utils import dispatch_clip_grad
+                        dispatch_clip_grad(task.get_clip_parameters(), value=args.clip_grad, mode=args.clip_mode)
                     optimizer.step()
         losses.update(loss_value, inputs.shape[0])
         if need_update:
             optimizer.zero_grad()
-            clamp_smp_radius_(unwrap(model), *args.radius_clamp)
-            state.num_updates += 1
-            if state.model_ema is not None:
-                state.model_ema.update(unwrap(model), step=state.num_updates)
+            after_update(state)
             if state.lr_scheduler is not None:
                 state.lr_scheduler.step_update(num_updates=state.num_updates, metric=losses.avg)
+        if args.synchronize_step and device.type != 'cpu':
+            torch.accelerator.synchronize()
         batch_time.update(time.time() - end)
         end = time.time()
         if args.rank == 0 and (batch_idx % args.log_interval == 0 or batch_idx == last_batch):
@@ -929,9 +1419,14 @@ def train_one_epoch(state, epoch):
             ips = inputs.shape[0] * args.world_size / max(batch_time.avg, 1e-9)
             done = batch_idx + 1
             eta = (time.time() - t_epoch) / done * (num_batches - done)
+            extra = ''.join(f' {k} {v.item():.4f}' for k, v in result.items() if k.endswith('_loss') and v.numel() == 1)
             _logger.info(
-                f'Train {epoch} [{done:>4d}/{num_batches}] loss {losses.val:.4f} ({losses.avg:.4f}) lr {lr:.3e} '
+                f'Train {epoch} [{done:>4d}/{num_batches}] loss {losses.val:.4f} ({losses.avg:.4f}){extra} lr {lr:.3e} '
                 f'{ips:,.0f} img/s data {data_time.avg * 1e3:.0f} ms ETA {eta:.0f} s')
+            if args.save_images and state.output_dir:
+                import torchvision.utils
+                torchvision.utils.save_image(inputs.float(), os.path.join(state.output_dir, f'train-batch-{batch_idx}.jpg'),
+                                             padding=0, normalize=True)
         if state.saver is not None and args.recovery_interval and (batch_idx + 1) % args.recovery_interval == 0 \
                 and batch_idx != last_batch:
             state.saver.save_recovery(epoch, batch_idx=batch_idx)
@@ -942,9 +1437,16 @@ def train_one_epoch(state, epoch):
     return OrderedDict([('loss', loss_avg)])
 
 
-def validate(model, loader, args, device, amp_ctx, input_dtype=None):
-    loss_fn = nn.CrossEntropyLoss().to(device)
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+def validate(state, ema=False):
+    """Loss, top-1 and top-5 of the task's eval model (or its EMA) with timm's ClassificationEvaluator."""
+    model = state.task.get_eval_model(ema=ema)
+    return evaluate(model, state.loader_eval, state.args, state.device, state.amp_ctx, state.model_dtype)
+
+
+def evaluate(model, loader, args, device, amp_ctx=nullcontext, input_dtype=None):
+    """timm's ClassificationEvaluator over a loader: counts on the device, all-reduced once, padding excluded."""
+    from timm.task import ClassificationEvaluator
+    evaluator = ClassificationEvaluator(device=device, max_samples=evaluation_sample_limit(loader))
     model.eval()
     with torch.no_grad():
         for inputs, target in loader:
@@ -954,18 +1456,8 @@ def validate(model, loader, args, device, amp_ctx, input_dtype=None):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with amp_ctx():
                 output = model(inputs)
-            output = output.float()
-            loss = loss_fn(output, target)
-            acc1, acc5 = accuracy(output, target, topk=(1, min(5, output.shape[-1])))
-            if args.distributed:
-                loss = reduce_tensor(loss.detach(), args.world_size)
-                acc1 = reduce_tensor(acc1, args.world_size)
-                acc5 = reduce_tensor(acc5, args.world_size)
-            n = inputs.shape[0]
-            losses.update(loss.item(), n)
-            top1.update(acc1.item(), n)
-            top5.update(acc5.item(), n)
-    return OrderedDict(zip(_EVAL_METRICS, (losses.avg, top1.avg, top5.avg)))
+            evaluator.update(output, target)
+    return evaluator.compute(distributed=args.distributed)
 
 
 def log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema, epoch_time, total_time):
@@ -985,8 +1477,9 @@ def log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema, epoch_t
         if metrics_ema is not None:
             msg += f' | EMA top-1 {metrics_ema["top1"]:.2f} top-5 {metrics_ema["top5"]:.2f}'
             eval_row.update((f'ema_{k}', v) for k, v in metrics_ema.items())  # -> eval_ema_top1 ...
-            if 'loss' not in args.eval_metric:
-                metric = max(metric, metrics_ema[args.eval_metric])
+            ema_metric = metrics_ema[args.eval_metric]
+            if (ema_metric < metric) if 'loss' in args.eval_metric else (ema_metric > metric):
+                metric = ema_metric  # the checkpoint holds both: it ranks by the better (best_source says which)
     _logger.info(msg + f' | {epoch_time:.1f} s, {total_time:.0f} s total')
     summary = os.path.join(state.output_dir, 'summary.csv')
     update_summary(epoch, train_metrics, eval_row, summary, lr=state.optimizer.param_groups[0]['lr'],
@@ -1031,13 +1524,7 @@ def plot_curves(summary_csv, out_png):
 
 def evaluate_checkpoint(args, model, dataset_eval, device):
     """--eval-only: top-1/top-5 of the checkpoint's model and, if present, its EMA."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's saver stores the run's args
-            ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise TrainingError(f'could not read checkpoint {args.checkpoint!r} (corrupt or not a checkpoint): {e}') from e
-    if not isinstance(ckpt, dict):
-        raise TrainingError(f'checkpoint {args.checkpoint!r} holds a {type(ckpt).__name__}, not a state dict')
+    ckpt = _read_checkpoint(args.checkpoint)
     filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
     weights = [('model', ckpt.get('state_dict', ckpt.get('model', ckpt)))]
     for key in ('state_dict_ema', 'model_ema'):
@@ -1056,7 +1543,7 @@ def evaluate_checkpoint(args, model, dataset_eval, device):
             raise TrainingError(f'checkpoint {args.checkpoint!r} does not fit {args.model}: {e}') from e
         net = reparameterize_model(model.eval()) if args.reparam else model
         net.to(device)
-        metrics = validate(net, loader, args, device, nullcontext)
+        metrics = evaluate(net, loader, args, device)
         results[name] = metrics
         if args.rank == 0:
             _logger.info(f'{name}{" (reparameterized)" if args.reparam else ""}: top-1 {metrics["top1"]:.2f} '

@@ -198,7 +198,7 @@ def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
         'empty_dir': (['--data-dir', str(tmp_path / 'empty')], 'is empty'),
         'unknown_model': (['--model', 'smpconv_q'], "unknown model 'smpconv_q'"),
         'corrupt_resume': (TINY + ['--resume', str(corrupt)], 'could not resume from'),
-        'corrupt_pretrained': (TINY + ['--pretrained-path', str(corrupt)], 'could not create smpconv_mobile31'),
+        'corrupt_pretrained': (TINY + ['--pretrained-path', str(corrupt)], 'could not create model smpconv_mobile31'),
         'odd_batch_mixup': (['--batch-size', '7', '--mixup', '0.8'], 'even --batch-size, got 7'),
         'no_checkpoint_for_eval': (['--eval-only'], '--eval-only needs --checkpoint'),
     }[case]
@@ -306,9 +306,10 @@ def test_aliasing_regulariser_reaches_the_loss(monkeypatch):
     loader = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]
     args.no_prefetcher, args.channels_last, args.distributed, args.rank, args.world_size = True, False, False, 0, 1
     args.grad_accum_steps, args.recovery_interval = 1, 0
+    task = train_imagenet.ClassificationTask(model, criterion=torch.nn.CrossEntropyLoss(), verbose=False)
     state = train_imagenet.TrainState(
-        args=args, device=torch.device('cpu'), model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
-        loader_train=loader, train_loss_fn=torch.nn.CrossEntropyLoss(), num_batches=1, updates_per_epoch=1)
+        args=args, device=torch.device('cpu'), model=model, task=task,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.0), loader_train=loader, num_batches=1, updates_per_epoch=1)
     train_imagenet.train_one_epoch(state, 0)
     assert calls and calls[0]['factor'] == 0.1 and calls[0]['target'] == 'gabor'
 

@@ -126,7 +126,8 @@ def test_tiny_run_with_timm_flags(tiny_run):
                                            weights_only=False)['epoch'] == best_epoch
     assert best_metric == max(float(rows[best_epoch - 1][k]) for k in ('eval_top1', 'eval_ema_top1'))
     # --log-wandb: init with the project, the run name and the args; one row per epoch through update_summary
-    assert tiny_run.wandb.inits == [dict(project='smp-tests', name='x', config=tiny_run.wandb.inits[0]['config'])]
+    assert tiny_run.wandb.inits == [dict(project='smp-tests', name='x', config=tiny_run.wandb.inits[0]['config'],
+                                         tags=[], resume=None, id=None)]
     assert tiny_run.wandb.inits[0]['config'].lr == args.lr
     assert [r['epoch'] for r in tiny_run.wandb.logs] == [1, 2, 3]
     assert tiny_run.wandb.logs[0]['eval_top1'] is None and tiny_run.wandb.logs[1]['eval_top1'] == float(
@@ -271,7 +272,7 @@ def test_train_interpolation_and_torchcompile_mode(monkeypatch, tmp_path):
     monkeypatch.setattr(torch, 'compile', lambda model, **kw: calls.append(kw) or model)
     state = built_state(monkeypatch, ['--output', str(tmp_path), '--train-interpolation', 'bicubic',
                                  '--torchcompile', '--torchcompile-mode', 'max-autotune'])
-    assert calls == [dict(backend='inductor', mode='max-autotune')]
+    assert calls == [dict(backend='inductor', mode='max-autotune')] * 2  # the task's model and its EMA, as timm
     assert state.data_config['interpolation'] == 'bilinear'  # validation keeps the preset's
     assert 'bicubic' in str(train_transform_interpolations(state.loader_train)).lower()
 

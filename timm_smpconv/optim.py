@@ -48,6 +48,8 @@ def param_groups_smp(
         lr_scale: float = RADIUS_LR_SCALE,
         no_weight_decay_list: Optional[Collection[str]] = None,
         layer_decay: Optional[float] = None,
+        layer_decay_min_scale: float = 0.,
+        layer_decay_no_opt_scale: Optional[float] = None,
 ) -> List[Dict]:
     """Parameter groups: decay / no decay (1-D, biases, no_weight_decay names) / reduced lr (radii).
 
@@ -59,6 +61,8 @@ def param_groups_smp(
         no_weight_decay_list: names or fnmatch patterns without decay; default `model.no_weight_decay()`.
         layer_decay: layer-wise lr decay (timm's `param_groups_layer_decay`, by the model's group_matcher);
             the reduced-lr parameters of each layer then get `lr_scale` times that layer's scale.
+        layer_decay_min_scale: lower bound of the layer-wise scale (timm's `min_scale`).
+        layer_decay_no_opt_scale: layers whose scale falls below this are left out (timm's `no_opt_scale`).
     """
     if no_weight_decay_list is None:
         no_weight_decay_list = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else ()
@@ -66,7 +70,8 @@ def param_groups_smp(
     reduced = set(reduced_lr_param_names(model))
     if layer_decay is not None:
         return _split_reduced(model, param_groups_layer_decay(
-            model, weight_decay=weight_decay or 0., no_weight_decay_list=no_wd_patterns, layer_decay=layer_decay),
+            model, weight_decay=weight_decay or 0., no_weight_decay_list=no_wd_patterns, layer_decay=layer_decay,
+            min_scale=layer_decay_min_scale, no_opt_scale=layer_decay_no_opt_scale),
             reduced, lr_scale)
     decay, no_decay, slow = [], [], []
     for name, param in model.named_parameters():
