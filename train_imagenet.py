@@ -713,9 +713,12 @@ def load_datasets(args):
     if _builtin_data(args):
         return DigitsDataset('train'), DigitsDataset('val'), DIGITS_NUM_CLASSES
     chans = args.input_size[0] if args.input_size else args.in_chans
+    keys = dict(input_key=args.input_key, target_key=args.target_key)
+    if any(keys.values()) and not args.dataset.startswith(('hfds/', 'hfids/', 'wds/', 'tfds/')):
+        raise TrainingError('--input-key / --target-key name the fields of hfds/, hfids/, wds/ or tfds/ datasets; '
+                            f'{args.dataset or "a folder dataset"} has none')
     common = dict(root=args.data_dir, download=args.dataset_download, batch_size=args.batch_size,
-                  class_map=args.class_map, input_key=args.input_key, target_key=args.target_key,
-                  trust_remote_code=args.dataset_trust_remote_code,
+                  class_map=args.class_map, trust_remote_code=args.dataset_trust_remote_code, **keys,
                   input_img_mode=args.input_img_mode or ('L' if chans == 1 else 'RGB'))
     try:
         train_set = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
