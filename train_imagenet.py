@@ -99,7 +99,7 @@ PRESETS = {
         img_size=32, batch_size=64, grad_accum_steps=1, epochs=12, lr=4e-3, warmup_epochs=1, min_lr=1e-5,
         weight_decay=0.05, aa=None, mixup=0., cutmix=0., smoothing=0.1, reprob=0., drop_path=0., hflip=0.,
         color_jitter=0., scale=[0.75, 1.0], ratio=[0.9, 1.1], model_ema=True, model_ema_decay=0.998, model_ema_warmup=True,
-        log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear',
+        log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear', bn_recalibrate=8,
     ),
     # built-in data read as sequences: the 8x8 digits as 64 steps of SMP-TCN (the SMPConv paper's sequence
     # recipe: Adam with coupled L2 1e-5, radius lr x0.1 and clamp [1e-4, 1]); `--model flextcn_2.digits`,
@@ -109,7 +109,7 @@ PRESETS = {
         min_lr=1e-6, opt='adam', weight_decay=1e-5, aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0.,
         drop_path=0., hflip=0., color_jitter=0., scale=[1.0, 1.0], ratio=[1.0, 1.0], model_ema=True,
         model_ema_decay=0.99, model_ema_warmup=True, radius_clamp=list(RADIUS_RANGE_SMALL), no_decay_patterns=['*.points'],
-        log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear',
+        log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear', bn_recalibrate=8,
     ),
     # SMPConv paper, CIFAR-10 (Table 4): Adam with coupled L2 1e-5, lr 5e-3, 210 epochs (the model's
     # block_drop_rate default is the paper's in-block dropout 0.1)
@@ -118,7 +118,7 @@ PRESETS = {
         grad_accum_steps=1, epochs=210, warmup_epochs=10, lr=5e-3, min_lr=1e-6, opt='adam', weight_decay=1e-5,
         drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
         scale=[0.6, 1.0], model_ema=False, radius_clamp=list(RADIUS_RANGE_SMALL), no_decay_patterns=['*.points'],
-        mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD), crop_pct=1.0,
+        mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD), crop_pct=1.0, bn_recalibrate=16,
     ),
     # FlexConv paper, FlexNet-16 on CIFAR-10: Adam lr 0.01, no weight decay, 350 epochs (in-block dropout
     # 0.2 is the model's block_drop_rate default)
@@ -127,7 +127,7 @@ PRESETS = {
         grad_accum_steps=1, epochs=350, warmup_epochs=5, lr=0.01, min_lr=1e-6, opt='adam', weight_decay=0.,
         drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
         scale=[0.6, 1.0], model_ema=False, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD),
-        crop_pct=1.0,
+        crop_pct=1.0, bn_recalibrate=16,
     ),
 }
 
@@ -253,6 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='gradient checkpointing (model.set_grad_checkpointing): less memory, more compute')
     g.add_argument('--model-dtype', default=None, choices=['float32', 'float16', 'bfloat16'],
                    help='dtype of the model parameters and inputs, for training without --amp (default: float32)')
+    g.add_argument('--bn-recalibrate', type=int, default=32, metavar='N',
+                   help="before each validation and checkpoint, re-estimate the BatchNorm statistics of the model and "
+                        "of its EMA on N training batches (fvcore's PreciseBN; weights unchanged; 0: off): the "
+                        "running averages lag the fast-shrinking activations of these models in short runs")
     g.add_argument('--sync-bn', action='store_true', help='SyncBatchNorm (CUDA, distributed)')
     g.add_argument('--dist-bn', default='reduce', choices=['reduce', 'broadcast', ''],
                    help='sync BatchNorm statistics across ranks after each epoch when not using SyncBN')
@@ -799,19 +803,15 @@ def _read_checkpoint(path, what='checkpoint'):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):  # timm's saver stores the run's args
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle_errors() as e:
-        raise TrainingError(f'{what} {path!r} holds Python objects other than tensors and a run\'s args; it is '
-                            f'not loaded, since unpickling them could run code: {e}') from e
     except Exception as e:
+        if 'Weights only load failed' in str(e):  # torch's safe loader refused it, as the model routes say
+            raise TrainingError(f'{what} {path!r} holds pickled Python objects (other than tensors and a run\'s '
+                                f'args) that could run code when loaded, so torch\'s safe loader refused it; if you '
+                                f'trust the file, re-save its tensors (torch.save(state_dict)) and use that') from e
         raise TrainingError(f'could not read {what} {path!r} (corrupt or not a checkpoint): {e}') from e
     if not isinstance(ckpt, dict):
         raise TrainingError(f'{what} {path!r} holds a {type(ckpt).__name__}, not a state dict')
     return ckpt
-
-
-def pickle_errors():
-    import pickle
-    return (pickle.UnpicklingError,)
 
 
 def create_teacher(args, student, data_config, device):
@@ -1288,6 +1288,7 @@ def train(state):
         begin_epoch(state, epoch)
         t0 = time.time()
         train_metrics = train_one_epoch(state, epoch)
+        recalibrate_bn(state)  # every epoch: validation and every checkpoint see statistics of the current weights
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             if not args.sync_bn:
                 distribute_bn(state.model, args.world_size, args.dist_bn == 'reduce')
@@ -1321,6 +1322,46 @@ def best_source(summary_csv, epoch, metric):
         return 'model'
     better = float(ema_value) < float(model_value) if 'loss' in metric else float(ema_value) > float(model_value)
     return 'EMA' if better else 'model'
+
+
+def recalibrate_bn(state):
+    """--bn-recalibrate N: the BatchNorm running statistics of the model and of its EMA re-estimated on N training
+    batches with fvcore's PreciseBN (update_bn_stats: the true average of the batch statistics, weights unchanged).
+
+    Why: these models' branch activations shrink by orders of magnitude during training (SMP and small-kernel
+    branches start with variances of 1e-2 to 1e-4 and fall to 1e-5 to 1e-8), while BatchNorm's running variance
+    starts at 1 and moves 10% per step, and the EMA averages those lagging buffers further; evaluated with them, a
+    short run reports chance accuracy while its weights are good. Runs on every rank (then --dist-bn averages the
+    ranks' statistics); the EMA's BatchNorm layers are put in train mode for it and back in eval mode.
+    """
+    args = state.args
+    num = min(args.bn_recalibrate, state.num_batches)
+    if num <= 0:
+        return
+    from fvcore.nn.precise_bn import update_bn_stats
+    modules = [state.model]
+    if state.model_ema is not None:
+        modules.append(unwrap(state.task.get_eval_model(ema=True)))  # the EMA's model (a student, when distilling)
+    for module in modules:
+        device = next(module.parameters()).device
+        was_training = module.training
+        module.train()
+        with torch.no_grad(), state.amp_ctx():
+            update_bn_stats(module, (x.to(device) for x, _ in training_batches(state)), num_iters=num)
+        module.train(was_training)
+
+
+def training_batches(state):
+    """The training loader's (inputs, targets), as the step takes them (device, dtype, Mixup/CutMix, memory format)."""
+    args = state.args
+    for inputs, target in state.loader_train:
+        if args.no_prefetcher:
+            inputs, target = inputs.to(device=state.device, dtype=state.model_dtype), target.to(state.device)
+            if state.mixup_fn is not None:
+                inputs, target = state.mixup_fn(inputs, target)
+        if args.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        yield inputs, target
 
 
 def should_validate(state, epoch):
@@ -1375,16 +1416,10 @@ def train_one_epoch(state, epoch):
     end = time.time()
     t_epoch = end
     optimizer.zero_grad()
-    for batch_idx, (inputs, target) in enumerate(state.loader_train):
+    for batch_idx, (inputs, target) in enumerate(training_batches(state)):
         if batch_idx > last_batch:
             break
         need_update = (batch_idx + 1) % accum == 0 or batch_idx == last_batch
-        if args.no_prefetcher:
-            inputs, target = inputs.to(device=device, dtype=state.model_dtype), target.to(device)
-            if state.mixup_fn is not None:
-                inputs, target = state.mixup_fn(inputs, target)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
         data_time.update(time.time() - end)
 
         sync_ctx = task.no_sync if (args.distributed and not need_update) else nullcontext
