@@ -390,3 +390,64 @@ def test_missing_and_unsafe_weights_files_say_what_happened(tmp_path):
     model = timm.create_model('smpconv_mobile31')
     model.load_state_dict(checkpoint_filter_fn(torch.load(unsafe, weights_only=False), model))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The two loading routes, every family: pretrained=True with pretrained_cfg_overlay=dict(file=...) and
+# timm's checkpoint_path=, with the same errors
+
+FAMILIES = {  # one model per family (class and checkpoint filter) -> a model of another architecture
+    'smpconv_mobile31': 'smp_tcn.digits', 'flexnet_16': 'smp_tcn.digits',
+    'smp_tcn.digits': 'flexnet_16', 'flextcn_2.digits': 'smp_tcn.digits',
+}
+
+
+def _error(fn):
+    with pytest.raises(Exception) as err:
+        fn()
+    return err.value
+
+
+def _both_routes(name, path, **kwargs):
+    """The exception each route raises for the file (pretrained route, checkpoint_path route)."""
+    return (_error(lambda: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)),
+            _error(lambda: timm.create_model(name, checkpoint_path=str(path), **kwargs)))
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_both_loading_routes_give_the_same_errors(tmp_path, name):
+    torch.manual_seed(0)
+    src = timm.create_model(name, num_classes=7)
+    path = tmp_path / 'weights.pth'
+    torch.save({'state_dict': src.state_dict(), 'epoch': 2}, path)
+    # our own file with its own class count loads exactly on both routes (the classifier too)
+    for model in (timm.create_model(name, num_classes=7, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))),
+                  timm.create_model(name, num_classes=7, checkpoint_path=str(path))):
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    # another class count: the pretrained route fine-tunes (new classifier), checkpoint_path names the classifier
+    tuned = timm.create_model(name, num_classes=5, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    assert tuned.get_classifier().weight.shape[0] == 5
+    head = src.pretrained_cfg['classifier']
+    with pytest.raises(ValueError, match=rf'mis-shaped keys: {head}\.weight: checkpoint \(7, \d+\) vs model \(5, \d+\)'):
+        timm.create_model(name, num_classes=5, checkpoint_path=str(path))
+    # a truncated file: one RuntimeError naming the file
+    bad = tmp_path / 'truncated.pth'
+    bad.write_bytes(path.read_bytes()[:2000])
+    a, b = _both_routes(name, bad, num_classes=7)
+    assert type(a) is type(b) is RuntimeError and str(a) == str(b)
+    assert str(bad) in str(a) and 'corrupt or not a PyTorch / safetensors checkpoint' in str(a)
+    # a checkpoint of another architecture: the keys named
+    other = tmp_path / 'other.pth'
+    torch.save(timm.create_model(FAMILIES[name]).state_dict(), other)
+    a, b = _both_routes(name, other)
+    assert type(a) is type(b) is ValueError and str(a) == str(b)
+    assert f'checkpoint does not fit the {type(src).__name__}' in str(a) and 'missing keys' in str(a)
+    # a file that is not there
+    a, b = _both_routes(name, tmp_path / 'nowhere.pth')
+    assert type(a) is type(b) is FileNotFoundError and str(a) == str(b) and 'nowhere.pth' in str(a)
+
+
+@pytest.mark.parametrize('name', ['smp_tcn.speech_raw', 'flextcn_4.char_traj', 'smpconv_t'])
+def test_no_weights_hint_keeps_the_tag(name):
+    with pytest.raises(RuntimeError, match=rf"timm\.create_model\('{name}', pretrained=True, pretrained_cfg_overlay="):
+        timm.create_model(name, pretrained=True)
