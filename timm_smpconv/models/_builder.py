@@ -1,5 +1,6 @@
 """ Model building shared by our model families, and the errors of their two checkpoint-loading routes. """
 import os
+import re
 from typing import Callable, Dict, Optional, Set, Type
 
 import timm.models._factory as _timm_factory
@@ -7,9 +8,11 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, get_pretrained_cfg, load_checkpoint, load_state_dict
 
+from ..layers.flexconv import FlexConv2d
+
 __all__ = [
-    'build_model_naming_file_errors', 'check_state_dict_keys', 'load_checkpoint_naming_errors', 'no_decay_patterns',
-    'points_from_authors', 'unwrap_checkpoint',
+    'build_model_naming_file_errors', 'check_state_dict_keys', 'flexconv_from_authors', 'load_checkpoint_naming_errors',
+    'no_decay_patterns', 'points_from_authors', 'saved_kernel_size', 'unwrap_checkpoint',
 ]
 
 # our model classes -> their checkpoint filter (convert the authors' layouts, check the keys), registered by
@@ -165,6 +168,55 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module,
             problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
     if problems:
         raise ValueError(f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems))
+
+
+def saved_kernel_size(v: torch.Tensor, layer: Optional[nn.Module]) -> torch.Tensor:
+    """The authors' `train_length` buffer (the horizon of the last forward before saving; 0 if none ran) -> our
+    `kernel_size_record`. 0 means the horizon is unknown: taken as the layer's, so nothing is re-sampled."""
+    k = int(v.reshape(-1)[0])
+    if k == 0 and layer is not None:
+        k = layer.kernel_size
+    return torch.tensor(k, dtype=torch.long)
+
+
+# the FlexConv authors' kernel network (MAGNet with 1x1 convs as its linear layers) -> ours
+_FLEX_KERNEL = [
+    (re.compile(r'^Kernel\.linear\.(\d+)\.(weight|bias)$'), 'kernel_net.hidden.{0}.{1}'),
+    (re.compile(r'^Kernel\.output_linear\.(weight|bias)$'), 'kernel_net.output.{0}'),
+    (re.compile(r'^Kernel\.filters\.(\d+)\.(mu|gamma)$'), 'kernel_net.filters.{0}.{1}'),
+    (re.compile(r'^Kernel\.filters\.(\d+)\.linear\.(weight|bias)$'), 'kernel_net.filters.{0}.linear.{1}'),
+]
+
+
+def flexconv_from_authors(key: str, rest: str, v: torch.Tensor, prefix: str,
+                          layer: Optional[nn.Module]) -> Dict[str, torch.Tensor]:
+    """One entry of a FlexConv saved by the FlexConv authors' code (rjbruin/flexconv; 2-D in FlexNet, 1-D in
+    FlexTCN) -> our FlexConv2d / FlexConv1d entries.
+
+    `key` is their whole key (for errors), `rest` the part after their conv's prefix, `prefix` our layer's
+    ('blocks.0.conv1.conv.'), `layer` our layer. Their kernel network's 1x1 convs become our Linear weights
+    (the trailing unit axes dropped); `train_length` becomes `kernel_size_record`, with the sampling-rate
+    factor the layer is configured with (they do not save it); `temperature` (used by a sigmoid mask only,
+    which they never implemented) is dropped; a `mask_threshold` other than the layer's is refused. The
+    other entries (bias, mask_params: (dims, 2) rows [mean, sigma] in both) keep their names and values."""
+    if rest == 'train_length':
+        out = {prefix + 'kernel_size_record': saved_kernel_size(v, layer)}
+        if isinstance(layer, FlexConv2d):
+            out[prefix + 'sampling_rate_norm'] = layer.sampling_rate_norm.detach().clone()
+        return out
+    if rest == 'temperature':
+        return {}
+    if rest == 'mask_threshold':
+        if isinstance(layer, FlexConv2d) and abs(float(v.reshape(-1)[0]) - layer.mask_threshold) > 1e-6:
+            raise ValueError(
+                f'{key} = {float(v.reshape(-1)[0])} but the model crops at mask_threshold='
+                f'{layer.mask_threshold}; pass conv_kwargs=dict(mask_threshold=...)')
+        return {}
+    for pattern, ours in _FLEX_KERNEL:
+        m = pattern.match(rest)
+        if m:
+            return {prefix + ours.format(*m.groups()): v.flatten(1) if v.ndim >= 3 else v}
+    return {prefix + rest: v}
 
 
 def points_from_authors(weight_coord: torch.Tensor) -> torch.Tensor:
