@@ -59,7 +59,7 @@ def test_flops_cli_shows_no_fvcore_warning(capsys):
             del sys.modules[k]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter('always')
-            importlib.import_module('timm_smpconv.flops').main(['--model', 'smp_tcn.digits'])
+            importlib.import_module('timm_smpconv.flops').main(['--model', 'flextcn_2.digits', '--seq-len', '16'])
     finally:
         for k in [k for k in sys.modules if ours(k)]:
             del sys.modules[k]
