@@ -390,3 +390,67 @@ def test_missing_and_unsafe_weights_files_say_what_happened(tmp_path):
     model = timm.create_model('smpconv_mobile31')
     model.load_state_dict(checkpoint_filter_fn(torch.load(unsafe, weights_only=False), model))
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+
+
+# ------------------------------------------------------------------------------------------------
+# The two loading routes, every family: pretrained=True with pretrained_cfg_overlay=dict(file=...) and
+# timm's checkpoint_path=, with the same errors
+
+FAMILIES = {  # one model per family (class and checkpoint filter), small, and a model of another architecture
+    'smpconv_mobile31': (dict(layers=(1, 1, 1, 1), channels=(8, 8, 8, 8), kernel_sizes=7, n_points=4), 'smp_tcn.digits'),
+    'flexnet_16': (dict(stem_width=8, widths=(8,), img_size=8), 'smp_tcn.digits'),
+    'smp_tcn.digits': (dict(depth=1, width=8, seq_len=16), 'flexnet_16'),
+    'flextcn_2.digits': (dict(depth=1, width=8, seq_len=16), 'smp_tcn.digits'),
+}
+
+
+def _error(fn):
+    with pytest.raises(Exception) as err:
+        fn()
+    return err.value
+
+
+def _both_routes(name, path, **kwargs):
+    """The exception each route raises for the file (pretrained route, checkpoint_path route)."""
+    return (_error(lambda: timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)),
+            _error(lambda: timm.create_model(name, checkpoint_path=str(path), **kwargs)))
+
+
+@pytest.mark.parametrize('name', list(FAMILIES))
+def test_both_loading_routes_give_the_same_errors(tmp_path, name):
+    small, other_name = FAMILIES[name]
+    torch.manual_seed(0)
+    src = timm.create_model(name, num_classes=7, **small)
+    path = tmp_path / 'weights.pth'
+    torch.save({'state_dict': src.state_dict(), 'epoch': 2}, path)
+    # our own file with its own class count loads exactly on both routes (the classifier too)
+    for model in (timm.create_model(name, num_classes=7, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **small),
+                  timm.create_model(name, num_classes=7, checkpoint_path=str(path), **small)):
+        assert all(torch.equal(v, src.state_dict()[k]) for k, v in model.state_dict().items())
+    # another class count: the pretrained route fine-tunes (new classifier), checkpoint_path names the classifier
+    tuned = timm.create_model(name, num_classes=5, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **small)
+    assert tuned.get_classifier().weight.shape[0] == 5
+    head = src.pretrained_cfg['classifier']
+    with pytest.raises(ValueError, match=rf'mis-shaped keys: {head}\.weight: checkpoint \(7, 8\) vs model \(5, 8\)'):
+        timm.create_model(name, num_classes=5, checkpoint_path=str(path), **small)
+    # a truncated file: one RuntimeError naming the file
+    bad = tmp_path / 'truncated.pth'
+    bad.write_bytes(path.read_bytes()[:2000])
+    a, b = _both_routes(name, bad, num_classes=7, **small)
+    assert type(a) is type(b) is RuntimeError and str(a) == str(b)
+    assert str(bad) in str(a) and 'corrupt or not a PyTorch / safetensors checkpoint' in str(a)
+    # a checkpoint of another architecture: the keys named
+    other = tmp_path / 'other.pth'
+    torch.save(timm.create_model(other_name, **FAMILIES[other_name][0]).state_dict(), other)
+    a, b = _both_routes(name, other, **small)
+    assert type(a) is type(b) is ValueError and str(a) == str(b)
+    assert f'checkpoint does not fit the {type(src).__name__}' in str(a) and 'missing keys' in str(a)
+    # a file that is not there
+    a, b = _both_routes(name, tmp_path / 'nowhere.pth', **small)
+    assert type(a) is type(b) is FileNotFoundError and str(a) == str(b) and 'nowhere.pth' in str(a)
+
+
+@pytest.mark.parametrize('name', ['smp_tcn.speech_raw', 'flextcn_4.char_traj', 'smpconv_t'])
+def test_no_weights_hint_keeps_the_tag(name):
+    with pytest.raises(RuntimeError, match=rf"timm\.create_model\('{name}', pretrained=True, pretrained_cfg_overlay="):
+        timm.create_model(name, pretrained=True)

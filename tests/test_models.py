@@ -207,6 +207,22 @@ def test_kernel_and_points_overrides():
         timm.create_model('smpconv_mobile31', kernel_resize='crop', device='meta')
 
 
+def test_one_int_for_every_stage():
+    """kernel_sizes=31 / n_points=16 as plain ints apply to every stage (the CIFAR models take an int too)."""
+    def stage_sizes(m):
+        return [(s.blocks[0].large_kernel.smp.kernel_size, s.blocks[0].large_kernel.smp.n_points) for s in m.stages]
+
+    name = 'smpconv_mobile31'  # kernel sizes (31, 29, 27, 13), points floor(k^2 / 8)
+    m = timm.create_model(name, kernel_sizes=31, device='meta')
+    assert m.kernel_sizes == (31,) * 4 and stage_sizes(m) == [(31, 120), (31, 105), (31, 91), (31, 21)]
+    m = timm.create_model(name, n_points=16, device='meta')
+    assert stage_sizes(m) == [(31, 16), (29, 16), (27, 16), (13, 16)]
+    m = timm.create_model(name, kernel_sizes=21, n_points=16, device='meta')
+    assert stage_sizes(m) == [(21, 16)] * 4
+    with pytest.raises(ValueError, match=r'n_points has 2 entries .* or one int for every stage'):
+        timm.create_model(name, n_points=(16, 16), device='meta')
+
+
 @pytest.mark.parametrize('name', ['smpconv_mobile31', 'smpconv_t'])
 def test_reparameterize_whole_network(name):
     torch.manual_seed(0)

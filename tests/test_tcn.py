@@ -1,5 +1,7 @@
 """ Sequence models (SMP-TCN, FlexTCN): parameter counts, causality, the 1-D FFT path, reparameterization,
 the authors' checkpoint layout, the timm contract, sequence length, bad input. """
+import math
+
 import pytest
 import timm
 import torch
@@ -177,6 +179,155 @@ def test_authors_checkpoint_reproduces_their_model(tmp_path, tag, cin, classes, 
     torch.save({'model': bad}, path)
     with pytest.raises(ValueError, match=r'(?s)blocks\.1\.conv1\.smp\.weight.*head\.bias|head\.bias.*blocks\.1'):
         timm.create_model(f'smp_tcn.{tag}', pretrained=True, seq_len=40, pretrained_cfg_overlay=dict(file=str(path)))
+
+
+# the FlexConv authors' FlexTCN (rjbruin/flexconv, models/cktcn.py): random values in their layout
+TAU_C = math.sqrt(-2 * math.log(0.1))  # their mask threshold 0.1: the mask is below it beyond mean -+ sigma * TAU_C
+FLEX_MASKS = [(1.0, 0.075), (1.0, 0.3), (0.9, 0.45), (1.0, 1.0), (0.3, 0.2), (1.0, 0.6)]  # crops 40 -> 3 .. none
+
+
+def _authors_flextcn_state_dict(depth, cin, classes, g, train_length=40):
+    """A FlexTCN state dict as their code saves it: `backbone.{i}.cconv{1,2}` 1-D FlexConvs (MAGNet kernel
+    net of 1x1 Conv1d layers, hidden 32, 3 layers, Gaussian mask (1, 2)), `norm{1,2}` BatchNorm1d,
+    `shortcut.0` Conv1d in block 0 when cin != 30, `finallyr` Linear."""
+    H, sd = 32, {}
+
+    def uniform(shape, bound):
+        return (torch.rand(*shape, generator=g) * 2 - 1) * bound
+
+    for i in range(depth):
+        p = f'backbone.{i}.'
+        for j, ci in ((1, cin if i == 0 else 30), (2, 30)):
+            f = p + f'cconv{j}.'
+            mean, sigma = FLEX_MASKS[(2 * i + j - 1) % len(FLEX_MASKS)]
+            sd[f + 'bias'] = torch.randn(30, generator=g) * 0.1
+            sd[f + 'mask_params'] = torch.tensor([[mean, sigma]])
+            sd[f + 'train_length'] = torch.tensor([0 if (i, j) == (0, 2) else train_length], dtype=torch.int32)
+            sd[f + 'temperature'] = torch.tensor([15.0])
+            sd[f + 'mask_threshold'] = torch.tensor([0.1])
+            for l in range(3):
+                sd[f + f'Kernel.linear.{l}.weight'] = uniform((H, H, 1), math.sqrt(1 / H))
+                sd[f + f'Kernel.linear.{l}.bias'] = uniform((H,), 1 / math.sqrt(H))
+            sd[f + 'Kernel.output_linear.weight'] = uniform((30 * ci, H, 1), 1 / math.sqrt(H))
+            sd[f + 'Kernel.output_linear.bias'] = uniform((30 * ci,), 1 / math.sqrt(H))
+            for l in range(4):
+                gamma = torch._standard_gamma(torch.full((H, 1), 6.0 / (l + 1)), generator=g)
+                sd[f + f'Kernel.filters.{l}.mu'] = uniform((H, 1), 0.125)
+                sd[f + f'Kernel.filters.{l}.gamma'] = gamma
+                sd[f + f'Kernel.filters.{l}.linear.weight'] = (uniform((H, 1), 1) * 12.8 * gamma).view(H, 1, 1)
+                sd[f + f'Kernel.filters.{l}.linear.bias'] = uniform((H,), math.pi)
+            random_bn_entries(sd, p + f'norm{j}.', 30, g)
+        if i == 0 and cin != 30:
+            sd[p + 'shortcut.0.weight'] = torch.randn(30, cin, 1, generator=g) / math.sqrt(cin)
+            sd[p + 'shortcut.0.bias'] = torch.randn(30, generator=g) * 0.1
+    sd['finallyr.weight'] = torch.randn(classes, 30, generator=g) * 0.3
+    sd['finallyr.bias'] = torch.randn(classes, generator=g) * 0.1
+    return sd
+
+
+def _authors_flextcn_forward(sd, x):
+    """Their FlexTCN in eval mode, written from their code's description alone (no package code): the horizon is
+    the saved train_length (the input length if 0), the grid linspace(-1, 1, k) cropped to the positions past
+    the mask's lower root (when |root| < 1), MAGNet on it, times the mask; an even kernel gets one zero tap in
+    front; causal conv (left pad k - 1); BN; ReLU; dropout off."""
+    H = 32
+
+    def flexconv(h, f):
+        k = int(sd[f + 'train_length']) or h.shape[-1]
+        lin = torch.linspace(-1, 1, k)
+        mean, sigma = sd[f + 'mask_params'][0].tolist()
+        root = min(mean - sigma * TAU_C, mean + sigma * TAU_C)
+        grid = lin[int(torch.nonzero(lin > root)[0]):] if abs(root) < 1 else lin
+        pos = grid.view(1, 1, -1)
+
+        def gabor(l):
+            q = f + f'Kernel.filters.{l}.'
+            env = torch.exp(-0.5 * (sd[q + 'gamma'].view(1, H, 1) * (pos - sd[q + 'mu'].view(1, H, 1))) ** 2)
+            return env * torch.sin(F.conv1d(pos, sd[q + 'linear.weight'], sd[q + 'linear.bias']))
+
+        z = gabor(0)
+        for l in range(3):
+            z = gabor(l + 1) * F.conv1d(z, sd[f + f'Kernel.linear.{l}.weight'], sd[f + f'Kernel.linear.{l}.bias'])
+        kernel = F.conv1d(z, sd[f + 'Kernel.output_linear.weight'], sd[f + 'Kernel.output_linear.bias'])
+        kernel = kernel.view(-1, h.shape[1], grid.shape[0]) * torch.exp(-0.5 * ((grid - mean) / sigma) ** 2)
+        if kernel.shape[-1] % 2 == 0:
+            kernel = F.pad(kernel, (1, 0))
+        return F.conv1d(F.pad(h, (kernel.shape[-1] - 1, 0)), kernel, sd[f + 'bias'])
+
+    def bn(h, p):
+        return F.batch_norm(h, sd[p + 'running_mean'], sd[p + 'running_var'], sd[p + 'weight'], sd[p + 'bias'],
+                            False, 0., 1e-5)
+
+    i = 0
+    while f'backbone.{i}.cconv1.bias' in sd:
+        p = f'backbone.{i}.'
+        s = F.conv1d(x, sd[p + 'shortcut.0.weight'], sd[p + 'shortcut.0.bias']) if p + 'shortcut.0.weight' in sd else x
+        h = torch.relu(bn(flexconv(x, p + 'cconv1.'), p + 'norm1.'))
+        x = torch.relu(torch.relu(bn(flexconv(h, p + 'cconv2.'), p + 'norm2.')) + s)
+        i += 1
+    return x[:, :, -1] @ sd['finallyr.weight'].t() + sd['finallyr.bias']
+
+
+def test_authors_flextcn_layout_has_their_parameter_counts():
+    g = torch.Generator().manual_seed(0)
+    buffers = ('running_mean', 'running_var', 'num_batches_tracked', 'train_length', 'temperature', 'mask_threshold')
+    for depth, params in ((2, 105_548), (4, 239_436), (6, 373_324)):
+        sd = _authors_flextcn_state_dict(depth, 1, 10, g)
+        assert sum(v.numel() for k, v in sd.items() if not k.endswith(buffers)) == params
+
+
+@pytest.mark.parametrize('name,kwargs,cin,classes', [
+    ('flextcn_6', dict(in_chans=1, num_classes=10), 1, 10),   # the issue's call: channels and classes as kwargs
+    ('flextcn_2.char_traj', {}, 3, 20),                         # the dataset's tag sets them
+    ('flextcn_4', dict(in_chans=3, num_classes=20), 3, 20),    # kwargs other than the default tag's: head kept
+])
+def test_authors_flextcn_checkpoint_reproduces_their_model(tmp_path, name, kwargs, cin, classes):
+    depth = int(name.split('.')[0][-1])
+    g = torch.Generator().manual_seed(depth)
+    sd = _authors_flextcn_state_dict(depth, cin, classes, g)
+    path = tmp_path / 'flextcn.pth'
+    torch.save({'model': sd, 'optimizer': {}, 'epoch': 7}, path)
+    x = torch.randn(2, cin, 40, generator=g)
+    with torch.no_grad():
+        ref = _authors_flextcn_forward(sd, x)
+    for model in (timm.create_model(name, pretrained=True, seq_len=40, pretrained_cfg_overlay=dict(file=str(path)), **kwargs),
+                  timm.create_model(name, seq_len=40, checkpoint_path=str(path), **kwargs)):
+        model.eval()
+        assert model.in_chans == cin and model.num_classes == classes and len(model.blocks) == depth
+        with torch.no_grad():
+            for impl in ('direct', 'fft'):
+                with conv_impl(impl):
+                    assert rel(model(x), ref) < 1e-5, impl
+    # the crops the checkpoint asks for: 40 taps, the newest 3 (mean 1, sigma 0.075) up to all (sigma 1)
+    lengths = {m.conv.get_weight().shape[-1] for m in model.modules() if type(m).__name__ == 'FlexConvBN1d'}
+    assert min(lengths) <= 4 and 40 in lengths and len(lengths) >= 4
+
+
+def test_authors_flextcn_bad_checkpoints_are_named(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    sd = _authors_flextcn_state_dict(2, 1, 10, g)
+
+    def load(obj, name='flextcn_2'):
+        torch.save({'model': obj}, tmp_path / 'f.pth')
+        return timm.create_model(name, pretrained=True, seq_len=40, pretrained_cfg_overlay=dict(file=str(tmp_path / 'f.pth')))
+
+    bad = dict(sd)
+    bad['backbone.1.cconv2.Kernel.output_linear.weight'] = torch.zeros(29 * 30, 32, 1)
+    del bad['backbone.0.norm2.running_var']
+    bad['backbone.1.cconv1s.weight'] = torch.zeros(30, 30, 5)
+    with pytest.raises(ValueError) as err:
+        load(bad)
+    msg = str(err.value)
+    assert 'missing keys: blocks.0.conv2.bn.running_var' in msg
+    assert 'unexpected keys: backbone.1.cconv1s.weight' in msg
+    assert 'blocks.1.conv2.conv.kernel_net.output.weight: checkpoint (870, 32) vs model (900, 32)' in msg
+    with pytest.raises(ValueError, match=r'backbone\.1\.cconv1\.mask_threshold = 0\.2.* mask_threshold=0\.1'):
+        load(dict(sd, **{'backbone.1.cconv1.mask_threshold': torch.tensor([0.2])}))
+    with pytest.raises(ValueError, match=r"authors' FlexTCN, which does not fit this SMP-TCN"):
+        load(sd, 'smp_tcn')
+    smp = _authors_tcn_state_dict(1, 10, False, g)
+    with pytest.raises(ValueError, match=r"authors' SMP-TCN, which does not fit this FlexTCN"):
+        load(smp, 'flextcn_6')
 
 
 @pytest.mark.parametrize('name', ['smp_tcn.digits', 'flextcn_2.digits'])

@@ -1,15 +1,48 @@
-""" Model building shared by our model families. """
+""" Model building shared by our model families, and the errors of their two checkpoint-loading routes. """
 import os
+import re
 from typing import Callable, Dict, Optional, Set, Type
 
+import timm.models._factory as _timm_factory
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, get_pretrained_cfg, load_checkpoint, load_state_dict
+
+from ..layers.flexconv import FlexConv2d
 
 __all__ = [
-    'build_model_naming_file_errors', 'check_state_dict_keys', 'no_decay_patterns', 'points_from_authors',
-    'unwrap_checkpoint',
+    'build_model_naming_file_errors', 'check_state_dict_keys', 'flexconv_from_authors', 'load_checkpoint_naming_errors',
+    'no_decay_patterns', 'points_from_authors', 'saved_kernel_size', 'unwrap_checkpoint',
 ]
+
+# our model classes -> their checkpoint filter (convert the authors' layouts, check the keys), registered by
+# build_model_naming_file_errors: the checkpoint_path= route applies the same filter as pretrained=True
+_FILTERS: Dict[type, Callable] = {}
+
+
+def _model_name(architecture: str, tag: Optional[str]) -> str:
+    """The name as the user writes it: 'smp_tcn.speech_raw', or the bare architecture for its default tag."""
+    if not tag:
+        return architecture
+    try:
+        default = get_pretrained_cfg(architecture).tag
+    except Exception:
+        default = None
+    return architecture if tag == default else f'{architecture}.{tag}'
+
+
+def _file_error(name: str, source: str, model_cls: Type[nn.Module], e: Exception) -> RuntimeError:
+    """The error for a weights file torch cannot read: refused by the safe loader, or truncated / corrupt."""
+    if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
+        return RuntimeError(
+            f'could not load pretrained weights for {name} from {source}: torch\'s safe loader refused the '
+            f'file because it holds pickled Python objects that could run code when loaded. If you trust it, '
+            f'load it yourself and pass the weights: model = timm.create_model({name!r}); '
+            f'sd = torch.load(PATH, weights_only=False); model.load_state_dict('
+            f'{model_cls.__module__}.checkpoint_filter_fn(sd, model))')
+    return RuntimeError(
+        f'could not load pretrained weights for {name} from {source}: the file is corrupt or not a '
+        f'PyTorch / safetensors checkpoint ({type(e).__name__}: {e})')
 
 
 def build_model_naming_file_errors(
@@ -23,26 +56,29 @@ def build_model_naming_file_errors(
     """timm's `build_model_with_cfg`, with errors about weights that say what happened.
 
     * `pretrained=True` without a file: our models ship no weights; the error says how to load the authors'
-      or your own file (`pretrained_cfg_overlay=dict(file=...)`).
+      or your own file (`pretrained_cfg_overlay=dict(file=...)`), with the model name as given (its tag too).
     * a file that does not exist: FileNotFoundError naming the path.
     * a file torch's safe (weights_only) loader refuses, because it pickles arbitrary Python objects: said
       so, with how to load a file you trust.
     * a truncated or corrupt file (UnpicklingError, EOFError, IndexError, RuntimeError... from torch.load):
       one RuntimeError naming the file.
     ValueError and TypeError pass unchanged: bad arguments, or a checkpoint whose keys do not fit (the filter
-    names them).
+    names them). `timm.create_model(..., checkpoint_path=FILE)` gives the same errors
+    (`load_checkpoint_naming_errors`).
     """
+    _FILTERS[model_cls] = filter_fn
     overlay = kwargs.get('pretrained_cfg_overlay') or {}
     source = overlay.get('file') or overlay.get('url')
     cfg = kwargs.get('pretrained_cfg')
     cfg_source = (cfg.get('file') or cfg.get('url') or cfg.get('hf_hub_id')) if isinstance(cfg, dict) else None
+    name = _model_name(variant, cfg if isinstance(cfg, str) else (cfg.get('tag') if isinstance(cfg, dict) else None))
     if pretrained and not source and not cfg_source:
         raise RuntimeError(
-            f'{variant} ships no pretrained weights (no package registry hosts them). Load the authors\' or your '
-            f'own checkpoint with timm.create_model({variant!r}, pretrained=True, '
+            f'{name} ships no pretrained weights (no package registry hosts them). Load the authors\' or your '
+            f'own checkpoint with timm.create_model({name!r}, pretrained=True, '
             f'pretrained_cfg_overlay=dict(file=PATH)), or use pretrained=False')
     if pretrained and overlay.get('file') and not os.path.exists(overlay['file']):
-        raise FileNotFoundError(f'pretrained weights for {variant} not found: {overlay["file"]}')
+        raise FileNotFoundError(f'pretrained weights for {name} not found: {overlay["file"]}')
     try:
         return build_model_with_cfg(
             model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs)
@@ -51,16 +87,37 @@ def build_model_naming_file_errors(
     except Exception as e:
         if not pretrained or not source:
             raise
-        if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
-            raise RuntimeError(
-                f'could not load pretrained weights for {variant} from {source}: torch\'s safe loader refused the '
-                f'file because it holds pickled Python objects that could run code when loaded. If you trust it, '
-                f'load it yourself and pass the weights: model = timm.create_model({variant!r}); '
-                f'sd = torch.load(PATH, weights_only=False); model.load_state_dict('
-                f'{model_cls.__module__}.checkpoint_filter_fn(sd, model))') from e
-        raise RuntimeError(
-            f'could not load pretrained weights for {variant} from {source}: the file is corrupt or not a '
-            f'PyTorch / safetensors checkpoint ({type(e).__name__}: {e})') from e
+        raise _file_error(name, source, model_cls, e) from e
+
+
+def load_checkpoint_naming_errors(model: nn.Module, checkpoint_path, *args, **kwargs):
+    """`timm.create_model(..., checkpoint_path=FILE)` for our models: the route of `pretrained=True` with
+    `pretrained_cfg_overlay=dict(file=FILE)`, strict. timm's reader loads the file (EMA weights preferred,
+    safetensors, `module.` prefixes dropped); an unreadable or missing file raises the error naming it, the
+    model's checkpoint filter converts the authors' layouts and names missing, unexpected and mis-shaped keys
+    (the classifier and first conv included: this route adapts nothing). Other models, and calls with
+    options, go to timm's `load_checkpoint` unchanged."""
+    filter_fn = _FILTERS.get(type(model))
+    path = str(checkpoint_path)
+    if filter_fn is None or args or kwargs or os.path.splitext(path)[-1].lower() in ('.npz', '.npy'):
+        return load_checkpoint(model, checkpoint_path, *args, **kwargs)
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    name = _model_name(cfg.get('architecture') or type(model).__name__, cfg.get('tag'))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'pretrained weights for {name} not found: {path}')
+    try:
+        state_dict = load_state_dict(path)
+    except Exception as e:
+        raise _file_error(name, path, type(model), e) from e
+    state_dict = filter_fn(state_dict, model)
+    check_state_dict_keys(state_dict, model, adaptable=False)
+    return model.load_state_dict(state_dict, strict=True)
+
+
+# timm.create_model calls the load_checkpoint of its factory module after building the model, out of reach of
+# our builder: routed through ours (which hands every other model back to timm's)
+if getattr(_timm_factory, 'load_checkpoint', None) is load_checkpoint:
+    _timm_factory.load_checkpoint = load_checkpoint_naming_errors
 
 
 def unwrap_checkpoint(state_dict: Dict) -> Dict:
@@ -74,21 +131,36 @@ def unwrap_checkpoint(state_dict: Dict) -> Dict:
     return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
-def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module):
-    """Raise ValueError naming missing, unexpected and mis-shaped keys (the classifier and the first
-    conv may differ in shape: timm re-initialises / adapts them after this filter)."""
+def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, adaptable: bool = True):
+    """Raise ValueError naming missing, unexpected and mis-shaped keys.
+
+    adaptable=True (the pretrained route, where timm adapts the classifier and the first conv after this filter):
+    the file's classifier gives the class count its weights have, recorded as the pretrained cfg's num_classes,
+    so timm keeps the classifier when the model has that many classes and re-initialises it (fine-tuning)
+    otherwise; the first conv may differ in shape when in_chans differs from the cfg's (timm adapts it).
+    adaptable=False: every key must fit as it is (the checkpoint_path route)."""
     own = model.state_dict()
-    cfg = getattr(model, 'pretrained_cfg', None) or {}
-    adaptable = {cfg.get('classifier', 'head.fc') + '.weight', cfg.get('classifier', 'head.fc') + '.bias',
-                 cfg.get('first_conv', 'stem.0.conv') + '.weight'}
+    cfg = getattr(model, 'pretrained_cfg', None)
+    cfg = cfg if isinstance(cfg, dict) else {}
+    head = cfg.get('classifier', 'head.fc')
+    head_keys = {head + '.weight', head + '.bias'}
+    exempt = set()
+    if adaptable:
+        file_head = state_dict.get(head + '.weight')
+        if cfg and isinstance(file_head, torch.Tensor) and file_head.ndim >= 1:
+            cfg['num_classes'] = int(file_head.shape[0])
+        if getattr(model, 'num_classes', None) != cfg.get('num_classes'):
+            exempt |= head_keys
+        if getattr(model, 'in_chans', None) != (cfg.get('input_size') or (3,))[0]:
+            exempt.add(cfg.get('first_conv', 'stem.0.conv') + '.weight')
     # buffers registered as None (absent from a fresh model's state dict) may be present, e.g. an SMP layer's
     # render_grid; the layer checks their shape when loading
     optional = {f'{name}.{b}' if name else b for name, m in model.named_modules()
                 for b, v in m._buffers.items() if v is None}
     missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own and k not in adaptable and k not in optional]
+    unexpected = [k for k in state_dict if k not in own and k not in exempt and k not in optional]
     shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
-              for k, v in state_dict.items() if k in own and k not in adaptable and v.shape != own[k].shape]
+              for k, v in state_dict.items() if k in own and k not in exempt and v.shape != own[k].shape]
     problems = []
     for what, items in (('missing keys', missing), ('unexpected keys', unexpected), ('mis-shaped keys', shapes)):
         if items:
@@ -96,6 +168,55 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module)
             problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
     if problems:
         raise ValueError(f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems))
+
+
+def saved_kernel_size(v: torch.Tensor, layer: Optional[nn.Module]) -> torch.Tensor:
+    """The authors' `train_length` buffer (the horizon of the last forward before saving; 0 if none ran) -> our
+    `kernel_size_record`. 0 means the horizon is unknown: taken as the layer's, so nothing is re-sampled."""
+    k = int(v.reshape(-1)[0])
+    if k == 0 and layer is not None:
+        k = layer.kernel_size
+    return torch.tensor(k, dtype=torch.long)
+
+
+# the FlexConv authors' kernel network (MAGNet with 1x1 convs as its linear layers) -> ours
+_FLEX_KERNEL = [
+    (re.compile(r'^Kernel\.linear\.(\d+)\.(weight|bias)$'), 'kernel_net.hidden.{0}.{1}'),
+    (re.compile(r'^Kernel\.output_linear\.(weight|bias)$'), 'kernel_net.output.{0}'),
+    (re.compile(r'^Kernel\.filters\.(\d+)\.(mu|gamma)$'), 'kernel_net.filters.{0}.{1}'),
+    (re.compile(r'^Kernel\.filters\.(\d+)\.linear\.(weight|bias)$'), 'kernel_net.filters.{0}.linear.{1}'),
+]
+
+
+def flexconv_from_authors(key: str, rest: str, v: torch.Tensor, prefix: str,
+                          layer: Optional[nn.Module]) -> Dict[str, torch.Tensor]:
+    """One entry of a FlexConv saved by the FlexConv authors' code (rjbruin/flexconv; 2-D in FlexNet, 1-D in
+    FlexTCN) -> our FlexConv2d / FlexConv1d entries.
+
+    `key` is their whole key (for errors), `rest` the part after their conv's prefix, `prefix` our layer's
+    ('blocks.0.conv1.conv.'), `layer` our layer. Their kernel network's 1x1 convs become our Linear weights
+    (the trailing unit axes dropped); `train_length` becomes `kernel_size_record`, with the sampling-rate
+    factor the layer is configured with (they do not save it); `temperature` (used by a sigmoid mask only,
+    which they never implemented) is dropped; a `mask_threshold` other than the layer's is refused. The
+    other entries (bias, mask_params: (dims, 2) rows [mean, sigma] in both) keep their names and values."""
+    if rest == 'train_length':
+        out = {prefix + 'kernel_size_record': saved_kernel_size(v, layer)}
+        if isinstance(layer, FlexConv2d):
+            out[prefix + 'sampling_rate_norm'] = layer.sampling_rate_norm.detach().clone()
+        return out
+    if rest == 'temperature':
+        return {}
+    if rest == 'mask_threshold':
+        if isinstance(layer, FlexConv2d) and abs(float(v.reshape(-1)[0]) - layer.mask_threshold) > 1e-6:
+            raise ValueError(
+                f'{key} = {float(v.reshape(-1)[0])} but the model crops at mask_threshold='
+                f'{layer.mask_threshold}; pass conv_kwargs=dict(mask_threshold=...)')
+        return {}
+    for pattern, ours in _FLEX_KERNEL:
+        m = pattern.match(rest)
+        if m:
+            return {prefix + ours.format(*m.groups()): v.flatten(1) if v.ndim >= 3 else v}
+    return {prefix + rest: v}
 
 
 def points_from_authors(weight_coord: torch.Tensor) -> torch.Tensor:

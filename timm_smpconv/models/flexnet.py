@@ -47,9 +47,17 @@ from timm.models import adapt_input_conv, checkpoint, checkpoint_seq, generate_d
 from timm.models._features import feature_take_indices
 
 from .._validate import check_choice, square_size
-from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
+from ..layers import FlexConvBN2d, SMPLargeKernel2d
 from ..resolution import retarget_resolution
-from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
+from ._builder import (
+    build_model_naming_file_errors,
+    check_state_dict_keys,
+    flexconv_from_authors,
+    no_decay_patterns,
+    points_from_authors,
+    saved_kernel_size,
+    unwrap_checkpoint,
+)
 
 __all__ = ['FlexNet']
 
@@ -307,23 +315,6 @@ _AUTHORS_PREFIX = [
 ]
 _ROLE_FLEX = {'main': 'conv', 'bn': 'bn'}
 _ROLE_SMP = {'main': 'smp', 'bn': 'smp_bn', 'small': 'small_conv', 'small_bn': 'small_bn'}
-_FLEX_KERNEL = [
-    (re.compile(r'^Kernel\.linear\.(\d+)\.(weight|bias)$'), 'kernel_net.hidden.{0}.{1}'),
-    (re.compile(r'^Kernel\.output_linear\.(weight|bias)$'), 'kernel_net.output.{0}'),
-    (re.compile(r'^Kernel\.filters\.(\d+)\.(mu|gamma)$'), 'kernel_net.filters.{0}.{1}'),
-    (re.compile(r'^Kernel\.filters\.(\d+)\.linear\.(weight|bias)$'), 'kernel_net.filters.{0}.linear.{1}'),
-]
-
-
-def _saved_kernel_size(v: torch.Tensor, layer: Optional[nn.Module]) -> torch.Tensor:
-    """Their `train_length` (the horizon of the last forward before saving; 0 if none ran) -> our record.
-    0 means the horizon is unknown: taken as the model's, so nothing is re-sampled."""
-    k = int(v.reshape(-1)[0])
-    if k == 0 and layer is not None:
-        k = layer.kernel_size
-    return torch.tensor(k, dtype=torch.long)
-
-
 def _convert_authors(state_dict: Dict[str, torch.Tensor], model: FlexNet) -> Dict[str, torch.Tensor]:
     """The authors' saved state dicts (FlexNet-16 from rjbruin/flexconv, the SMP CIFAR model from
     sangnekim/SMPConv; keys without a `module.` prefix) -> ours."""
@@ -356,12 +347,11 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor], model: FlexNet) -> Dic
         layer = modules.get(prefix[:-1])
         if role != 'main':
             out[prefix + rest] = v
+        elif not smp:
+            out.update(flexconv_from_authors(k, rest, v, prefix, layer))
         elif rest == 'train_length':
-            out[prefix + 'kernel_size_record'] = _saved_kernel_size(v, layer)
-            if not smp and isinstance(layer, FlexConv2d):
-                # not saved by the authors: the factor the model is configured with at that horizon
-                out[prefix + 'sampling_rate_norm'] = layer.sampling_rate_norm.detach().clone()
-        elif smp:
+            out[prefix + 'kernel_size_record'] = saved_kernel_size(v, layer)
+        else:
             if rest == 'Kernel.weight_coord':
                 out[prefix + 'points'] = points_from_authors(v)
             elif rest == 'Kernel.radius':
@@ -372,23 +362,6 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor], model: FlexNet) -> Dic
                 smp_bias[branch] = v  # conv.bias=True runs: folded into the following BN below
             else:
                 out[prefix + rest] = v
-        else:
-            if rest == 'temperature':
-                continue  # only used by a sigmoid mask, which does not exist
-            if rest == 'mask_threshold':
-                if isinstance(layer, FlexConv2d) and abs(float(v.reshape(-1)[0]) - layer.mask_threshold) > 1e-6:
-                    raise ValueError(
-                        f'{k} = {float(v.reshape(-1)[0])} but the model crops at mask_threshold='
-                        f'{layer.mask_threshold}; pass conv_kwargs=dict(mask_threshold=...)')
-                continue
-            for kp, name in _FLEX_KERNEL:
-                km = kp.match(rest)
-                if km:
-                    rest = name.format(*km.groups())
-                    if v.ndim == 4:
-                        v = v.flatten(1)  # their 1x1 convs over the grid -> our Linear layers
-                    break
-            out[prefix + rest] = v
     for branch, bias in smp_bias.items():
         # BN(conv(x) + b) == BN'(conv(x)) with running_mean' = running_mean - b (train mode: identical)
         key = f'{branch}.smp_bn.running_mean'

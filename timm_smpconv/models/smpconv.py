@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, trunc_normal_
+from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get_device_dtype, to_ntuple, trunc_normal_
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
@@ -214,8 +214,8 @@ class SMPConvNet(nn.Module):
             self,
             layers: Sequence[int] = (2, 2, 8, 2),
             channels: Sequence[int] = (96, 192, 384, 768),
-            kernel_sizes: Sequence[int] = (31, 29, 27, 13),
-            n_points: Optional[Sequence[int]] = None,
+            kernel_sizes: Union[int, Sequence[int]] = (31, 29, 27, 13),
+            n_points: Optional[Union[int, Sequence[int]]] = None,
             points_div: int = 4,
             small_kernel_size: int = 5,
             dw_ratio: float = 1.,
@@ -234,8 +234,9 @@ class SMPConvNet(nn.Module):
         Args:
             layers: (LK block, FFN block) repetitions per stage.
             channels: width per stage.
-            kernel_sizes: SMP kernel size per stage (odd); the size kernels are rendered at.
-            n_points: SMP points per stage; default floor(k^2 / points_div). (The registered models keep
+            kernel_sizes: SMP kernel size per stage (odd), or one int for every stage; the size kernels are
+                rendered at.
+            n_points: SMP points per stage, or one int for every stage; default floor(k^2 / points_div). (The registered models keep
                 the variant's points when only kernel_sizes is overridden, so checkpoints fit.)
             points_div: 4 for SMPConv-T/B, 8 for the mobile models.
             small_kernel_size: the parallel depthwise conv of every large-kernel branch.
@@ -249,11 +250,14 @@ class SMPConvNet(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         num_stages = len(layers)
+        kernel_sizes = to_ntuple(num_stages)(kernel_sizes)  # one int: the same for every stage
         if n_points is None:
             n_points = [default_n_points(k, 2, points_div) for k in kernel_sizes]
+        n_points = to_ntuple(num_stages)(n_points)
         for name, seq in (('channels', channels), ('kernel_sizes', kernel_sizes), ('n_points', n_points)):
             if len(seq) != num_stages:
-                raise ValueError(f'{name} has {len(seq)} entries but layers has {num_stages} stages')
+                raise ValueError(f'{name} has {len(seq)} entries but layers has {num_stages} stages (give one value per '
+                                 f'stage{"" if name == "channels" else ", or one int for every stage"})')
         check_choice('kernel_resize', kernel_resize, RESIZE_MODES)
         self.num_classes = num_classes
         self.in_chans = in_chans

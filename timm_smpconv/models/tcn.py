@@ -36,8 +36,9 @@ Per-dataset settings are pretrained-cfg tags (`timm.create_model('smp_tcn.scifar
 classes, sequence length, SMP radius (the authors' values, about 2 / length) and conv bias; any of them
 can be overridden as kwargs. `.digits` is the built-in task: scikit-learn's 8x8 digits as 64 steps.
 
-The authors' SMP-TCN checkpoints ({'model': state_dict, ...}, keys `backbone.{i}.cconv1.Kernel.*`,
-`finallyr.*`) load through `pretrained_cfg_overlay=dict(file=...)`; see `checkpoint_filter_fn`.
+The authors' checkpoints ({'model': state_dict, ...}, keys `backbone.{i}.cconv1.Kernel.*`, `finallyr.*`) load
+through `pretrained_cfg_overlay=dict(file=...)` or `checkpoint_path=`: the SMPConv authors' SMP-TCNs into
+smp_tcn, the FlexConv authors' FlexTCNs (their models/cktcn.py) into flextcn_2/4/6; see `_convert_authors`.
 """
 import re
 from typing import Dict, List, Optional, Tuple, Union
@@ -53,7 +54,14 @@ from .._validate import check_choice, check_int
 from ..data import DIGITS_MEAN, DIGITS_STD
 from ..layers import FlexConvBN1d, SMPLargeKernel1d
 from ..layers.flexconv import FLEX_RESIZE_MODES
-from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, unwrap_checkpoint
+from ._builder import (
+    build_model_naming_file_errors,
+    check_state_dict_keys,
+    flexconv_from_authors,
+    no_decay_patterns,
+    saved_kernel_size,
+    unwrap_checkpoint,
+)
 
 __all__ = ['SequenceTCN']
 
@@ -318,13 +326,25 @@ _AUTHORS = re.compile(r'^backbone\.(\d+)\.(cconv([12])s?|norm([12])s?|shortcut\.
 
 
 def _convert_authors(state_dict: Dict[str, torch.Tensor], model: SequenceTCN) -> Dict[str, torch.Tensor]:
-    """The authors' SMP-TCN layout (`backbone.{i}.cconv{1,2}.Kernel.*`, `cconv{1,2}s`, `norm{1,2}[s]`,
-    `shortcut.0`, `finallyr`) -> ours. 1-D points need no re-orientation (their tap n sits at
-    linspace(-1, 1, k)[n] as ours); radii (Cout, P, 1) lose the trailing axis; their `train_length` (the
-    horizon they ran at, the sequence length) becomes our kernel-size record, so weights saved at another
-    length are re-sampled by the layers' resize rule."""
-    if model.conv_type != 'smp':
-        raise ValueError("the authors' sequence checkpoints are SMP-TCNs; this model is a FlexTCN")
+    """The authors' sequence models -> ours: both follow the FlexConv authors' TCN (`backbone.{i}` blocks with
+    `cconv{1,2}`, `norm{1,2}`, `shortcut.0`, and `finallyr`, the classifier on the last step).
+
+    SMP-TCN (the SMPConv authors' files): `cconv{1,2}.Kernel.*` are SMP kernels, with `cconv{1,2}s` and
+    `norm{1,2}s` for the causal 5-tap branches. 1-D points need no re-orientation (their tap n sits at
+    linspace(-1, 1, k)[n] as ours); radii (Cout, P, 1) lose the trailing axis.
+    FlexTCN (the FlexConv authors' files, models/cktcn.py): `cconv{1,2}` are 1-D FlexConvs with the keys of
+    their FlexNet files (`flexconv_from_authors`: MAGNet weights (H, C, 1) as Linear weights, mask_params
+    (1, 2) = [mean, sigma] of the causal mask).
+    Their `train_length` (the horizon they ran at, the sequence length) becomes our kernel-size record in
+    both, so weights saved at another length are re-sampled by the layers' resize rule."""
+    smp = any(k.endswith('.Kernel.weight_coord') for k in state_dict)
+    flex = any('.Kernel.' in k for k in state_dict) and not smp
+    if smp != (model.conv_type == 'smp') or flex != (model.conv_type == 'flexconv'):
+        kind = 'SMP-TCN' if smp else 'FlexTCN' if flex else 'TCN without continuous kernels'
+        ours = 'SMP-TCN' if model.conv_type == 'smp' else 'FlexTCN'
+        raise ValueError(f"the checkpoint holds the authors' {kind}, which does not fit this {ours} "
+                         f"(conv_type={model.conv_type!r})")
+    modules = dict(model.named_modules())
     out = {}
     for k, v in state_dict.items():
         if k.startswith('finallyr.'):
@@ -338,11 +358,19 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor], model: SequenceTCN) ->
         if module == 'shortcut.0':
             out[f'blocks.{i}.shortcut.{rest}'] = v
             continue
-        j = module[-2] if module.endswith('s') else module[-1]
+        small = module.endswith('s')
+        j = module[-2] if small else module[-1]
         branch = f'blocks.{i}.conv{j}'
-        if module.startswith('norm'):
-            out[f'{branch}.{"small_bn" if module.endswith("s") else "smp_bn"}.{rest}'] = v
-        elif module.endswith('s'):
+        if flex:
+            if small:
+                out[k] = v  # a FlexTCN has no small branches: reported as unexpected
+            elif module.startswith('norm'):
+                out[f'{branch}.bn.{rest}'] = v
+            else:
+                out.update(flexconv_from_authors(k, rest, v, f'{branch}.conv.', modules.get(f'{branch}.conv')))
+        elif module.startswith('norm'):
+            out[f'{branch}.{"small_bn" if small else "smp_bn"}.{rest}'] = v
+        elif small:
             out[f'{branch}.small_conv.{rest}'] = v
         elif rest == 'Kernel.weight_coord':
             out[f'{branch}.smp.points'] = v
@@ -351,8 +379,7 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor], model: SequenceTCN) ->
         elif rest == 'Kernel.weights':
             out[f'{branch}.smp.weight'] = v
         elif rest == 'train_length':
-            saved = int(v.reshape(-1)[0])
-            out[f'{branch}.smp.kernel_size_record'] = torch.tensor(saved if saved > 0 else model.seq_len)
+            out[f'{branch}.smp.kernel_size_record'] = saved_kernel_size(v, modules.get(f'{branch}.smp'))
         else:
             out[f'{branch}.smp.{rest}'] = v
     for k in [k for k in out if k.endswith('smp.points')]:  # records absent from their file: the model's own
@@ -361,8 +388,8 @@ def _convert_authors(state_dict: Dict[str, torch.Tensor], model: SequenceTCN) ->
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SequenceTCN) -> Dict[str, torch.Tensor]:
-    """Convert the authors' SMP-TCN checkpoints (or pass ours through) and check the keys (ValueError naming
-    missing, unexpected and mis-shaped keys)."""
+    """Convert the authors' SMP-TCN and FlexTCN checkpoints (or pass ours through) and check the keys
+    (ValueError naming missing, unexpected and mis-shaped keys)."""
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('backbone.') for k in state_dict) or 'finallyr.weight' in state_dict:
         state_dict = _convert_authors(state_dict, model)
