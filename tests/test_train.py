@@ -188,7 +188,7 @@ def test_killed_rank_ends_torchrun_with_error(data_dir, tmp_path):
 
 
 @pytest.mark.parametrize('case', ['missing_dir', 'empty_dir', 'unknown_model', 'corrupt_resume', 'corrupt_pretrained',
-                                  'odd_batch_mixup', 'no_checkpoint_for_eval'])
+                                  'odd_batch_mixup', 'no_checkpoint_for_eval', 'unsafe_eval_checkpoint'])
 def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
     base = ['--output', str(tmp_path), '--device', 'cpu', '--workers', '0']
     corrupt = tmp_path / 'bad.pth.tar'
@@ -201,7 +201,10 @@ def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
         'corrupt_pretrained': (TINY + ['--pretrained-path', str(corrupt)], 'could not create model smpconv_mobile31'),
         'odd_batch_mixup': (['--batch-size', '7', '--mixup', '0.8'], 'even --batch-size, got 7'),
         'no_checkpoint_for_eval': (['--eval-only'], '--eval-only needs --checkpoint'),
+        'unsafe_eval_checkpoint': (TINY + ['--eval-only', '--checkpoint', str(tmp_path / 'unsafe.pth.tar')],
+                                   "torch's safe loader refused it"),
     }[case]
+    torch.save({'state_dict': {}, 'extra': types.SimpleNamespace(a=1)}, tmp_path / 'unsafe.pth.tar')
     (tmp_path / 'empty').mkdir()
     with pytest.raises(SystemExit) as exc:
         train_imagenet.main(base + argv)
@@ -209,6 +212,7 @@ def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
     err = capsys.readouterr().err
     assert message in err
     assert not list(tmp_path.glob('**/last.pth.tar'))
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ['empty']  # no run folder left behind
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data_dir, tmp_path):
