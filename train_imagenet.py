@@ -80,7 +80,16 @@ from timm.utils import (
 
 import timm_smpconv  # noqa: F401  (registers our models)
 from timm_smpconv import anti_aliasing_penalty, clamp_smp_radius_, param_groups_smp
-from timm_smpconv.data import DIGITS_MEAN, DIGITS_NUM_CLASSES, DIGITS_STD, DigitsDataset
+from timm_smpconv.data import (
+    DIGITS_MEAN,
+    DIGITS_NUM_CLASSES,
+    DIGITS_STD,
+    DigitsDataset,
+    SequenceDataset,
+    channel_stats,
+    is_sequence_dataset,
+    load_sequence_splits,
+)
 from timm_smpconv.layers import RESIZE_MODES
 from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
 from timm_smpconv.regularizers import ALIASING_TARGETS
@@ -110,6 +119,17 @@ PRESETS = {
         drop_path=0., hflip=0., color_jitter=0., scale=[1.0, 1.0], ratio=[1.0, 1.0], model_ema=True,
         model_ema_decay=0.99, model_ema_warmup=True, radius_clamp=list(RADIUS_RANGE_SMALL), no_decay_patterns=['*.points'],
         log_interval=10, workers=0, crop_pct=1.0, interpolation='bilinear', bn_recalibrate=8,
+    ),
+    # time series (--dataset npz or ts/NAME): the SMPConv paper's sequence recipe (its CharacterTrajectories
+    # column: Adam with coupled L2 1e-5, lr 1e-4, 300 epochs with 5 warm-up epochs, batch 64, plain
+    # cross-entropy, radius lr x0.1 and clamp [1e-4, 1], point positions not decayed); SMP-TCN with its kernels
+    # sampled at the data's length; no image augmentation
+    'sequence': dict(
+        model='smp_tcn', batch_size=64, grad_accum_steps=1, epochs=300, lr=1e-4, warmup_epochs=5, min_lr=1e-6,
+        opt='adam', weight_decay=1e-5, smoothing=0., drop=0., drop_path=0., aa=None, mixup=0., cutmix=0., reprob=0.,
+        hflip=0., color_jitter=0., scale=None, ratio=None, interpolation='', model_ema=False,
+        radius_clamp=list(RADIUS_RANGE_SMALL), no_decay_patterns=['*.points'], log_interval=10, workers=0,
+        bn_recalibrate=8,
     ),
     # SMPConv paper, CIFAR-10 (Table 4): Adam with coupled L2 1e-5, lr 5e-3, 210 epochs (the model's
     # block_drop_rate default is the paper's in-block dropout 0.1)
@@ -484,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # keys of a run's args.yaml that the run sets itself (not flags): skipped when the file is read back with -c
-_RUN_STATE_KEYS = ('config', 'rank', 'world_size', 'local_rank', 'distributed', 'device_id', 'preset_kwargs_dropped')
+_RUN_STATE_KEYS = ('config', 'rank', 'world_size', 'local_rank', 'distributed', 'device_id', 'preset_kwargs_dropped',
+                   'seq_len', 'class_names')
 
 
 def load_config(parser, path):
@@ -524,7 +545,8 @@ def parse_args(argv=None):
     pre, _ = parser.parse_known_args(argv)
     config = load_config(parser, pre.config) if pre.config else {}
     has_data = pre.data_dir or pre.data or config.get('data_dir') or config.get('data')
-    preset = pre.preset or config.get('preset') or ('imagenet' if has_data else 'digits')
+    sequences = is_sequence_dataset(pre.dataset or config.get('dataset') or '')
+    preset = pre.preset or config.get('preset') or ('sequence' if sequences else 'imagenet' if has_data else 'digits')
     recipe_lr = PRESETS[preset].get('lr', parser.get_default('lr'))
     parser.set_defaults(**PRESETS[preset])
     parser.set_defaults(**config)
@@ -549,6 +571,8 @@ def parse_args(argv=None):
         args.drop_path = args.drop_connect  # timm's deprecated name of the drop path rate
     if args.device is None:
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if is_sequence_dataset(args.dataset):
+        args.no_prefetcher = True  # timm's prefetcher normalises images; series are normalised when loaded
     return args
 
 
@@ -597,6 +621,8 @@ def check_args(args):
             raise TrainingError(f'--data-dir {args.data_dir!r} does not exist or is not a directory')
         if not args.dataset and not any(os.scandir(args.data_dir)):
             raise TrainingError(f'--data-dir {args.data_dir!r} is empty')
+    if is_sequence_dataset(args.dataset):
+        _check_sequence_args(args)
     if args.epoch_repeats and not args.dataset.startswith(('wds/', 'tfds/', 'hfids/')):
         raise TrainingError('--epoch-repeats repeats an iterable dataset (wds/, tfds/, hfids/) per epoch, as timm; '
                             f'{args.dataset or "a folder dataset"} is map-style and would ignore it')
@@ -637,6 +663,26 @@ def check_args(args):
         raise TrainingError('--wandb-resume-id continues a wandb run and needs --resume')
     _check_variable_resolution(args)
     _check_distillation(args)
+
+
+# flags that only mean something for images, with their neutral values: refused for time series when set otherwise
+IMAGE_ONLY = dict(
+    aa=None, reprob=0., remode='pixel', recount=1, hflip=0., vflip=0., color_jitter=0., color_jitter_prob=None,
+    grayscale_prob=None, gaussian_blur_prob=None, scale=None, ratio=None, train_crop_mode=None, mixup=0., cutmix=0.,
+    cutmix_minmax=None, mixup_off_epoch=0, aug_splits=0, jsd_loss=False, resplit=False, split_bn=False,
+    train_img_sizes=None, img_size=None, input_size=None, crop_pct=None, interpolation='', train_interpolation='',
+    input_img_mode=None, channels_last=False, save_images=False, class_map='',
+)
+
+
+def _check_sequence_args(args):
+    if args.data_dir is None:
+        raise TrainingError(f'--dataset {args.dataset} reads its files from --data-dir DIR')
+    image_flags = [f'--{k.replace("_", "-")} {getattr(args, k)}' for k, v in IMAGE_ONLY.items()
+                   if _as_list(getattr(args, k)) != _as_list(v)]
+    if image_flags:
+        raise TrainingError(f'--dataset {args.dataset} holds time series; these image flags do not apply to them: '
+                            f'{", ".join(image_flags)} (the sequence preset leaves them off)')
 
 
 def _set_away_from_default(args, dests):
@@ -716,6 +762,8 @@ def load_datasets(args):
     """(train, val, num_classes) from --data-dir/--dataset, or the built-in digits."""
     if _builtin_data(args):
         return DigitsDataset('train'), DigitsDataset('val'), DIGITS_NUM_CLASSES
+    if is_sequence_dataset(args.dataset):
+        return load_sequence_datasets(args)
     chans = args.input_size[0] if args.input_size else args.in_chans
     keys = dict(input_key=args.input_key, target_key=args.target_key)
     if any(keys.values()) and not args.dataset.startswith(('hfds/', 'hfids/', 'wds/', 'tfds/')):
@@ -742,6 +790,31 @@ def load_datasets(args):
     return train_set, val_set, num_classes
 
 
+def load_sequence_datasets(args):
+    """Time series (--dataset npz or ts/NAME): normalised per channel with the training split's statistics (or
+    --mean/--std), padded at the front to the longest series. The statistics, the length, the channel count and the
+    class names go into args, so checkpoints (and --eval-only, and the export) carry them."""
+    try:
+        x_train, y_train, x_val, y_val, classes = load_sequence_splits(
+            args.dataset, args.data_dir, args.train_split, args.val_split)
+    except (ValueError, ImportError, OSError) as e:
+        raise TrainingError(f'could not read dataset {args.dataset} at {args.data_dir!r}: {e}') from e
+    chans = x_train[0].shape[0]
+    if args.in_chans and args.in_chans != chans:
+        raise TrainingError(f'--in-chans {args.in_chans}, but the {args.dataset} series have {chans} channels')
+    if args.mean is None and args.std is None:
+        args.mean, args.std = channel_stats(x_train)
+    elif args.mean is None or args.std is None or len(args.mean) != chans or len(args.std) != chans:
+        raise TrainingError(f'--mean and --std need one value per channel ({chans}), got {args.mean} / {args.std}')
+    args.in_chans, args.class_names = chans, classes
+    args.seq_len = max(x.shape[1] for x in x_train + x_val)
+    lengths = {x.shape[1] for x in x_train + x_val}
+    _logger.info(f'{args.dataset}: {len(x_train)} train / {len(x_val)} validation series, {chans} channels, '
+                 f'{len(classes)} classes, length {min(lengths)}-{max(lengths)} (padded at the front to {args.seq_len})')
+    datasets = [SequenceDataset(x, y, args.mean, args.std, args.seq_len) for x, y in ((x_train, y_train), (x_val, y_val))]
+    return datasets[0], datasets[1], len(classes)
+
+
 def _create_model(name, what, **kwargs):
     """timm.create_model with every failure as a TrainingError naming the model (exit code 2)."""
     try:
@@ -761,6 +834,10 @@ def create_training_model(args, num_classes):
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else None)
     if in_chans:
         kwargs['in_chans'] = in_chans
+    if is_sequence_dataset(args.dataset) and _base_name(args.model) in timm.list_models(module='tcn'):
+        kwargs.setdefault('seq_len', args.seq_len)  # kernels sampled at the data's length (the papers' rule)
+        if args.model == 'smp_tcn':  # no dataset tag: the SMP radius from the length too (2 / seq_len)
+            kwargs.setdefault('radius', None)
     if args.pretrained_path:
         # like timm's train.py: load the file, re-initialise the classifier
         kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
@@ -881,8 +958,11 @@ def create_task(args, model, teacher, data_config, device, model_dtype):
                             f'{args.kd_model_name}: {e}') from e
     if teacher is not None:
         # the student's inputs are normalised with the data config's statistics, whatever its pretrained_cfg says
-        task.student_mean = torch.tensor(data_config['mean'], device=device).view(1, -1, 1, 1)
-        task.student_std = torch.tensor(data_config['std'], device=device).view(1, -1, 1, 1)
+        shape = (1, -1) + (1,) * (len(data_config['input_size']) - 1)
+        task.student_mean = torch.tensor(data_config['mean'], device=device).view(shape)
+        task.student_std = torch.tensor(data_config['std'], device=device).view(shape)
+        if is_sequence_dataset(args.dataset):  # a sequence teacher reads the same normalised series
+            teacher.mean_kd, teacher.std_kd = task.student_mean.clone(), task.student_std.clone()
     return task
 
 
@@ -916,7 +996,11 @@ def unwrap(model):
 
 
 def build_data_config(args, model):
-    """timm's data config for the model with the flags applied (digits statistics for the built-in data)."""
+    """timm's data config for the model with the flags applied (digits statistics for the built-in data; for time
+    series the channels and length of the data and its normalisation)."""
+    if is_sequence_dataset(getattr(args, 'dataset', '') or ''):
+        return dict(input_size=(args.in_chans, args.seq_len), mean=tuple(args.mean), std=tuple(args.std),
+                    crop_pct=None, interpolation=None)
     chans = args.in_chans or getattr(model, 'in_chans', 3)  # e.g. 1 for the sequential-MNIST models
     input_size = None
     if args.input_size:  # overrides --img-size and --in-chans, as in timm's resolve_data_config
@@ -932,12 +1016,29 @@ def build_data_config(args, model):
 
 
 def create_eval_loader(dataset, data_config, args, device, img_dtype=None):
+    if isinstance(dataset, SequenceDataset):
+        return sequence_loader(dataset, args, training=False)
     return create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
         is_training=False, interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'],
         mean=data_config['mean'], std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher, persistent_workers=False,
         img_dtype=img_dtype or torch.float32)
+
+
+def sequence_loader(dataset, args, training):
+    """A DataLoader of time series (already normalised tensors): shuffled (DistributedSampler under torchrun) with
+    full batches for training; in order for validation (timm's OrderedDistributedSampler under torchrun, whose
+    padding the evaluator leaves out)."""
+    from timm.data.distributed_sampler import OrderedDistributedSampler
+    sampler = None
+    if args.distributed:
+        sampler = (torch.utils.data.distributed.DistributedSampler(dataset, seed=args.seed) if training
+                   else OrderedDistributedSampler(dataset))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=args.batch_size if training else (args.validation_batch_size or args.batch_size),
+        shuffle=training and sampler is None, sampler=sampler, drop_last=training, num_workers=args.workers,
+        pin_memory=args.pin_mem)
 
 
 @dataclass
@@ -1174,6 +1275,12 @@ def setup_loaders(state):
     """Mixup/CutMix, AugMix splits, the training (optionally variable-resolution) and validation loaders."""
     args, data_config = state.args, state.data_config
     dataset_train = state.dataset_train
+    if isinstance(dataset_train, SequenceDataset):
+        state.loader_train = sequence_loader(dataset_train, args, training=True)
+        state.loader_eval = sequence_loader(state.dataset_eval, args, training=False)
+        if len(state.loader_train) == 0:
+            raise TrainingError(f'{len(dataset_train)} training series give no full batch of {args.batch_size}')
+        return
     if _mixup_active(args):
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,

@@ -154,6 +154,8 @@ SMOKE_RUNS = [
     ('support_crop', 'support_crop.md', [], [2], {0: [2, 3]}),
     ('reparam_latency', 'reparam.md', ['--models', 'smpconv_mobile31'], [1], {0: [4, 5]}),
     ('train_digits', 'digits.md', [], [1], {}),
+    ('bn_stats', 'bn_stats.md', [], None, {1: [3]}),
+    ('timeseries', 'timeseries.md', [], [3], {}),
     ('run', 'benchmark.md', ['--models', 'flexnet_16@init', '--pairs'], [1, 0, 0], {0: [3, 5, 6]}),
 ]
 
@@ -170,6 +172,9 @@ def test_script_smoke_run(bench, tmp_path, script, committed, extra, rows, timin
     tables = _tables(text)
     if script == 'conv_paths':
         rows = [2 * len(mod.SHAPES), len(mod.GRIDS)]
+    if script == 'bn_stats':  # a smoke run measures one preset and two fixes
+        rows = [len(tables[0][1]), 2]
+        assert rows[0] > 0
     assert [len(r) for _, r in tables] == rows
     for header, body in tables:
         assert all(len(cells) == len(header) for cells in body)

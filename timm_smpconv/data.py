@@ -1,17 +1,20 @@
-""" The built-in real dataset: scikit-learn's handwritten digits.
+""" Datasets: the built-in digits, and time series read from .npz or UEA / UCR .ts files.
 
-1,797 real 8x8 grey-level scans of the digits 0-9 (UCI ML hand-written digits, shipped inside the
-scikit-learn package, so no download is needed). A fixed stratified split gives 1,438 training
-and 359 validation images. Items are (PIL RGB image, label) like timm's ImageDataset, so timm's
-transforms and loaders apply unchanged; the images keep their 8x8 resolution and the transform
-resizes them.
+The built-in real dataset: scikit-learn's handwritten digits. 1,797 real 8x8 grey-level scans of the
+digits 0-9 (UCI ML hand-written digits, shipped inside the scikit-learn package, so no download is needed).
+A fixed stratified split gives 1,438 training and 359 validation images. Items are (PIL RGB image, label)
+like timm's ImageDataset, so timm's transforms and loaders apply unchanged; the images keep their 8x8
+resolution and the transform resizes them.
 """
-from typing import Callable, Optional
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
-__all__ = ['DigitsDataset', 'DIGITS_MEAN', 'DIGITS_STD', 'DIGITS_NUM_CLASSES']
+__all__ = ['DigitsDataset', 'DIGITS_MEAN', 'DIGITS_STD', 'DIGITS_NUM_CLASSES', 'SequenceDataset',
+           'load_sequence_splits', 'is_sequence_dataset', 'channel_stats']
 
 DIGITS_NUM_CLASSES = 10
 # per-channel statistics of the training split after scaling to [0, 1] (grey replicated to RGB)
@@ -74,3 +77,123 @@ class DigitsDataset:
 
     def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
         return f'digits_{self.split}_{index:04d}.png'
+
+
+# ---- time series: (C, L) arrays with a label -------------------------------------------------------------------
+#
+# Two sources: `npz` (DIR/train.npz and DIR/val.npz or DIR/test.npz, each with X of shape (N, C, L) and y of shape
+# (N,)), and `ts/NAME` (the UEA / UCR archives' DIR/NAME/NAME_TRAIN.ts and NAME_TEST.ts, read with aeon, the
+# field's library for them, an optional dependency). The archives' papers (and both of ours) validate on the TEST
+# split. Series of unequal length are padded at the front, so that the last step, which our sequence models
+# classify from, is always real data; the padding is the channel mean (zero after normalisation).
+
+_TIMESERIES_EXTRA = "pip install 'timm-smpconv[timeseries]'"
+
+
+def is_sequence_dataset(name: str) -> bool:
+    """True for the time-series sources: 'npz' and 'ts/NAME'."""
+    return name == 'npz' or name.startswith('ts/')
+
+
+def _read_npz(path: str) -> Tuple[List[np.ndarray], np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ('X', 'y') if k not in f.files]
+            if missing:
+                raise ValueError(f'{path} has no {" or ".join(missing)} array (it holds {", ".join(f.files) or "none"}); '
+                                 f'time-series .npz files hold X (N, C, L) and y (N,)')
+            x, y = f['X'], f['y']
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and 'time-series .npz' in str(e):
+            raise
+        raise ValueError(f'cannot read {path}: {e}') from e
+    if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f'{path}: X must be (N, C, L) and y (N,) with the same N, got X {tuple(x.shape)} and '
+                         f'y {tuple(y.shape)}')
+    if not np.issubdtype(x.dtype, np.number):
+        raise ValueError(f'{path}: X must be numeric, got {x.dtype}')
+    return list(x.astype(np.float32)), y
+
+
+def _read_ts(path: str) -> Tuple[List[np.ndarray], np.ndarray]:
+    try:
+        from aeon.datasets import load_from_ts_file
+    except ImportError as e:
+        raise ImportError(f'reading .ts files (--dataset ts/NAME) needs aeon: {_TIMESERIES_EXTRA}') from e
+    x, y = load_from_ts_file(path)
+    return [np.asarray(s, dtype=np.float32) for s in x], np.asarray(y)
+
+
+def load_sequence_splits(name: str, root: str, train_split: str = 'train', val_split: str = 'validation'):
+    """(train series, train labels, validation series, validation labels, class names) of a time-series source.
+
+    Series are lists of (C, L_i) float32 arrays (L_i may vary); labels are class indices into the sorted class
+    names of the training split (strings in .ts files, numbers in .npz files).
+    """
+    if not os.path.isdir(root):
+        raise ValueError(f'time-series data folder {root!r} does not exist')
+    if name == 'npz':
+        names = [f'{val_split}.npz'] + [n for n in ('val.npz', 'test.npz') if n != f'{val_split}.npz']
+        val_path = next((os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n))), None)
+        train_path = os.path.join(root, f'{train_split}.npz')
+        if not os.path.isfile(train_path) or val_path is None:
+            raise ValueError(f'--dataset npz reads {train_split}.npz and {" or ".join(names)} from {root!r}; found '
+                             f'{", ".join(sorted(os.listdir(root))) or "nothing"}')
+        (x_train, y_train), (x_val, y_val) = _read_npz(train_path), _read_npz(val_path)
+    elif name.startswith('ts/') and len(name) > 3:
+        archive = name[3:]
+        paths = [os.path.join(root, archive, f'{archive}_{s}.ts') for s in ('TRAIN', 'TEST')]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise ValueError(f'--dataset {name} reads {archive}/{archive}_TRAIN.ts and _TEST.ts under --data-dir; '
+                             f'missing: {", ".join(missing)}')
+        (x_train, y_train), (x_val, y_val) = _read_ts(paths[0]), _read_ts(paths[1])
+    else:
+        raise ValueError(f"unknown time-series dataset {name!r}: use 'npz' or 'ts/NAME'")
+    if not x_train or not x_val:
+        raise ValueError(f'{name} at {root!r} has an empty split ({len(x_train)} train, {len(x_val)} validation series)')
+    chans = {s.shape[0] for s in x_train + x_val}
+    if len(chans) != 1:
+        raise ValueError(f'{name}: series with different channel counts {sorted(chans)}')
+    classes = sorted(set(y_train.tolist()))
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(y_val.tolist()) - set(classes), key=str)
+    if unknown:
+        raise ValueError(f'{name}: validation labels {unknown[:5]} never occur in the training split')
+    as_index = lambda y: np.array([index[c] for c in y.tolist()], dtype=np.int64)  # noqa: E731
+    return x_train, as_index(y_train), x_val, as_index(y_val), [str(c) for c in classes]
+
+
+def channel_stats(series: Sequence[np.ndarray]) -> Tuple[List[float], List[float]]:
+    """Per-channel mean and standard deviation over every real (non-missing) step of the series."""
+    flat = np.concatenate([s.reshape(s.shape[0], -1) for s in series], axis=1).astype(np.float64)
+    mean = np.nanmean(flat, axis=1)
+    std = np.nanstd(flat, axis=1)
+    std = np.where(std > 0, std, 1.0)  # a constant channel stays at zero
+    return mean.tolist(), std.tolist()
+
+
+class SequenceDataset(torch.utils.data.Dataset):
+    """Labelled time series as one (N, C, length) float tensor: normalised per channel with `mean` / `std`, missing
+    values (NaN) at the mean, shorter series padded at the front with the mean so that they end at the last step."""
+
+    def __init__(self, series: Sequence[np.ndarray], labels: np.ndarray, mean: Sequence[float], std: Sequence[float],
+                 length: int):
+        chans = series[0].shape[0]
+        if len(mean) != chans or len(std) != chans:
+            raise ValueError(f'normalisation has {len(mean)} means and {len(std)} stds for {chans}-channel series')
+        mean = np.asarray(mean, dtype=np.float32)[:, None]
+        std = np.asarray(std, dtype=np.float32)[:, None]
+        data = np.zeros((len(series), chans, length), dtype=np.float32)
+        for i, s in enumerate(series):
+            if s.shape[1] > length:
+                raise ValueError(f'a series has {s.shape[1]} steps, more than the padded length {length}')
+            data[i, :, length - s.shape[1]:] = np.nan_to_num((s - mean) / std, nan=0.0)
+        self.data = torch.from_numpy(data)
+        self.targets = torch.as_tensor(labels, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.data[index], self.targets[index]
