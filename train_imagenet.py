@@ -1445,7 +1445,7 @@ def recalibrate_bn(state):
     num = min(args.bn_recalibrate, state.num_batches)
     if num <= 0:
         return
-    from fvcore.nn.precise_bn import update_bn_stats
+    from timm_smpconv._fvcore import update_bn_stats
     modules = [state.model]
     if state.model_ema is not None:
         modules.append(unwrap(state.task.get_eval_model(ema=True)))  # the EMA's model (a student, when distilling)

@@ -58,9 +58,8 @@ def bn_layers(module):
 
 def eval_scale(module, state, num_batches=8):
     """{layer role: [median eval/train output scale of each layer]} for `module` (model or EMA)."""
-    from fvcore.nn.precise_bn import update_bn_stats
-
     import train_imagenet
+    from timm_smpconv._fvcore import update_bn_stats
     ref = copy.deepcopy(module).train()
     with torch.no_grad():
         update_bn_stats(ref, (x for x, _ in train_imagenet.training_batches(state)),

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from fvcore.nn.precise_bn import update_bn_stats
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_imagenet  # noqa: E402
+from timm_smpconv._fvcore import update_bn_stats  # noqa: E402
 
 
 @pytest.fixture(scope='module', autouse=True)

@@ -11,7 +11,6 @@ fvcore counts one multiply-add as one FLOP (as the papers' tables do). The repor
 """
 import argparse
 import logging
-import warnings
 from typing import Dict, Optional
 
 import timm
@@ -19,14 +18,9 @@ import torch
 import torch.nn as nn
 from timm.utils import reparameterize_model
 
+from ._fvcore import FlopCountAnalysis  # without fvcore's import-time FutureWarning
 from .layers.flexconv import FlexConv2d
 from .layers.smp_conv import _SMPConvNd
-
-with warnings.catch_warnings():
-    # importing fvcore.nn scripts one of its losses with torch.jit.script, which torch deprecates with a
-    # FutureWarning: nothing the user can act on, so it is not shown
-    warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
-    from fvcore.nn import FlopCountAnalysis
 
 __all__ = ['count_flops', 'main']
 
