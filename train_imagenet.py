@@ -903,27 +903,24 @@ def create_teacher(args, student, data_config, device):
     teacher_mean_std = None
     if ':' in name:  # local-dir: / hf-hub: carry their weights and their model_args
         model = _create_model(name, 'teacher', pretrained=True, **kwargs)
-    else:
-        ckpt_args = None
-        if args.kd_checkpoint:
-            ckpt = _read_checkpoint(args.kd_checkpoint, 'teacher checkpoint')
-            ckpt_args = ckpt.get('args') if isinstance(ckpt.get('args'), argparse.Namespace) else None
+    elif args.kd_checkpoint:
+        ckpt = _read_checkpoint(args.kd_checkpoint, 'teacher checkpoint')
+        ckpt_args = ckpt.get('args') if isinstance(ckpt.get('args'), argparse.Namespace) else None
+        ours = ckpt_args is not None and _base_name(ckpt_args.model) == _base_name(name)  # a run of this trainer
         model_kwargs = args.kd_model_kwargs
         if model_kwargs is None:
-            model_kwargs = dict(getattr(ckpt_args, 'model_kwargs', {}) or {}) if ckpt_args is not None and \
-                _base_name(ckpt_args.model) == _base_name(name) else {}
-        model = _create_model(name, 'teacher', pretrained=False, **kwargs, **model_kwargs)
-        if args.kd_checkpoint:
-            _load_weights(model, args.kd_checkpoint, use_ema=True)  # the EMA if the file has one (timm's rule)
-            if ckpt_args is not None:
-                teacher_cfg = build_data_config(ckpt_args, model)
-                teacher_mean_std = teacher_cfg['mean'], teacher_cfg['std']
-        elif not args.pretrained:
-            try:
-                model = _create_model(name, 'teacher', pretrained=True, **kwargs, **model_kwargs)
-            except TrainingError as e:
-                raise TrainingError(f'{e} (give the teacher weights with --kd-checkpoint FILE, or a local-dir:/hf-hub: '
-                                    f'name)') from e
+            model_kwargs = dict(getattr(ckpt_args, 'model_kwargs', None) or {}) if ours else {}
+        model = _create_model(name, 'teacher', **kwargs, **model_kwargs)
+        _load_weights(model, args.kd_checkpoint, use_ema=True)  # the EMA if the file has one (timm's rule)
+        if ours and not is_sequence_dataset(getattr(ckpt_args, 'dataset', '') or ''):
+            teacher_cfg = build_data_config(ckpt_args, model)  # the normalisation of the teacher's own run
+            teacher_mean_std = teacher_cfg['mean'], teacher_cfg['std']
+    else:
+        try:
+            model = _create_model(name, 'teacher', pretrained=True, **kwargs, **(args.kd_model_kwargs or {}))
+        except TrainingError as e:
+            raise TrainingError(f'{e} (give the teacher weights with --kd-checkpoint FILE, or a local-dir:/hf-hub: '
+                                f'name)') from e
     model.to(device)
     for p in model.parameters():
         p.requires_grad_(False)
