@@ -56,6 +56,8 @@ def main(argv=None):
         lines.append(f'| {name} | {what} | `{" ".join(flags)}` | {float(best["eval_top1"]):.2f}% ({best["epoch"]}) | '
                      f'{float(rows[-1]["eval_top1"]):.2f}% | {chance:.1f}% | {wall:.0f} s |')
         print(lines[-1], flush=True)
+    lines += ['', f'Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times grow with '
+              f'other jobs on the machine).']
     write_results(args.out, lines)
     print('\n'.join(lines))
 
