@@ -43,7 +43,7 @@ def triton_supports(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: 
     PyTorch's default for convolutions). With TF32 off the dispatch leaves exact float32 to the other backends:
     the kernels' full-precision dot runs on FMA units and spills registers at every tile size the models use
     (sm_80 to sm_100, `timm_smpconv.triton_aot`)."""
-    if conv_out_dtype(x) == torch.float32 and x.device.type == 'cuda' and not torch.backends.cudnn.allow_tf32:
+    if conv_out_dtype(x) == torch.float32 and not torch.backends.cudnn.allow_tf32:
         return False
     return triton_fits(x, weight, stride, groups) and triton_available(x.device.type)
 

@@ -32,20 +32,22 @@ __all__ = ['KernelLaunch', 'dwconv2d_forward', 'dwconv2d_input_grad', 'dwconv2d_
            'weight_grad_launch']
 
 
-# Shapes, kernel sizes and the bias flag are runtime arguments and not specialized (no ==1 / divisible-by-16
-# variants): they enter index math, masks and loop bounds only, so one compiled kernel serves every batch, map and
-# kernel size of a tile (the constexprs, set by the kernel width and the map height), dtype and layout. The strides
-# are specialized as Triton does (they set the vectorization). `timm_smpconv.triton_aot` compiles every variant the
-# models need for sm_80 / sm_90 / sm_100 and checks registers, spills, shared memory and tensor-core instructions.
+# Shapes (and, in the kernel gradient, the kernel size) and the bias flag are runtime arguments and not specialized
+# (no ==1 / divisible-by-16 variants): they enter index math, masks and loop bounds only, so one compiled kernel serves
+# every batch and map size of a tile, dtype and layout, with or without bias. The strides are specialized as Triton
+# does (they set the vectorization). The forward keeps kh and kw as constexprs: as runtime values they cost up to
+# 50% more registers on sm_90. `timm_smpconv.triton_aot` compiles every variant the models need for sm_80 / sm_90 /
+# sm_100 and checks registers, spills, shared memory and tensor-core instructions.
 _SHAPE_ARGS = ['N', 'C', 'H', 'W']
 
 
-@triton.jit(do_not_specialize=_SHAPE_ARGS + ['KH', 'KW', 'HAS_BIAS'])
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ['HAS_BIAS'])
 def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr,
-        N, C, H, W, KH, KW, HAS_BIAS,
+        N, C, H, W, HAS_BIAS,
         sxn, sxc, sxh, sxw,
         syn, syc, syh, syw,
+        KH: tl.constexpr, KW: tl.constexpr,
         IMGS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, WIN: tl.constexpr,
         ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -130,13 +132,25 @@ def _col_tiles(kw: int):
     return bw, win
 
 
-def _launch_options(block_w: int, win: int) -> Dict[str, int]:
+def _launch_options(block_w: int, win: int, arch: Optional[int]) -> Dict[str, int]:
     """num_warps: 8 for the widest tiles (the WIN x BLOCK_W Toeplitz tile of the forward, the BLOCK_W x WIN
     product of the kernel gradient: 8192 elements, from 51 x 51 kernels on), which with 4 need more than 255
-    registers per thread and spill (sm_80 / sm_90 / sm_100); 4 otherwise. maxnreg 255: without a register bound
-    the sm_100 ptxas (CUDA 13) caps registers itself (at 48-80 for some of these kernels) and spills to do so;
-    for sm_80 / sm_90 255 is the default anyway. Both found by `timm_smpconv.triton_aot`."""
-    return dict(num_warps=8 if block_w * win >= 8192 else 4, maxnreg=255)
+    registers per thread and spill (sm_80 / sm_90 / sm_100); 4 otherwise. On sm_100 and later also maxnreg 255:
+    without a register bound the CUDA 13 ptxas caps registers itself (at 48-80 for some of these kernels) and
+    spills to do so; on sm_80 / sm_90 the bound is left out (there it made ptxas use more registers, up to
+    159 instead of 96, for no spill saved). Both found by `timm_smpconv.triton_aot`."""
+    options = dict(num_warps=8 if block_w * win >= 8192 else 4)
+    if arch is not None and arch >= 100:
+        options['maxnreg'] = 255
+    return options
+
+
+def _arch(x: torch.Tensor, arch: Optional[int]) -> Optional[int]:
+    """The compute capability the launch is for: given (ahead-of-time compiles), else x's CUDA device's."""
+    if arch is None and x.device.type == 'cuda':
+        major, minor = torch.cuda.get_device_capability(x.device)
+        arch = 10 * major + minor
+    return arch
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -162,8 +176,10 @@ class KernelLaunch(NamedTuple):
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-def forward_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor) -> KernelLaunch:
-    """The launch of `dwconv2d_forward` for input x, contiguous weight (C, 1, kh, kw), bias and output y."""
+def forward_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
+                   arch: Optional[int] = None) -> KernelLaunch:
+    """The launch of `dwconv2d_forward` for input x, contiguous weight (C, 1, kh, kw), bias and output y, on
+    x's device or (`arch`, e.g. 90) for that compute capability."""
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2], weight.shape[-1]
     block_w, win = _col_tiles(kw)
@@ -172,9 +188,9 @@ def forward_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.T
     grid = (triton.cdiv(n, imgs) * c, triton.cdiv(h, block_h), triton.cdiv(w, block_w))
     return KernelLaunch(_dw_fwd_kernel, grid, (
         x, weight, bias if bias is not None else weight, y,
-        n, c, h, w, kh, kw, int(bias is not None), *x.stride(), *y.stride()), dict(
-        IMGS=imgs, BLOCK_H=block_h, BLOCK_W=block_w, WIN=win,
-        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win)))
+        n, c, h, w, int(bias is not None), *x.stride(), *y.stride()), dict(
+        KH=kh, KW=kw, IMGS=imgs, BLOCK_H=block_h, BLOCK_W=block_w, WIN=win,
+        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win, _arch(x, arch))))
 
 
 def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
@@ -190,7 +206,7 @@ def dwconv2d_input_grad(gy: torch.Tensor, weight: torch.Tensor, out=None) -> tor
     return dwconv2d_forward(gy, weight.flip(-2, -1), out=out)
 
 
-def weight_grad_launch(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> KernelLaunch:
+def weight_grad_launch(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int, arch: Optional[int] = None) -> KernelLaunch:
     """The launch of `dwconv2d_weight_grad`; its output, the per-slice product tiles (splits, C, kh, BLOCK_W, WIN)
     in float32, is args[2] (allocated here, on x's device)."""
     n, c, h, w = x.shape
@@ -206,7 +222,7 @@ def weight_grad_launch(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> K
     return KernelLaunch(_dw_wgrad_kernel, (c, kh, splits), (
         x, gy, partial, n, c, h, w, kh, kw, rows_per_split, *x.stride(), *gy.stride()), dict(
         BLOCK_M=block_m, BLOCK_W=block_w, WIN=win,
-        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win)))
+        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win, _arch(x, arch))))
 
 
 def dwconv2d_weight_grad(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
