@@ -23,6 +23,7 @@ from .._validate import check_choice, check_int, check_kernel_size
 from ..ops import causal_conv1d
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn, pad_kernel
+from .recompute import recompute_batch_norm, recompute_sum, recomputing
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop
 
 __all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 'resize_smp_params']
@@ -428,9 +429,27 @@ class _SMPLargeKernelNd(nn.Module):
             self.small_bn = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.smp_bn(self.smp(x))
+        if torch.jit.is_scripting():
+            out = self.smp_bn(self.smp(x))
+            if self.small_conv is not None and self.small_bn is not None:
+                out = out + self.small_bn(self.small_conv(x))
+            return out
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.smp(x)
+        out = self.smp_bn(f)
+        if recomputing():  # keep the conv outputs: the BN outputs and their sum are recomputed from them
+            recompute_batch_norm(f, out, self.smp_bn)
         if self.small_conv is not None and self.small_bn is not None:
-            out = out + self.small_bn(self.small_conv(x))
+            h = self.small_conv(x)
+            small = self.small_bn(h)
+            total = out + small
+            if recomputing():
+                recompute_batch_norm(h, small, self.small_bn)
+                recompute_sum(total, out, small)
+            out = total
         return out
 
     @torch.no_grad()
