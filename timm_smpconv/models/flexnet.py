@@ -48,6 +48,7 @@ from timm.models._features import feature_take_indices
 
 from .._validate import check_choice, square_size
 from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
+from ..layers.kernel_bank import batched_kernels
 from ..resolution import retarget_resolution
 from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
 
@@ -274,12 +275,19 @@ class FlexNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_act(self.stem(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x
+        if torch.jit.is_scripting():
+            return self.blocks(self.stem_act(self.stem(x)))
+        if self.grad_checkpointing:
+            return checkpoint_seq(self.blocks, self.stem_act(self.stem(x)))
+        if torch.compiler.is_compiling():
+            return self.blocks(self.stem_act(self.stem(x)))  # (compiled: Inductor fuses the kernel generation)
+        return self._forward_features(x)
+
+    @torch.jit.unused
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # every layer's kernel from one batched kernel-network (or SMP) evaluation, not one per layer
+        with batched_kernels(self.modules(), enabled=not isinstance(x, torch.fx.Proxy)):
+            return self.blocks(self.stem_act(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)
