@@ -1,7 +1,9 @@
-""" How much a training forward keeps for the backward: bytes of activations, by layer type.
+""" Device-independent costs of a training step: the bytes a forward keeps for the backward (by layer type), and
+the number of aten ops a step dispatches (on a GPU: kernel launches, give or take views and fusions).
 
-    from timm_smpconv.memory import saved_activation_bytes
+    from timm_smpconv.memory import count_aten_ops, saved_activation_bytes
     report = saved_activation_bytes(model, x, amp=True)   # report.total, report.by_type, report.per_image
+    ops = count_aten_ops(lambda: F.cross_entropy(model(x), y).backward())
 
 Every tensor an op saves for the backward passes through a `torch.autograd.graph.saved_tensors_hooks` pack hook;
 the report counts each storage once (a tensor saved by several ops, or views of one tensor, are kept once),
@@ -13,12 +15,12 @@ keep (their inputs), not by the tensors they stand for.
 """
 import collections
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 import torch.nn as nn
 
-__all__ = ['SavedBytes', 'saved_activation_bytes']
+__all__ = ['SavedBytes', 'count_aten_ops', 'saved_activation_bytes']
 
 
 @dataclass
@@ -69,3 +71,20 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: bool = False,
     for nbytes, owner, _ in seen.values():
         by_type[owner] += nbytes
     return SavedBytes(sum(by_type.values()), x.shape[0], dict(by_type.most_common()))
+
+
+def count_aten_ops(fn: Callable[[], object]) -> int:
+    """The number of aten ops `fn()` dispatches (every op that reaches a backend: views and in-place updates
+    included), counted with a TorchDispatchMode."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        fn()
+    return _Count.n

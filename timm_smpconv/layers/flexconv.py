@@ -52,6 +52,7 @@ from ..ops import causal_conv1d, fft_conv2d
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn
 from .kernel_bank import take_kernel
+from .recompute import recompute_batch_norm
 from .smp import rescale_factor
 
 __all__ = [
@@ -683,7 +684,16 @@ class FlexConvBN2d(nn.Module):
             self.bn.running_var.copy_(_init_output_variance(self.conv.get_weight()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        if torch.jit.is_scripting():
+            return self.bn(self.conv(x))
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(x)
+        y = self.bn(c)
+        recompute_batch_norm(c, y, self.bn)  # in a recompute scope: the BN output is recomputed from the conv output
+        return y
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:

@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from ..ops.fft import keep_spectra
 
-__all__ = ['activation', 'batch_norm_affine', 'recompute_activation', 'recompute_batch_norm', 'recompute_saved', 'recompute_scope',
-           'recompute_sum', 'recomputing']
+__all__ = ['activation', 'batch_norm_affine', 'recompute_activation', 'recompute_batch_norm', 'recompute_dropout',
+           'recompute_saved', 'recompute_scope', 'recompute_sum', 'recomputing']
 
 _state = threading.local()
 
@@ -238,3 +238,20 @@ def recompute_sum(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Optional
     if not recomputing() or not z.requires_grad:
         return None
     return recompute_saved(z, torch.add, _recipe_or_tensor(a), _recipe_or_tensor(b))
+
+
+def recompute_dropout(z: torch.Tensor, y: torch.Tensor) -> Optional[_Recipe]:
+    """Register `z = dropout(y)` (training) to be recomputed from y (itself recomputed if registered) and what
+    dropout keeps anyway: its mask (CUDA's fused dropout: y * mask * scale) or its scaled noise (CPU: y * noise)."""
+    node = z.grad_fn
+    if not recomputing() or not z.requires_grad:
+        return None
+    kind = type(node).__name__
+    if kind == 'NativeDropoutBackward0':
+        mask, scale = node._saved_result1, node._saved_scale
+        return recompute_saved(z, lambda y, mask: y.mul(mask).mul_(scale), _recipe_or_tensor(y), mask)
+    if kind == 'MulBackward0':
+        noise = node._saved_other
+        if isinstance(noise, torch.Tensor) and noise.shape == z.shape and not noise.requires_grad:
+            return recompute_saved(z, torch.mul, _recipe_or_tensor(y), noise)
+    return None
