@@ -56,7 +56,7 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: bool = False,
         ptr = storage.data_ptr()
         if ptr and ptr not in kept and ptr not in seen:
             seen[ptr] = (storage.nbytes(), stack[-1] if stack else type(model).__name__, storage)
-        return t
+        return t.detach()  # (the tensor itself would tie a saved output to its own grad_fn: a cycle, never freed)
 
     pack.observes_saved_tensors = True  # recompute scopes report what they keep instead of stepping aside
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]

@@ -133,7 +133,9 @@ class recompute_scope:
             return recipe
         if self.observer is not None:
             self.observer(t)
-        return t
+        # detached: a tensor an op saves of its own outputs would otherwise hold that op's node, which holds it (a
+        # cycle through the graph that Python's collector cannot see: a graph dropped without a backward leaked)
+        return t.detach()
 
     @staticmethod
     def _unpack(packed):
