@@ -11,11 +11,13 @@ many aten ops a training step dispatches, against timm's convnext_tiny; and what
   from the conv outputs in the backward (the ImageNet models' default), 'lean' also drops the FFT spectra.
 * aten ops of forward + loss + backward (`count_aten_ops`), batch 8 (32 px CIFAR, 224 px ImageNet); the CIFAR
   models also as before the batched kernel generation ('per-layer kernels').
-* Step time: forward + backward + SGD step of each form, interleaved in one process (median of per-round ratios
-  to 'plain'), smpconv_t at batch 8 / 224 px, the CIFAR models at batch 64 / 32 px; the process's CPU time
+* Step time: forward + backward + SGD step of the code before (every result kept, each FlexNet layer generating
+  its own kernel), the default and the lean form, interleaved in one process (median of per-round ratios to
+  'before'), smpconv_t at batch 8 / 224 px, the CIFAR models at batch 64 / 32 px; the process's CPU time
   (time.process_time), which other jobs on a shared machine do not inflate: run it at --threads 1.
 Writes benchmarks/results/memory.md.
 """
+import contextlib
 import statistics
 import time
 from unittest import mock
@@ -149,27 +151,36 @@ def op_table(smoke: bool):
 
 
 def timing_table(smoke: bool, rounds: int):
-    table = ['| model | memory format | plain s | pointwise / plain | lean / plain |', '|---|---|---|---|---|']
-    for name, fmt, batch in [('smpconv_t', 'nchw', 8), ('smpconv_t', 'channels_last', 8),
-                             ('smp_flexnet_16', 'nchw', 64), ('flexnet_16@grown', 'nchw', 64)]:
+    """Step time of the code before this work ('before': every result kept, each FlexNet layer generating its own
+    kernel) against the default and the lean form, interleaved in one process."""
+    table = ['| model | memory format | before s | default / before | lean / before |', '|---|---|---|---|---|']
+    for name, fmt, batch in [('smpconv_t', 'nchw', 8), ('smpconv_t', 'channels_last', 8), ('smp_flexnet_16', 'nchw', 64),
+                             ('flexnet_16', 'nchw', 64), ('flexnet_16@grown', 'nchw', 64)]:
         model = _model(name, smoke)
         x = _input(name, 2 if smoke else batch, smoke, fmt == 'channels_last')
         if fmt == 'channels_last':
             model = model.to(memory_format=torch.channels_last)
         y = torch.randint(0, 10, (x.shape[0],))
         opt = torch.optim.SGD(model.parameters(), lr=1e-6)
+        cifar = name.split('@')[0] in CIFAR_ARCHS
+        forms = {'before': (FORMS['plain'], cifar), 'default': (FORMS['plain' if cifar else 'pointwise'], False),
+                 'lean': (FORMS['lean'], False)}
 
-        def step(args):
+        def step(form):
+            recompute, per_layer = forms[form]
+
             def run():
-                model.set_recompute(*args)
+                model.set_recompute(*recompute)
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x), y).backward()
+                with mock.patch('timm_smpconv.models.flexnet.batched_kernels', _PerLayer) if per_layer \
+                        else contextlib.nullcontext():
+                    F.cross_entropy(model(x), y).backward()
                 opt.step()
             return run
 
-        t = interleaved_times({f: step(a) for f, a in FORMS.items()}, 1, rounds, clock=time.process_time)
-        ratio = {f: statistics.median(a / b for a, b in zip(t[f], t['plain'])) for f in ('pointwise', 'lean')}
-        table.append(f"| {name} | {fmt} | {statistics.median(t['plain']):.3f} | {ratio['pointwise']:.3f}x | "
+        t = interleaved_times({f: step(f) for f in forms}, 1, rounds, clock=time.process_time)
+        ratio = {f: statistics.median(a / b for a, b in zip(t[f], t['before'])) for f in ('default', 'lean')}
+        table.append(f"| {name} | {fmt} | {statistics.median(t['before']):.3f} | {ratio['default']:.3f}x | "
                      f"{ratio['lean']:.3f}x |")
         print(table[-1], flush=True)
     return table
@@ -203,7 +214,9 @@ def main(argv=None):
              'Targets: flexnet_16 <= 2,000, smp_flexnet_16 <= 900.', ''] + ops + [
              '', f'## Training step time by form (interleaved, median of {rounds} per-round ratios)', '',
              'Forward + backward + SGD step, CPU seconds of the process; smpconv_t at batch 8, the CIFAR models at '
-             'batch 64.', ''] + timing
+             'batch 64. before = every result kept and (FlexNet) each layer generating its own kernel, as the code '
+             'before; default = pointwise recompute for smpconv_t, batched kernels for the FlexNets; lean = '
+             '`set_recompute(True, fft_spectra=True)`.', ''] + timing
     print(f'wrote {write_results(args.out, lines)}')
 
 

@@ -155,7 +155,7 @@ SMOKE_RUNS = [
     ('reparam_latency', 'reparam.md', ['--models', 'smpconv_mobile31'], [1], {0: [4, 5]}),
     ('train_digits', 'digits.md', [], [1], {}),
     ('run', 'benchmark.md', ['--models', 'flexnet_16@init', '--pairs'], [1, 0, 0], {0: [3, 5, 6]}),
-    ('memory', 'memory.md', [], [8, 10, 12, 12, 4], {0: [2, 3, 4, 5], 2: [2, 3], 4: [2]}),
+    ('memory', 'memory.md', [], [8, 10, 12, 12, 5], {0: [2, 3, 4, 5], 2: [2, 3], 4: [2]}),
 ]
 
 

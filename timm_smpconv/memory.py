@@ -56,7 +56,8 @@ def saved_activation_bytes(model: nn.Module, x: torch.Tensor, amp: bool = False,
         ptr = storage.data_ptr()
         if ptr and ptr not in kept and ptr not in seen:
             seen[ptr] = (storage.nbytes(), stack[-1] if stack else type(model).__name__, storage)
-        return t.detach()  # (the tensor itself would tie a saved output to its own grad_fn: a cycle, never freed)
+        # detached: a saved output handed back itself would hold its own node (a cycle, never freed)
+        return t if t.grad_fn is None else t.detach()
 
     pack.observes_saved_tensors = True  # recompute scopes report what they keep instead of stepping aside
     handles = [h for m in model.modules() for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]

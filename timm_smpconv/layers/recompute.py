@@ -135,7 +135,7 @@ class recompute_scope:
             self.observer(t)
         # detached: a tensor an op saves of its own outputs would otherwise hold that op's node, which holds it (a
         # cycle through the graph that Python's collector cannot see: a graph dropped without a backward leaked)
-        return t.detach()
+        return t if t.grad_fn is None else t.detach()
 
     @staticmethod
     def _unpack(packed):
@@ -189,7 +189,7 @@ def batch_norm_affine(x: torch.Tensor, y: torch.Tensor, bn: nn.Module):
         scale = invstd.float() * weight.float()
         return _affine(x, scale, bias.float() - mean.float() * scale, dtype, stride)
 
-    return fn, (x, mean.detach(), invstd.detach(), bn.weight.detach(), bn.bias.detach())
+    return fn, (x, mean, invstd, bn.weight, bn.bias)  # (mean and invstd come detached from the hooks)
 
 
 def _recipe_or_tensor(t: torch.Tensor):
