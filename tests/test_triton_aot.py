@@ -14,15 +14,33 @@ pytestmark = pytest.mark.skipif(REASON is not None, reason=f'no ahead-of-time co
 DOCS = Path(__file__).resolve().parents[1] / 'docs' / 'performance.md'
 
 
+def _over_the_limits():
+    """Two launches that break the checks on sm_80: the kernel gradient with 4 warps for the 51 x 51 tile (it spills:
+    the reason it gets 8) and the float32 forward without TF32 (FMA units, no tensor-core instruction)."""
+    from timm_smpconv.ops import triton_dwconv as k
+    x = torch.empty(2, 64, 56, 56, device='meta')
+    launch = k.weight_grad_launch(x, x, 51, 51, arch=80)
+    assert launch.kwargs['num_warps'] == 8
+    four = launch._replace(kwargs={**launch.kwargs, 'num_warps': 4})
+    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        ieee = k.forward_launch(x[:, :, :14, :14], torch.empty(64, 1, 13, 13, device='meta'), None,
+                                torch.empty(2, 64, 14, 14, device='meta'), arch=80)
+    return [triton_aot.AotConfiguration('kernel grad', 'fp32', 'NCHW', {80: four}, ['test 51x51 on 56x56: kernel grad']),
+            triton_aot.AotConfiguration('forward', 'fp32 ieee', 'NCHW', {80: ieee}, ['test 13x13 on 14x14: forward'])]
+
+
 @pytest.fixture(scope='module')
 def compiled():
+    """Every configuration for every supported arch, and the two bad launches, in one pool of compiler processes."""
     archs = triton_aot.supported_archs()
     configs = triton_aot.aot_configurations(archs=archs)
-    return archs, configs, triton_aot.compile_configurations(configs, archs)
+    bad = _over_the_limits()
+    reports = triton_aot.compile_configurations(configs + bad, archs)
+    return archs, configs, reports[:len(configs)], reports[len(configs):]
 
 
 def test_aot_every_configuration_compiles_within_the_limits_on_tensor_cores(compiled):
-    archs, configs, reports = compiled
+    archs, configs, reports, _ = compiled
     assert {80, 90} <= set(archs)
     bad = []
     for c, row in zip(configs, reports):
@@ -34,7 +52,7 @@ def test_aot_every_configuration_compiles_within_the_limits_on_tensor_cores(comp
 
 
 def test_aot_covers_every_large_kernel_conv_direction_dtype_and_layout(compiled):
-    archs, configs, _ = compiled
+    archs, configs, _, _ = compiled
     covered = {(u, c.precision, c.layout) for c in configs for u in c.uses}
     expected = set()
     for name in ('smpconv_t', 'smpconv_b', 'smpconv_mobile31', 'smpconv_mobile51'):
@@ -54,7 +72,7 @@ def test_aot_covers_every_large_kernel_conv_direction_dtype_and_layout(compiled)
 
 
 def test_aot_table_in_the_docs_is_what_the_script_writes(compiled):
-    archs, configs, reports = compiled
+    archs, configs, reports, _ = compiled
     text = DOCS.read_text()
     block = triton_aot.docs_block(configs, reports)
     lines = text.split('\n')
@@ -66,20 +84,10 @@ def test_aot_table_in_the_docs_is_what_the_script_writes(compiled):
     assert triton_aot.replace_docs_block(text, block).count(triton_aot.DOCS_BEGIN) == 1
 
 
-def test_aot_check_detects_spills_and_missing_tensor_cores():
-    """The limits are real checks: the kernel gradient with 4 warps for the 51 x 51 tile spills on sm_80 (the
-    reason it gets 8), and the float32 forward without TF32 runs on FMA units (no tensor-core instruction)."""
-    from timm_smpconv.ops import triton_dwconv as k
-    x = torch.empty(2, 64, 56, 56, device='meta')
-    launch = k.weight_grad_launch(x, x, 51, 51, arch=80)
-    assert launch.kwargs['num_warps'] == 8
-    four = launch._replace(kwargs={**launch.kwargs, 'num_warps': 4})
-    spilled = triton_aot.AotConfiguration('kernel grad', 'fp32', 'NCHW', {80: four}, ['test 51x51 on 56x56: kernel grad'])
-    with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-        ieee = k.forward_launch(x[:, :, :14, :14], torch.empty(64, 1, 13, 13, device='meta'), None,
-                                torch.empty(2, 64, 14, 14, device='meta'), arch=80)
-    fma = triton_aot.AotConfiguration('forward', 'fp32 ieee', 'NCHW', {80: ieee}, ['test 13x13 on 14x14: forward'])
-    (r_spill,), (r_fma,) = triton_aot.compile_configurations([spilled, fma], (80,), jobs=1)
+def test_aot_check_detects_spills_and_missing_tensor_cores(compiled):
+    """The limits are real checks (`_over_the_limits`)."""
+    (r_spill,), (r_fma,) = compiled[3]
+    assert r_spill.arch == r_fma.arch == 80
     assert r_spill.spill_stores > 0 and r_spill.tensor_core
     assert r_fma.spill_stores == 0 and not r_fma.tensor_core and r_fma.mma == {}
 
@@ -90,3 +98,26 @@ def test_aot_occupancy_arithmetic():
     # shared memory binds: 100 KiB per block -> 2 blocks in 228 KiB
     assert triton_aot.occupancy(90, 32, 100 * 1024, 4) == 8 / 64
     assert triton_aot.occupancy(80, 255, 0, 8) == 8 / 64
+
+
+def test_aot_script_smoke_run(tmp_path, monkeypatch):
+    """`python benchmarks/triton_aot.py --smoke` writes a results file shaped like the committed one (one model,
+    bf16, sm_80) and leaves the docs alone."""
+    import importlib.util
+    bench = Path(__file__).resolve().parents[1] / 'benchmarks'
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location('bench_triton_aot', bench / 'triton_aot.py')
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    docs = DOCS.read_text()
+    out = tmp_path / 'triton_aot.md'
+    configs, reports = mod.main(['--smoke', '--jobs', '1', '--out', str(out)])
+    text = out.read_text()
+    committed = (bench / 'results' / 'triton_aot.md').read_text()
+    header = '| kernel | tile | dtype | layout | serves | sm_80 |'  # (the committed run: and sm_90, sm_100)
+    assert text.startswith('# Triton kernels compiled ahead of time (smoke run') and header + '\n' in text
+    assert committed.count(header) == 1
+    rows = [line for line in text.splitlines() if line.startswith(('| forward |', '| kernel grad |'))]
+    assert len(rows) == len(configs) > 0 and all(row.count(' | ') == 5 and 'regs' in row for row in rows)
+    assert all(len(row) == 1 and row[0].tensor_core for row in reports)
+    assert DOCS.read_text() == docs

@@ -418,15 +418,17 @@ def _compiler_environment():
 
 def compile_configurations(configs: Sequence[AotConfiguration], archs: Sequence[int],
                            jobs: Optional[int] = None) -> List[List[AotReport]]:
-    """[[report per arch] per configuration]: every configuration compiled for every arch in `jobs` worker
-    processes (default: one per CPU), then the SASS read. Workers are spawned fresh, without TRITON_INTERPRET."""
-    tasks = [(_encode(c.launches[a]), a, c.describe()) for c in configs for a in archs]
+    """[[report per arch] per configuration]: every configuration compiled for each of `archs` it has a launch for,
+    in `jobs` worker processes (default: one per CPU), then the SASS read. Workers are spawned fresh, without
+    TRITON_INTERPRET."""
+    tasks = [(_encode(c.launches[a]), a, c.describe()) for c in configs for a in archs if a in c.launches]
     jobs = max(1, min(len(tasks), jobs or os.cpu_count() or 1))
     ctx = multiprocessing.get_context('spawn')  # a fresh interpreter: no fork of a process running torch
     with _compiler_environment(), concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-        flat = list(pool.map(_compile_task, tasks))
-    read_sass(flat)
-    return [flat[i * len(archs):(i + 1) * len(archs)] for i in range(len(configs))]
+        flat = iter(pool.map(_compile_task, tasks))
+        reports = [[next(flat) for a in archs if a in c.launches] for c in configs]
+    read_sass([r for row in reports for r in row])
+    return reports
 
 
 def format_table(configs: Sequence[AotConfiguration], reports: Sequence[Sequence[AotReport]]) -> List[str]:
