@@ -86,3 +86,48 @@ def check_timm_model_contract(name: str, resize_input=None):
         m64.set_input_size(resize_input)
     assert not any(p.requires_grad for p in m64.parameters())
     return model, cfg, x
+
+
+class HostSyncs:
+    """Counts the operations of a block that make the host wait for the device (on a GPU): the aten ops that read
+    values or data-dependent shapes back (`.item()`, `int(t)`, `bool(t)`, `nonzero`, `masked_select`, ...) through a
+    TorchDispatchMode, and `Tensor.tolist()` / `.numpy()` through a TorchFunctionMode (on CPU tensors these read
+    memory without dispatching an op). `events`: a Counter of op names."""
+    DISPATCH = {'_local_scalar_dense', 'nonzero', 'masked_select', 'unique_dim', '_unique2', 'unique_consecutive',
+                'equal', 'is_nonzero'}
+    FUNCTIONS = {'tolist', 'numpy'}
+
+    def __init__(self):
+        import collections
+
+        from torch.overrides import TorchFunctionMode
+        from torch.utils._python_dispatch import TorchDispatchMode
+        self.events = collections.Counter()
+        events = self.events
+
+        class _Dispatch(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in HostSyncs.DISPATCH or (name == 'repeat_interleave' and 'output_size' not in (kwargs or {})
+                                                  and isinstance(args[0], torch.Tensor) and args[0].dim() > 0
+                                                  and len(args) == 1):
+                    events[name] += 1
+                return func(*args, **(kwargs or {}))
+
+        class _Function(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if getattr(func, '__name__', None) in HostSyncs.FUNCTIONS:
+                    events[func.__name__] += 1
+                return func(*args, **(kwargs or {}))
+
+        self._modes = (_Function(), _Dispatch())
+
+    def __enter__(self):
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+        return False

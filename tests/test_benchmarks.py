@@ -157,6 +157,7 @@ SMOKE_RUNS = [
     ('bn_stats', 'bn_stats.md', [], None, {1: [3]}),
     ('timeseries', 'timeseries.md', [], [3], {}),
     ('run', 'benchmark.md', ['--models', 'flexnet_16@init', '--pairs'], [1, 0, 0], {0: [3, 5, 6]}),
+    ('memory', 'memory.md', [], [8, 10, 12, 12, 5], {0: [2, 3, 4, 5], 2: [2, 3], 4: [2]}),
 ]
 
 

@@ -120,3 +120,15 @@ def test_triton_backend_refuses_devices_it_cannot_run_on(monkeypatch):
         triton_dwconv2d(torch.randn(1, 2, 8, 8), torch.randn(2, 1, 3, 3))
     with pytest.raises(RuntimeError, match="conv impl 'triton' needs"):
         conv_impl('triton').__enter__()
+
+
+def test_triton_dispatch_leaves_float32_without_tf32_to_other_backends(triton_device):
+    """With TF32 off, exact float32 is not sent to the Triton kernels (their full-precision dot spills registers on
+    real GPUs: timm_smpconv.triton_aot); half precision still is."""
+    x = torch.randn(1, 4, 10, 10, device=triton_device)
+    w = torch.randn(4, 1, 7, 7, device=triton_device)
+    with conv_impl('triton'):
+        assert select_conv_backend(x, w, 1, 4) == 'triton'
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            assert select_conv_backend(x, w, 1, 4) != 'triton'
+            assert select_conv_backend(x.half(), w.half(), 1, 4) == 'triton'

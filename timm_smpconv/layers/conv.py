@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from ..ops import causal_conv1d, large_kernel_conv2d
 from .fuse import fill_conv_, fold_bn, fold_preceding_bn
+from .recompute import activation, recompute_activation, recompute_batch_norm, recomputing
 
 __all__ = ['CausalConv1d', 'ConvBN', 'DispatchConvMixin', 'LargeKernelConv2d']
 
@@ -66,7 +67,19 @@ class ConvBN(nn.Module):
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.bn(self.conv(x)))
+        if torch.jit.is_scripting():
+            return self.act(self.bn(self.conv(x)))
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(x)
+        y = self.bn(c)
+        if recomputing() and isinstance(self.bn, nn.BatchNorm2d):
+            recompute_batch_norm(c, y, self.bn)  # keep only the conv output: BN and activation recomputed from it
+        z = activation(self.act, y)
+        recompute_activation(z, self.act, y)
+        return z
 
     @torch.no_grad()
     def _set_conv(self, weight: torch.Tensor, bias: torch.Tensor):

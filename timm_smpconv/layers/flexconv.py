@@ -51,11 +51,13 @@ from .._validate import check_choice, check_int, check_kernel_size, check_positi
 from ..ops import causal_conv1d, fft_conv2d
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn
+from .kernel_bank import take_kernel
+from .recompute import recompute_batch_norm
 from .smp import rescale_factor
 
 __all__ = [
     'MAGNet', 'SIRENKernelNet', 'FlexConv1d', 'FlexConv2d', 'CKConv2d', 'FlexConvBN1d', 'FlexConvBN2d',
-    'gaussian_mask_crop_1d',
+    'gaussian_mask_crop_1d', 'gaussian_mask_crops',
     'gaussian_mask_crop', 'FLEX_RESIZE_MODES', 'KERNEL_NETS',
 ]
 
@@ -154,6 +156,29 @@ class MAGNet(nn.Module):
             z = gabor[l + 1] * lin(z)
         return self.output(z)
 
+    def batch_key(self) -> tuple:
+        return ('magnet', self.dims, self.hidden_dim, self.num_layers)
+
+    @staticmethod
+    def hidden_batched(nets: List['MAGNet'], pos: torch.Tensor) -> torch.Tensor:
+        """z_L of every net in `nets` (same batch_key) at positions pos (P, D): (len(nets), P, H), each net's
+        parameters stacked into one tensor per kind, so the ops do not grow with the number of nets."""
+        n, f, h, d = len(nets), nets[0].num_layers + 1, nets[0].hidden_dim, nets[0].dims
+        filters = [filt for net in nets for filt in net.filters]
+        mu = torch.stack([filt.mu for filt in filters]).view(n, f, 1, h, d)
+        gamma = torch.stack([filt.gamma for filt in filters]).view(n, f, 1, h, d)
+        w = torch.stack([filt.linear.weight for filt in filters]).view(n, f, h, d)
+        b = torch.stack([filt.linear.bias for filt in filters]).view(n, f, 1, h)
+        envelope = torch.exp(-0.5 * (gamma * (pos.view(1, 1, -1, 1, d) - mu)).pow(2).sum(-1))  # (n, f, P, H)
+        gabor = envelope * torch.sin(torch.matmul(pos, w.transpose(-1, -2)) + b)
+        z = gabor[:, 0]
+        if nets[0].num_layers:
+            a = torch.stack([lin.weight for net in nets for lin in net.hidden]).view(n, -1, h, h)
+            c = torch.stack([lin.bias for net in nets for lin in net.hidden]).view(n, -1, 1, h)
+            for l in range(nets[0].num_layers):
+                z = gabor[:, l + 1] * torch.baddbmm(c[:, l], z, a[:, l].transpose(1, 2))
+        return z
+
 
 class SIRENKernelNet(nn.Module):
     """SIREN kernel network of CKConv: sin(w0 (W x + b)) layers, then a linear output.
@@ -201,6 +226,39 @@ class SIRENKernelNet(nn.Module):
             z = torch.sin(self.omega_0 * lin(z))
         return self.output(z)
 
+    def batch_key(self) -> tuple:
+        return ('siren', self.dims, self.hidden_dim, self.num_layers, self.omega_0)
+
+    @staticmethod
+    def hidden_batched(nets: List['SIRENKernelNet'], pos: torch.Tensor) -> torch.Tensor:
+        """The last hidden activations of every net in `nets` (same batch_key) at pos (P, D): (len(nets), P, H)."""
+        n, h, omega = len(nets), nets[0].hidden_dim, nets[0].omega_0
+        w = torch.stack([net.first.weight for net in nets])
+        b = torch.stack([net.first.bias for net in nets]).unsqueeze(1)
+        z = torch.sin(omega * (torch.matmul(pos, w.transpose(1, 2)) + b))
+        if nets[0].hidden:
+            a = torch.stack([lin.weight for net in nets for lin in net.hidden]).view(n, -1, h, h)
+            c = torch.stack([lin.bias for net in nets for lin in net.hidden]).view(n, -1, 1, h)
+            for l in range(a.shape[1]):
+                z = torch.sin(omega * torch.baddbmm(c[:, l], z, a[:, l].transpose(1, 2)))
+        return z
+
+
+def _outputs_batched(nets: List[nn.Module], z: torch.Tensor) -> List[torch.Tensor]:
+    """Each net's output layer on its rows of z (len(nets), P, H): [(P, out_features)], one batched matmul per
+    group of nets with the same output width."""
+    groups = {}
+    for i, net in enumerate(nets):
+        groups.setdefault(net.output.out_features, []).append(i)
+    outs: List[Optional[torch.Tensor]] = [None] * len(nets)
+    for idx in groups.values():
+        w = torch.stack([nets[i].output.weight for i in idx])
+        b = torch.stack([nets[i].output.bias for i in idx]).unsqueeze(1)
+        zi = z if len(idx) == len(nets) else z[torch.tensor(idx, device=z.device)]
+        for i, o in zip(idx, torch.baddbmm(b, zi, w.transpose(1, 2)).unbind(0)):
+            outs[i] = o
+    return outs
+
 
 def gaussian_mask_crop(mask_params: torch.Tensor, kernel_size: int, threshold: float = 0.1) -> List[int]:
     """Dynamic cropping (the authors' rule, from their code): how many grid positions to drop at each end of each axis.
@@ -221,6 +279,22 @@ def gaussian_mask_crop(mask_params: torch.Tensor, kernel_size: int, threshold: f
     starts = (half.unsqueeze(0) <= -r.unsqueeze(1)).sum(1).clamp(max=kernel_size // 2)
     starts = starts * (r < 1.).long()
     return torch.jit.annotate(List[int], starts.tolist())  # the one host sync of a forward
+
+
+def _mask_extent(mean: torch.Tensor, sigma: torch.Tensor, c) -> torch.Tensor:
+    return torch.maximum((mean - sigma * c).abs(), (mean + sigma * c).abs())
+
+
+def gaussian_mask_crops(layers: List['FlexConv2d']) -> List[List[int]]:
+    """`gaussian_mask_crop` of every layer (same horizon) with one host read for all: [[i_0, i_1] per layer]."""
+    k = layers[0].kernel_size
+    mp = torch.stack([m.mask_params.detach().float() for m in layers])  # (L, 2, 2)
+    c = torch.tensor([math.sqrt(-2.0 * math.log(m.mask_threshold)) for m in layers], device=mp.device,
+                     dtype=torch.float32).view(-1, 1)
+    r = _mask_extent(mp[:, :, 0], mp[:, :, 1], c)  # (L, 2)
+    half = torch.linspace(-1., 1., k, device=mp.device)[:k // 2 + 1]
+    starts = (half <= -r.unsqueeze(-1)).sum(-1).clamp(max=k // 2) * (r < 1.).long()
+    return starts.tolist()
 
 
 @register_notrace_module  # data-dependent kernel shape: a leaf for torch.fx
@@ -388,7 +462,55 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f'{self.layer_name} expects (N, {self.in_channels}, H, W) inputs, got shape {list(x.shape)}')
-        return self._conv(x, self.get_weight(), self.bias)
+        if torch.jit.is_scripting():
+            return self._conv(x, self.get_weight(), self.bias)
+        return self._conv(x, self._weight(), self.bias)
+
+    @torch.jit.unused
+    def _weight(self) -> torch.Tensor:
+        """The kernel a `batched_kernels` block generated for this layer, else this layer's own."""
+        w = take_kernel(self)
+        return self.get_weight() if w is None else w
+
+    @torch.jit.unused
+    def batch_key(self) -> tuple:
+        """Layers with the same key can generate their kernels in one batched evaluation (`batched_weights`)."""
+        masked = self.mask_params is not None
+        ref = self.kernel_net.output.weight
+        return (self.dims, self.kernel_size, masked, masked and self.dynamic_cropping, ref.dtype, ref.device,
+                ref.is_meta) + self.kernel_net.batch_key()
+
+    @staticmethod
+    @torch.jit.unused
+    def batched_weights(layers: List['FlexConv2d']) -> List[torch.Tensor]:
+        """`get_weight()` of every layer (same `batch_key`) from one batched kernel-network evaluation: the
+        cropped grids are nested windows of one grid (each centred), so every net runs on the largest window
+        and each layer keeps its own; one host read for all the crops."""
+        ref = layers[0]
+        k = ref.kernel_size
+        crops = gaussian_mask_crops(layers) if ref.mask_params is not None and ref.dynamic_cropping and \
+            not ref.mask_params.is_meta else [[0, 0]] * len(layers)
+        i0, i1 = min(c[0] for c in crops), min(c[1] for c in crops)
+        w_ref = ref.kernel_net.output.weight
+        grid = torch.linspace(-1., 1., k, device=w_ref.device, dtype=w_ref.dtype)
+        p0, p1 = grid[i0:k - i0], grid[i1:k - i1]
+        h, w = p0.shape[0], p1.shape[0]
+        pos = torch.stack(torch.meshgrid(p0, p1, indexing='ij'), dim=-1).reshape(h * w, 2)
+        nets = [m.kernel_net for m in layers]
+        outs = _outputs_batched(nets, type(nets[0]).hidden_batched(nets, pos))
+        factor = torch.stack([m.sampling_rate_norm for m in layers]).to(w_ref.dtype).view(-1, 1, 1)
+        if ref.mask_params is not None:
+            mp = torch.stack([m.mask_params for m in layers])  # (L, 2, 2)
+            m0 = torch.exp(-0.5 * ((p0 - mp[:, 0, 0:1]) / mp[:, 0, 1:2]).pow(2))  # (L, h)
+            m1 = torch.exp(-0.5 * ((p1 - mp[:, 1, 0:1]) / mp[:, 1, 1:2]).pow(2))  # (L, w)
+            factor = factor * (m0.unsqueeze(2) * m1.unsqueeze(1))  # (L, h, w)
+        weights = []
+        for m, (c0, c1), out, fac in zip(layers, crops, outs, factor.unbind(0)):
+            kernel = out.view(h, w, -1)[c0 - i0:h - (c0 - i0), c1 - i1:w - (c1 - i1)]
+            fac = fac[c0 - i0:h - (c0 - i0), c1 - i1:w - (c1 - i1)] if fac.dim() == 2 else fac
+            kernel = (kernel * fac.unsqueeze(-1) if fac.dim() == 2 else kernel * fac).permute(2, 0, 1)
+            weights.append(kernel.reshape(m.out_channels, m.in_channels, kernel.shape[1], kernel.shape[2]))
+        return weights
 
     @torch.no_grad()
     def set_kernel_size(self, kernel_size: int, mode: Optional[str] = None):
@@ -478,6 +600,7 @@ class FlexConv1d(FlexConv2d):
     dims = 1
     min_kernel_size = 2
     mask_init_mean = 1.0
+    batched_weights = None  # (1-D kernels are generated layer by layer)
 
     def crop(self) -> List[int]:
         """[oldest positions dropped], [0] without a mask or dynamic cropping."""
@@ -561,7 +684,16 @@ class FlexConvBN2d(nn.Module):
             self.bn.running_var.copy_(_init_output_variance(self.conv.get_weight()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bn(self.conv(x))
+        if torch.jit.is_scripting():
+            return self.bn(self.conv(x))
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv(x)
+        y = self.bn(c)
+        recompute_batch_norm(c, y, self.bn)  # in a recompute scope: the BN output is recomputed from the conv output
+        return y
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:

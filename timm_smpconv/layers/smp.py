@@ -31,13 +31,13 @@ old one at even indices, and there the rescaled values times 2 ** d equal the ol
 The layers apply this (and the alternative 'extend' mapping) to their parameters: see
 `timm_smpconv.layers.smp_conv.resize_smp_params`.
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from timm.layers import trunc_normal_
 
 __all__ = [
-    'render_smp_kernel', 'rescale_factor', 'default_n_points', 'default_radius',
+    'render_smp_kernel', 'render_smp_kernels', 'rescale_factor', 'default_n_points', 'default_radius',
     'init_smp_points', 'support_crop',
 ]
 
@@ -127,6 +127,42 @@ def render_smp_kernel(
     else:
         kernel = torch.bmm(weight, g)
     return kernel.reshape([out_chs, in_chs] + [kernel_size - 2 * crop] * dims)
+
+
+def render_smp_kernels(
+        points: List[torch.Tensor],
+        radius: List[torch.Tensor],
+        weight: List[torch.Tensor],
+        kernel_size: int,
+        normalize: bool = False,
+        eps: float = 1e-6,
+) -> List[torch.Tensor]:
+    """`render_smp_kernel` of several 2-D layers with per-filter points (points (O, Np, 2), radius (O, Np),
+    weight (O, I, Np); the same Np and kernel size, any O and I) at once: the tents of all the filters in one
+    computation and one batched matmul per input width, so the ops do not grow with the number of layers. The
+    same values as rendering each layer alone."""
+    order = sorted(range(len(points)), key=lambda i: weight[i].shape[1])  # one contiguous run per input width
+    pts = torch.cat([points[i] for i in order])
+    lin = torch.linspace(-1., 1., kernel_size, device=pts.device, dtype=pts.dtype)
+    dist = (lin - pts[:, :, 0:1]).abs().unsqueeze(-1) + (lin - pts[:, :, 1:2]).abs().unsqueeze(-2)
+    g = torch.relu(1. - dist.flatten(2) / torch.cat([radius[i] for i in order]).unsqueeze(-1))  # (sum O, Np, k*k)
+    if normalize:
+        count = (g > 0).sum(dim=1, keepdim=True).to(g.dtype)
+        g = g / (count + eps)
+    out: List[Optional[torch.Tensor]] = [None] * len(points)
+    start = 0
+    while start < len(order):
+        end = start
+        while end < len(order) and weight[order[end]].shape[1] == weight[order[start]].shape[1]:
+            end += 1
+        run = order[start:end]
+        rows = sum(points[i].shape[0] for i in order[:start])
+        sizes = [points[i].shape[0] for i in run]
+        kern = torch.bmm(torch.cat([weight[i] for i in run]), g[rows:rows + sum(sizes)])
+        for i, k in zip(run, kern.split(sizes)):
+            out[i] = k.reshape(k.shape[0], k.shape[1], kernel_size, kernel_size)
+        start = end
+    return out
 
 
 def support_crop(points: torch.Tensor, radius: torch.Tensor, kernel_size: int,

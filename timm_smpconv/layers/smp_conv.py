@@ -12,7 +12,7 @@ plain nn.Conv2d (or a CausalConv1d, an nn.Conv1d subclass that left-pads) with b
 """
 import math
 import weakref
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -23,7 +23,9 @@ from .._validate import check_choice, check_int, check_kernel_size
 from ..ops import causal_conv1d
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn, pad_kernel
-from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, rescale_factor, support_crop
+from .kernel_bank import take_kernel
+from .recompute import recompute_batch_norm, recompute_sum, recomputing
+from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, render_smp_kernels, rescale_factor, support_crop
 
 __all__ = ['SMPConv1d', 'SMPConv2d', 'SMPLargeKernel1d', 'SMPLargeKernel2d', 'resize_smp_params']
 
@@ -323,7 +325,26 @@ class SMPConv2d(DispatchConvMixin, _SMPConvNd):
             return F.conv2d(x, self.get_weight(), self.bias, self.stride, (k // 2, k // 2), 1, self.groups)
         if self.crop_to_support:
             return self._forward_cropped(x)
-        return self._dispatch_conv(x, self.get_weight(), self.bias, self.stride, self.groups)
+        w = take_kernel(self)  # rendered by a `batched_kernels` block, if any
+        return self._dispatch_conv(x, self.get_weight() if w is None else w, self.bias, self.stride, self.groups)
+
+    @torch.jit.unused
+    def batch_key(self) -> Optional[tuple]:
+        """Layers with the same key can render their kernels in one batched evaluation (`batched_weights`); None:
+        this one renders its own (shared points, support cropping, a stored grid, or the eval cache applies)."""
+        if (self.shared_points or self.crop_to_support or self.render_grid is not None
+                or not (self.training or torch.is_grad_enabled())):
+            return None
+        return (self.kernel_size, self.n_points, self.normalize, self.points.dtype, self.points.device,
+                self.points.is_meta)
+
+    @staticmethod
+    @torch.jit.unused
+    def batched_weights(layers: List['SMPConv2d']) -> List[torch.Tensor]:
+        """`get_weight()` of every layer (same `batch_key`), rendered together (`render_smp_kernels`)."""
+        ref = layers[0]
+        return render_smp_kernels([m.points for m in layers], [m.radius for m in layers], [m.weight for m in layers],
+                                  ref.kernel_size, normalize=ref.normalize)
 
     @torch.jit.unused
     def _forward_cropped(self, x: torch.Tensor) -> torch.Tensor:
@@ -428,9 +449,27 @@ class _SMPLargeKernelNd(nn.Module):
             self.small_bn = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.smp_bn(self.smp(x))
+        if torch.jit.is_scripting():
+            out = self.smp_bn(self.smp(x))
+            if self.small_conv is not None and self.small_bn is not None:
+                out = out + self.small_bn(self.small_conv(x))
+            return out
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.smp(x)
+        out = self.smp_bn(f)
+        if recomputing():  # keep the conv outputs: the BN outputs and their sum are recomputed from them
+            recompute_batch_norm(f, out, self.smp_bn)
         if self.small_conv is not None and self.small_bn is not None:
-            out = out + self.small_bn(self.small_conv(x))
+            h = self.small_conv(x)
+            small = self.small_bn(h)
+            total = out + small
+            if recomputing():
+                recompute_batch_norm(h, small, self.small_bn)
+                recompute_sum(total, out, small)
+            out = total
         return out
 
     @torch.no_grad()

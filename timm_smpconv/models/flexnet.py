@@ -47,7 +47,9 @@ from timm.models import adapt_input_conv, checkpoint, checkpoint_seq, generate_d
 from timm.models._features import feature_take_indices
 
 from .._validate import check_choice, square_size
-from ..layers import FlexConvBN2d, SMPLargeKernel2d
+from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
+from ..layers.kernel_bank import batched_kernels
+from ..layers.recompute import activation, recompute_activation, recompute_dropout, recompute_scope, recompute_sum
 from ..resolution import retarget_resolution
 from ._builder import (
     build_model_naming_file_errors,
@@ -90,8 +92,28 @@ class FlexNetBlock(nn.Module):
         self.act2 = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.drop(self.act1(self.conv1(x)))
-        return self.act2(self.drop_path(self.conv2(h)) + self.shortcut(x))
+        if torch.jit.is_scripting():
+            h = self.drop(self.act1(self.conv1(x)))
+            return self.act2(self.drop_path(self.conv2(h)) + self.shortcut(x))
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        # in a recompute scope only the conv outputs (and dropout's noise) are kept: the BN, ReLU, dropout and sum
+        # results are recomputed from them in the backward (timm_smpconv.layers.recompute)
+        y = self.conv1(x)
+        z = activation(self.act1, y)
+        recompute_activation(z, self.act1, y)
+        h = self.drop(z)
+        recompute_dropout(h, z)
+        y2 = self.drop_path(self.conv2(h))
+        s = self.shortcut(x)
+        j = y2 + s
+        if isinstance(self.drop_path, nn.Identity):
+            recompute_sum(j, y2, s)
+        out = activation(self.act2, j)
+        recompute_activation(out, self.act2, j)
+        return out
 
 
 def _img_size(img_size: Union[int, Sequence[int]]) -> int:
@@ -183,6 +205,9 @@ class FlexNet(nn.Module):
             prev = w
         self.blocks = nn.Sequential(*blocks)
         self.grad_checkpointing = False
+        # set_recompute: off by default here, the kernel spectra dominate these models' memory (docs/performance.md)
+        self.recompute = False
+        self.recompute_fft_spectra = False
         self.num_features = self.head_hidden_size = prev
         self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights()
@@ -282,12 +307,40 @@ class FlexNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem_act(self.stem(x))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return x
+        if torch.jit.is_scripting():
+            return self.blocks(self.stem_act(self.stem(x)))
+        if self.grad_checkpointing:
+            return checkpoint_seq(self.blocks, self.stem_act(self.stem(x)))
+        if torch.compiler.is_compiling():
+            return self.blocks(self.stem_act(self.stem(x)))  # (compiled: Inductor fuses the kernel generation)
+        return self._forward_features(x)
+
+    @torch.jit.unused
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # every layer's kernel from one batched kernel-network (or SMP) evaluation, not one per layer
+        traced = isinstance(x, torch.fx.Proxy)
+        with batched_kernels(self.modules(), enabled=not traced), \
+                recompute_scope(self.recompute and not traced, fft_spectra=self.recompute_fft_spectra):
+            y = self.stem(x)
+            z = activation(self.stem_act, y)
+            recompute_activation(z, self.stem_act, y)
+            return self.blocks(z)
+
+    @torch.jit.ignore
+    def set_recompute(self, enable: bool = True, fft_spectra: bool = False):
+        """What the training forward keeps for the backward (docs/performance.md, training memory).
+
+        enable: BatchNorm, ReLU, dropout and residual-sum results are recomputed in the backward from the conv
+            outputs kept anyway instead of being kept. Outputs and gradients are unchanged.
+        fft_spectra: the FFT convs also keep only their input and kernel, not their float32 spectra; the backward
+            transforms them again.
+
+        Off by default in these models: the FFT spectra are most of what they keep, so the pointwise results alone
+        save about 5% (and add their recomputation's ops to a launch-bound step); `set_recompute(True, True)` about
+        halves the memory for a step about 5% slower on CPU (benchmarks/results/memory.md).
+        """
+        self.recompute = enable
+        self.recompute_fft_spectra = fft_spectra
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)

@@ -33,9 +33,19 @@ from timm.models._features import feature_take_indices
 
 from .._validate import check_choice
 from ..layers import RESIZE_MODES, ConvBN, SMPLargeKernel2d, default_n_points, fold_preceding_bn
+from ..layers.recompute import activation, recompute_activation, recompute_batch_norm, recompute_scope
 from ._builder import build_model_naming_file_errors, check_state_dict_keys, points_from_authors, unwrap_checkpoint
 
 __all__ = ['SMPConvNet']
+
+
+def _pre_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """bn(x); in a recompute scope the output, which the next 1x1 conv keeps, is recomputed from x (kept for the
+    residual path's BN anyway)."""
+    y = bn(x)
+    if isinstance(bn, nn.BatchNorm2d):
+        recompute_batch_norm(x, y, bn)
+    return y
 
 
 class LargeKernelBlock(nn.Module):
@@ -67,7 +77,17 @@ class LargeKernelBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.pw2(self.lk_act(self.large_kernel(self.pw1(self.prelkb_bn(x))))))
+        if torch.jit.is_scripting():
+            return x + self.drop_path(self.pw2(self.lk_act(self.large_kernel(self.pw1(self.prelkb_bn(x))))))
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = _pre_norm(self.prelkb_bn, x)
+        j = self.large_kernel(self.pw1(h))
+        k = activation(self.lk_act, j)
+        recompute_activation(k, self.lk_act, j)  # in a recompute scope: from the branch's conv outputs
+        return x + self.drop_path(self.pw2(k))
 
     def reparameterize(self):
         """Fold the pre-block BN into the first 1x1 conv; timm's walk then fuses the children."""
@@ -97,7 +117,16 @@ class FFNBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.pw2(self.act(self.pw1(self.preffn_bn(x)))))
+        if torch.jit.is_scripting():
+            return x + self.drop_path(self.pw2(self.act(self.pw1(self.preffn_bn(x)))))
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.pw1(_pre_norm(self.preffn_bn, x))
+        e = activation(self.act, d)
+        recompute_activation(e, self.act, d)  # in a recompute scope: GELU(BN(conv output)) from the conv output
+        return x + self.drop_path(self.pw2(e))
 
     def reparameterize(self):
         if not isinstance(self.preffn_bn, nn.Identity):
@@ -262,6 +291,8 @@ class SMPConvNet(nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
+        self.recompute = True  # set_recompute
+        self.recompute_fft_spectra = False
         self.kernel_sizes = tuple(kernel_sizes)
         self.n_points = tuple(n_points)
 
@@ -380,10 +411,27 @@ class SMPConvNet(nn.Module):
             self.head.norm = nn.Identity()
         return take_indices
 
+    @torch.jit.ignore
+    def set_recompute(self, enable: bool = True, fft_spectra: bool = False):
+        """What the training forward keeps for the backward (docs/performance.md, training memory).
+
+        enable (default on): BatchNorm, ReLU and GELU outputs are recomputed in the backward from the conv outputs
+            kept anyway instead of being kept (`timm_smpconv.layers.recompute`). Outputs and gradients are unchanged.
+        fft_spectra (default off): the large-kernel FFT convs also keep only their input, not its float32 spectrum;
+            the backward transforms it again: less memory, a slower step on CPU.
+        """
+        self.recompute = enable
+        self.recompute_fft_spectra = fft_spectra
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        x = self.stages(x)
-        return x
+        if torch.jit.is_scripting() or not self.recompute or torch.compiler.is_compiling():
+            return self.stages(self.stem(x))  # (compiled: Inductor decides what to recompute)
+        return self._forward_features_recompute(x)
+
+    @torch.jit.unused
+    def _forward_features_recompute(self, x: torch.Tensor) -> torch.Tensor:
+        with recompute_scope(not isinstance(x, torch.fx.Proxy), fft_spectra=self.recompute_fft_spectra):
+            return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)

@@ -1,7 +1,7 @@
 """ Functional convolution ops and their dispatch; no modules here (those are in `timm_smpconv.layers`).
 
 * `dispatch.py`: `large_kernel_conv2d` and `causal_conv1d`, the backend registry, the measured rule, autotune, `set_conv_impl`.
-* `fft.py`: the FFT convolution (`timm_smpconv::fft_conv2d` custom op and its backward).
+* `fft.py`: the FFT convolution (`timm_smpconv::fft_conv2d` custom op and its backward; `keep_spectra`).
 * `dwconv.py`: the Triton depthwise convolution (`timm_smpconv::dwconv2d` custom op and its backward);
   `triton_dwconv.py`: its kernels, imported on first use only.
 """
@@ -20,4 +20,4 @@ from .dispatch import (
     set_conv_impl,
 )
 from .dwconv import triton_available, triton_dwconv2d
-from .fft import fft_conv2d, fft_grid, fft_size, kernel_spectrum
+from .fft import fft_conv2d, fft_grid, fft_size, keep_spectra, kernel_spectrum

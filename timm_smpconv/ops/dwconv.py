@@ -11,9 +11,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .fft import bias_grad, check_conv_args, conv_out_dtype
+from .fft import bias_grad, check_conv_args, conv_out_dtype, is_channels_last
 
-__all__ = ['triton_available', 'triton_dwconv2d', 'triton_supports']
+__all__ = ['triton_available', 'triton_dwconv2d', 'triton_fits', 'triton_supports']
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,12 +30,22 @@ def triton_available(device_type: str) -> bool:
     return device_type == 'cuda' and torch.cuda.is_available()
 
 
-def triton_supports(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int) -> bool:
-    """Depthwise (C, 1, kh, kw) with odd kh, kw, stride 1, floating dtype, on a device Triton runs on."""
+def triton_fits(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int) -> bool:
+    """The conv is one the kernels compute: depthwise (C, 1, kh, kw) with odd kh, kw, stride 1, floating dtype
+    (on any device: the ahead-of-time compile check reads meta tensors)."""
     return (stride == 1 and x.dim() == 4 and weight.dim() == 4 and groups == x.shape[1] == weight.shape[0]
             and weight.shape[1] == 1 and weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-            and triton_available(x.device.type))
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+
+
+def triton_supports(x: torch.Tensor, weight: torch.Tensor, stride: int, groups: int) -> bool:
+    """`triton_fits`, on a device Triton runs on; float32 only with TF32 allowed (torch.backends.cudnn.allow_tf32,
+    PyTorch's default for convolutions). With TF32 off the dispatch leaves exact float32 to the other backends:
+    the kernels' full-precision dot runs on FMA units and spills registers at every tile size the models use
+    (sm_80 to sm_100, `timm_smpconv.triton_aot`)."""
+    if conv_out_dtype(x) == torch.float32 and not torch.backends.cudnn.allow_tf32:
+        return False
+    return triton_fits(x, weight, stride, groups) and triton_available(x.device.type)
 
 
 def _kernels():
@@ -63,7 +73,9 @@ def _dwconv2d_backward_op(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(input gradient in x's dtype and layout, kernel gradient in weight's dtype); empty where not needed."""
     k = _kernels()
-    gy = gy.to(x.dtype)
+    # the output gradient in x's dtype and layout (a copy only where autograd hands over another layout): both
+    # kernels then read x and gy alike, and the compiled variants are one per layout (see triton_aot)
+    gy = gy.to(x.dtype).contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
     gx = k.dwconv2d_input_grad(gy, weight, out=torch.empty_like(x)) if need_x else x.new_empty(0)
     gw = (k.dwconv2d_weight_grad(gy, x, weight.shape[-2], weight.shape[-1]).to(weight.dtype) if need_w
           else weight.new_empty(0))
@@ -101,8 +113,8 @@ def triton_dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
     """Depthwise F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C) by the Triton kernels.
 
     Odd kh, kw (non-square allowed), stride 1; float16 / bfloat16 / float32 (float64 for tests) with float32
-    accumulation; NCHW or channels_last without layout copies. Under autocast, input and kernel are cast to
-    the autocast dtype as F.conv2d would; the output has the input's memory format.
+    accumulation; NCHW or channels_last without layout copies. Under autocast, input, kernel and bias are cast
+    to the autocast dtype as F.conv2d does; the output has the input's memory format.
     """
     check_conv_args(x, weight, x.shape[1] if x.dim() == 4 else 1, 'triton_dwconv2d')
     if weight.shape[0] != x.shape[1] or weight.shape[1] != 1:
@@ -113,4 +125,4 @@ def triton_dwconv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             f'triton_dwconv2d needs Triton and a CUDA device (or TRITON_INTERPRET=1 for CPU tensors); '
             f'got a {x.device.type} tensor')
     dtype = conv_out_dtype(x)
-    return torch.ops.timm_smpconv.dwconv2d(x.to(dtype), weight.to(dtype), bias)
+    return torch.ops.timm_smpconv.dwconv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))

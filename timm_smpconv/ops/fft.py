@@ -14,12 +14,13 @@ trade to measure on a GPU). Conjugation is always physical
 (`torch.conj_physical`): a lazily conjugated tensor lost its conjugate bit inside compiled graphs
 (torch 2.14, CPU: wrong outputs under aot_eager and inductor, exact in eager).
 """
+import threading
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['fft_conv2d', 'fft_grid', 'fft_size', 'kernel_spectrum']
+__all__ = ['fft_conv2d', 'fft_grid', 'fft_size', 'keep_spectra', 'kernel_spectrum', 'spectra_kept']
 
 
 def fft_size(n: int) -> int:
@@ -311,5 +312,34 @@ def fft_conv2d(
         if tuple(wspec.shape) != want or wspec.dtype != torch.float32:
             raise ValueError(f'wspec must be a float32 kernel_spectrum of shape {list(want)}, got '
                              f'{list(wspec.shape)} {wspec.dtype}')
-    keep = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    keep = (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            and (torch.compiler.is_compiling() or spectra_kept()))
     return torch.ops.timm_smpconv.fft_conv2d(x, weight, bias, groups, wspec, conv_out_dtype(x), keep)[0]
+
+
+_spectra = threading.local()
+
+
+def spectra_kept() -> bool:
+    """Whether `fft_conv2d` hands its spectra to the backward (the default) or lets the backward transform the
+    input and kernel again (inside `keep_spectra(False)`: less memory, the transforms twice)."""
+    return getattr(_spectra, 'keep', True)
+
+
+class keep_spectra:
+    """`with keep_spectra(False): ...`: FFT convs in the block keep only their input for the backward, not the
+    float32 input and kernel spectra (about 1.7 input maps and a kernel-sized spectrum per conv); the backward
+    transforms them again. The outputs and gradients are the same."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.prev = True
+
+    def __enter__(self):
+        self.prev = spectra_kept()
+        _spectra.keep = self.enabled
+        return self
+
+    def __exit__(self, *exc):
+        _spectra.keep = self.prev
+        return False

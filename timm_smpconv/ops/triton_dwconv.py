@@ -15,26 +15,39 @@ kernels and symmetric padding that is exactly the transposed convolution).
 
 Kernel gradient, per (channel, kernel row i, slice of the N * H rows): P = G^T @ X_i summed over rows and
 column tiles gives P[b, a] = sum gy[., w0 + b] x[., w0 - kw // 2 + a]; tap j is the diagonal sum over
-a - b = j (independent of w0, so the diagonals are read once at the end). Slices write partial sums
-that are added in float32 afterwards (deterministic, no atomics).
+a - b = j (independent of w0, so the diagonals are read once, at the end). Each program writes its P tile;
+the slices' tiles are added in float32 and the diagonals summed afterwards in PyTorch (deterministic, no
+atomics; reducing the diagonals in the kernel, one block-wide sum per tap, made ptxas spill).
 
 Inputs may be NCHW or channels_last (any strides: no layout copies); accumulation is float32 (float64 for
 float64 inputs); outputs take the input's dtype.
 """
+from typing import Any, Dict, NamedTuple, Optional, Tuple
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ['dwconv2d_forward', 'dwconv2d_input_grad', 'dwconv2d_weight_grad']
+__all__ = ['KernelLaunch', 'dwconv2d_forward', 'dwconv2d_input_grad', 'dwconv2d_weight_grad', 'forward_launch',
+           'weight_grad_launch']
 
 
-@triton.jit
+# Shapes (and, in the kernel gradient, the kernel size) and the bias flag are runtime arguments and not specialized
+# (no ==1 / divisible-by-16 variants): they enter index math, masks and loop bounds only, so one compiled kernel serves
+# every batch and map size of a tile, dtype and layout, with or without bias. The strides are specialized as Triton
+# does (they set the vectorization). The forward keeps kh and kw as constexprs: as runtime values they cost up to
+# 50% more registers on sm_90. `timm_smpconv.triton_aot` compiles every variant the models need for sm_80 / sm_90 /
+# sm_100 and checks registers, spills, shared memory and tensor-core instructions.
+_SHAPE_ARGS = ['N', 'C', 'H', 'W']
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ['HAS_BIAS'])
 def _dw_fwd_kernel(
         x_ptr, w_ptr, b_ptr, y_ptr,
-        N, C, H, W,
+        N, C, H, W, HAS_BIAS,
         sxn, sxc, sxh, sxw,
         syn, syc, syh, syw,
-        KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+        KH: tl.constexpr, KW: tl.constexpr,
         IMGS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, WIN: tl.constexpr,
         ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -60,20 +73,19 @@ def _dw_fwd_kernel(
                      mask=row_ok[:, None] & col_ok[None, :], other=0.)
         t = tl.load(w_ptr + (c * KH + i) * KW + tap, mask=tap_ok, other=0.)
         acc += tl.dot(xt, t.to(xt.dtype), input_precision=PRECISION, out_dtype=ACC)
-    if HAS_BIAS:
+    if HAS_BIAS != 0:
         acc += tl.load(b_ptr + c).to(ACC)
     out_ok = (img_ok & (oh < H))[:, None] & (ow < W)[None, :]
     y = y_ptr + (n.to(tl.int64) * syn + c.to(tl.int64) * syc)[:, None] + oh[:, None] * syh + ow[None, :] * syw
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=out_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGS + ['KH', 'KW', 'ROWS_PER_SPLIT'])
 def _dw_wgrad_kernel(
         x_ptr, g_ptr, out_ptr,
-        N, C, H, W, ROWS_PER_SPLIT,
+        N, C, H, W, KH, KW, ROWS_PER_SPLIT,
         sxn, sxc, sxh, sxw,
         sgn, sgc, sgh, sgw,
-        KH: tl.constexpr, KW: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, WIN: tl.constexpr,
         ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -101,10 +113,9 @@ def _dw_wgrad_kernel(
             xt = tl.load(x_rows[:, None] + iw[None, :] * sxw,
                          mask=x_ok[:, None] & ((iw >= 0) & (iw < W))[None, :], other=0.)
             acc += tl.dot(tl.trans(g), xt.to(g.dtype), input_precision=PRECISION, out_dtype=ACC)
-    diag = a[None, :] - b[:, None]
-    out = out_ptr + ((s * C + c) * KH + i) * KW
-    for j in tl.static_range(KW):
-        tl.store(out + j, tl.sum(tl.sum(tl.where(diag == j, acc, 0.), axis=1), axis=0))
+    # the whole product tile goes out; its diagonals (the taps) are summed afterwards (`dwconv2d_weight_grad`)
+    out = out_ptr + ((s * C + c) * KH + i).to(tl.int64) * (BLOCK_W * WIN)
+    tl.store(out + b[:, None] * WIN + a[None, :], acc)
 
 
 def _next_pow2(n: int) -> int:
@@ -121,8 +132,30 @@ def _col_tiles(kw: int):
     return bw, win
 
 
+def _launch_options(block_w: int, win: int, arch: Optional[int]) -> Dict[str, int]:
+    """num_warps: 8 for the widest tiles (the WIN x BLOCK_W Toeplitz tile of the forward, the BLOCK_W x WIN
+    product of the kernel gradient: 8192 elements, from 51 x 51 kernels on), which with 4 need more than 255
+    registers per thread and spill (sm_80 / sm_90 / sm_100); 4 otherwise. On sm_100 and later also maxnreg 255:
+    without a register bound the CUDA 13 ptxas caps registers itself (at 48-80 for some of these kernels) and
+    spills to do so; on sm_80 / sm_90 the bound is left out (there it made ptxas use more registers, up to
+    159 instead of 96, for no spill saved). Both found by `timm_smpconv.triton_aot`."""
+    options = dict(num_warps=8 if block_w * win >= 8192 else 4)
+    if arch is not None and arch >= 100:
+        options['maxnreg'] = 255
+    return options
+
+
+def _arch(x: torch.Tensor, arch: Optional[int]) -> Optional[int]:
+    """The compute capability the launch is for: given (ahead-of-time compiles), else x's CUDA device's."""
+    if arch is None and x.device.type == 'cuda':
+        major, minor = torch.cuda.get_device_capability(x.device)
+        arch = 10 * major + minor
+    return arch
+
+
 def _precision(dtype: torch.dtype) -> str:
-    # float32 follows PyTorch's own convolution setting (cuDNN uses TF32 unless told not to)
+    """tl.dot's input precision: float32 follows PyTorch's convolution setting (cuDNN uses TF32 unless
+    torch.backends.cudnn.allow_tf32 is off); the dispatch sends float32 here only with TF32 on (`triton_supports`)."""
     return 'tf32' if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 else 'ieee'
 
 
@@ -130,22 +163,41 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
-    """y = F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C), written to `out` (any strides)
-    or to a new tensor in x's dtype and layout. weight (C, 1, kh, kw) and x share a dtype; bias (C,) or None."""
+class KernelLaunch(NamedTuple):
+    """One kernel launch, as the wrappers below decide it: `kernel[grid](*args, **kwargs)` (kwargs: the
+    constexprs and launch options). The ahead-of-time compile check (`triton_aot.py`) builds these on meta
+    tensors and compiles exactly what a GPU run would."""
+    kernel: Any
+    grid: Tuple[int, int, int]
+    args: tuple
+    kwargs: Dict[str, Any]
+
+    def __call__(self):
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+def forward_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
+                   arch: Optional[int] = None) -> KernelLaunch:
+    """The launch of `dwconv2d_forward` for input x, contiguous weight (C, 1, kh, kw), bias and output y, on
+    x's device or (`arch`, e.g. 90) for that compute capability."""
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2], weight.shape[-1]
-    y = torch.empty_like(x) if out is None else out
-    weight = weight.contiguous()
     block_w, win = _col_tiles(kw)
     block_h = min(_next_pow2(h), 32)
     imgs = max(1, 32 // block_h)
     grid = (triton.cdiv(n, imgs) * c, triton.cdiv(h, block_h), triton.cdiv(w, block_w))
-    _dw_fwd_kernel[grid](
+    return KernelLaunch(_dw_fwd_kernel, grid, (
         x, weight, bias if bias is not None else weight, y,
-        n, c, h, w, *x.stride(), *y.stride(),
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, IMGS=imgs, BLOCK_H=block_h, BLOCK_W=block_w, WIN=win,
-        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), num_warps=4)
+        n, c, h, w, int(bias is not None), *x.stride(), *y.stride()), dict(
+        KH=kh, KW=kw, IMGS=imgs, BLOCK_H=block_h, BLOCK_W=block_w, WIN=win,
+        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win, _arch(x, arch))))
+
+
+def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
+    """y = F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C), written to `out` (any strides)
+    or to a new tensor in x's dtype and layout. weight (C, 1, kh, kw) and x share a dtype; bias (C,) or None."""
+    y = torch.empty_like(x) if out is None else out
+    forward_launch(x, weight.contiguous(), bias, y)()
     return y
 
 
@@ -154,8 +206,9 @@ def dwconv2d_input_grad(gy: torch.Tensor, weight: torch.Tensor, out=None) -> tor
     return dwconv2d_forward(gy, weight.flip(-2, -1), out=out)
 
 
-def dwconv2d_weight_grad(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
-    """The kernel gradient (C, 1, kh, kw) of `dwconv2d_forward`, in float32 (the caller casts)."""
+def weight_grad_launch(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int, arch: Optional[int] = None) -> KernelLaunch:
+    """The launch of `dwconv2d_weight_grad`; its output, the per-slice product tiles (splits, C, kh, BLOCK_W, WIN)
+    in float32, is args[2] (allocated here, on x's device)."""
     n, c, h, w = x.shape
     block_w, win = _col_tiles(kw)
     block_m = 32
@@ -165,9 +218,21 @@ def dwconv2d_weight_grad(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) ->
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     splits = triton.cdiv(rows, rows_per_split)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    partial = torch.empty(splits, c, kh, kw, device=x.device, dtype=acc_dtype)
-    _dw_wgrad_kernel[(c, kh, splits)](
-        x, gy, partial, n, c, h, w, rows_per_split, *x.stride(), *gy.stride(),
-        KH=kh, KW=kw, BLOCK_M=block_m, BLOCK_W=block_w, WIN=win,
-        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), num_warps=4)
-    return partial.sum(0).unsqueeze(1)
+    partial = torch.empty(splits, c, kh, block_w, win, device=x.device, dtype=acc_dtype)
+    return KernelLaunch(_dw_wgrad_kernel, (c, kh, splits), (
+        x, gy, partial, n, c, h, w, kh, kw, rows_per_split, *x.stride(), *gy.stride()), dict(
+        BLOCK_M=block_m, BLOCK_W=block_w, WIN=win,
+        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win, _arch(x, arch))))
+
+
+def dwconv2d_weight_grad(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:
+    """The kernel gradient (C, 1, kh, kw) of `dwconv2d_forward`, in float32 (the caller casts)."""
+    launch = weight_grad_launch(gy, x, kh, kw)
+    launch()
+    partial = launch.args[2]
+    # (C, kh, BLOCK_W, WIN): P[b, a] = sum gy[., w0 + b] x[., w0 - kw // 2 + a]
+    p = partial[0] if partial.shape[0] == 1 else partial.sum(0)
+    c, _, block_w, win = p.shape
+    # tap j of row i is the diagonal a - b = j of P: elements j + b (WIN + 1), b < BLOCK_W
+    taps = p.as_strided((c, kh, kw, block_w), (kh * block_w * win, block_w * win, 1, win + 1))
+    return taps.sum(-1).unsqueeze(1)
