@@ -19,7 +19,7 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -237,14 +237,15 @@ def large_kernel_conv2d(
         bias: Optional[torch.Tensor] = None,
         stride: int = 1,
         groups: int = 1,
-        cache: Optional[dict] = None,
+        cache: Optional[Dict[str, Any]] = None,
 ) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding=(kh // 2, kw // 2), groups=groups) by the backend
     `select_conv_backend` picks; every backend gives the same result (to float32 rounding).
 
     `cache`: a dict owned by the calling module where a backend may keep state derived from fixed
     weights (the FFT kernel spectrum in eval); it is never used while compiling or for a weight that
-    requires grad.
+    requires grad. (Typed so that TorchScript can compile this function: an fx graph of a model, where
+    it is a leaf call, is scriptable; scripted, it convolves directly.)
     """
     if torch.jit.is_scripting():
         return F.conv2d(x, weight, bias, stride, (weight.shape[-2] // 2, weight.shape[-1] // 2), 1, groups)
