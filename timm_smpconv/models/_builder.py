@@ -79,8 +79,10 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module)
     conv may differ in shape: timm re-initialises / adapts them after this filter)."""
     own = model.state_dict()
     cfg = getattr(model, 'pretrained_cfg', None) or {}
+    # timm adapts the first conv its traits name (a deployed model's own), else the cfg's
+    first_conv = getattr(model, '_traits', {}).get('first_conv') or cfg.get('first_conv', 'stem.0.conv')
     adaptable = {cfg.get('classifier', 'head.fc') + '.weight', cfg.get('classifier', 'head.fc') + '.bias',
-                 cfg.get('first_conv', 'stem.0.conv') + '.weight'}
+                 first_conv + '.weight'}
     # buffers registered as None (absent from a fresh model's state dict) may be present, e.g. an SMP layer's
     # render_grid; the layer checks their shape when loading
     optional = {f'{name}.{b}' if name else b for name, m in model.named_modules()
