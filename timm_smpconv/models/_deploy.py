@@ -23,8 +23,8 @@ from ..layers import CausalConv1d, FlexConv2d, LargeKernelConv2d
 from ..layers.smp_conv import _SMPConvNd
 
 __all__ = [
-    'DeployableMixin', 'check_checkpoint_form', 'deployed_conv', 'kernel_size_entry', 'parse_kernel_sizes',
-    'require_deploy_sizes',
+    'DeployableMixin', 'check_checkpoint_form', 'deployed_conv', 'deployed_first_conv', 'kernel_size_entry',
+    'parse_kernel_sizes', 'require_deploy_sizes',
 ]
 
 KernelSizes = Sequence[Union[int, Sequence[int]]]
@@ -199,3 +199,9 @@ def require_deploy_sizes(variant: str, pretrained: bool, needed: bool, why: str)
             f'inference_kernel_sizes=[...] (a deployed model records them in the config.json that save_for_hf '
             f'writes) or load a deployed checkpoint (pretrained=True with pretrained_cfg_overlay=dict(file=...), '
             f'or a local-dir: / hf-hub: name)')
+
+
+def deployed_first_conv(model_args: Dict[str, Any], name: str):
+    """Name the deployed model's first conv in its pretrained cfg (through the overlay `model_args` carries), so
+    timm's in_chans adaptation and its cfg checks find it."""
+    model_args['pretrained_cfg_overlay'] = dict(model_args.get('pretrained_cfg_overlay') or {}, first_conv=name)

@@ -50,7 +50,7 @@ from .._validate import check_choice, square_size
 from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
 from ..resolution import retarget_resolution
 from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
-from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, parse_kernel_sizes, require_deploy_sizes
+from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, deployed_first_conv, parse_kernel_sizes, require_deploy_sizes
 
 __all__ = ['FlexNet']
 
@@ -193,8 +193,6 @@ class FlexNet(DeployableMixin, nn.Module):
                                                [smallest] * n_branches))
         self._init_deploy(sizes_learned=learned, sizes_given=deployed is not None,
                           size_source=f'kernel_size={kernel_size}' if explicit_horizon else f'img_size={img_size}')
-        if inference_mode:
-            self._traits = dict(first_conv='stem')  # timm adapts this conv to in_chans when loading
 
         def make_branch(cin: int, cout: int, stem: bool = False) -> nn.Module:
             if inference_mode:
@@ -262,6 +260,9 @@ class FlexNet(DeployableMixin, nn.Module):
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None):
         """Re-target the continuous kernels to another input resolution (see `retarget_resolution`)."""
         if img_size is not None:
+            if self.inference_mode:
+                raise ValueError('a deployed (reparameterized) FlexNet holds discrete kernels, which cannot be '
+                                 're-sampled: set the input size before reparameterizing it')
             retarget_resolution(self, _img_size(img_size))
 
     def forward_intermediates(
@@ -494,6 +495,8 @@ def _create_flexnet(variant: str, pretrained: bool = False, default_args: Option
     require_deploy_sizes(variant, pretrained, bool(model_args.get('inference_mode') and crop) and model_args.get(
         'inference_kernel_sizes') is None, "conv_kwargs=dict(crop_to_support=True)")
     num_blocks = len(model_args.get('widths', (24, 24, 36, 36, 36, 48, 48)))
+    if model_args.get('inference_mode'):
+        deployed_first_conv(model_args, 'stem')
     return build_model_naming_file_errors(
         FlexNet, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(out_indices=tuple(range(num_blocks)), flatten_sequential=True), **model_args)

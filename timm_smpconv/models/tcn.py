@@ -54,7 +54,7 @@ from ..data import DIGITS_MEAN, DIGITS_STD
 from ..layers import FlexConv1d, FlexConvBN1d, SMPLargeKernel1d
 from ..layers.flexconv import FLEX_RESIZE_MODES
 from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, unwrap_checkpoint
-from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, parse_kernel_sizes
+from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, deployed_first_conv, parse_kernel_sizes
 
 __all__ = ['SequenceTCN']
 
@@ -184,8 +184,6 @@ class SequenceTCN(DeployableMixin, nn.Module):
                                  'kernels are seq_len taps)')
             deployed = iter(parse_kernel_sizes(inference_kernel_sizes, [seq_len] * (2 * depth), 1))
         self._init_deploy(sizes_learned=learned, size_source=f'seq_len={seq_len}', sizes_given=deployed is not None)
-        if inference_mode:
-            self._traits = dict(first_conv='blocks.0.conv1')
 
         def make_branch(cin: int, cout: int) -> nn.Module:
             if inference_mode:
@@ -220,12 +218,16 @@ class SequenceTCN(DeployableMixin, nn.Module):
 
     @torch.no_grad()
     def _init_weights(self):
-        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
-            nn.init.normal_(self.head.weight, std=0.01)
-            nn.init.zeros_(self.head.bias)
+        self._init_head()
         for m in self.modules():
             if isinstance(m, SMPLargeKernel1d) and m.small_conv is not None:
                 trunc_normal_(m.small_conv.weight, std=.02)  # the authors' init hook: no other 1-D conv
+
+    @torch.no_grad()
+    def _init_head(self):
+        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:
@@ -254,7 +256,7 @@ class SequenceTCN(DeployableMixin, nn.Module):
         ref = next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity()).train(self.training)
-        self._init_weights()
+        self._init_head()  # (only the new head: the trained layers stay as they are)
 
     @torch.jit.ignore
     def set_seq_len(self, seq_len: int, mode: str = 'stretch'):
@@ -425,6 +427,8 @@ def _create_tcn(variant: str, pretrained: bool = False, default_args: Optional[D
         if model_args.get('conv_type') == 'smp' or k not in _SMP_ONLY:
             model_args[k] = v
     model_args.update(kwargs)
+    if model_args.get('inference_mode'):
+        deployed_first_conv(model_args, 'blocks.0.conv1')
     return build_model_naming_file_errors(
         SequenceTCN, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(out_indices=tuple(range(model_args.get('depth', 6))), feature_cls='getter',
