@@ -155,6 +155,7 @@ SMOKE_RUNS = [
     ('reparam_latency', 'reparam.md', ['--models', 'smpconv_mobile31'], [1], {0: [4, 5]}),
     ('train_digits', 'digits.md', [], [1], {}),
     ('run', 'benchmark.md', ['--models', 'flexnet_16@init', '--pairs'], [1, 0, 0], {0: [3, 5, 6]}),
+    ('deploy', 'deploy.md', ['--models', 'smpconv_t', 'convnext_tiny'], [2, 3, 2, 8, 8], {0: [2, 3, 4, 5, 6, 7], 2: [2, 3]}),
 ]
 
 
