@@ -16,6 +16,7 @@ permutes, is 'other'), and by ONNX node kind from onnxruntime's own profiler. Wr
 benchmarks/results/deploy.md.
 """
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -87,10 +88,12 @@ def ort_kind(op: str, args: dict) -> str:
     return REST
 
 
-def torch_breakdown(model: nn.Module, x: torch.Tensor, reps: int) -> dict:
-    """Median ms per layer kind of a forward (forward hooks on the leaf modules); 'other' is the rest."""
-    starts, per_call = {}, defaultdict(float)
-    kinds = {m: module_kind(m) for m in model.modules() if not list(m.children()) and module_kind(m)}
+def torch_breakdowns(models: dict, x: torch.Tensor, reps: int) -> dict:
+    """{model: median ms per layer kind of a forward}, from forward hooks on the leaf modules ('rest' is the time no
+    leaf module accounts for); the models' forwards interleaved, in alternating order, after two untimed rounds."""
+    starts, per_call, handles = {}, defaultdict(float), []
+    kinds = {m: module_kind(m) for model in models.values() for m in model.modules()
+             if not list(m.children()) and module_kind(m)}
 
     def pre(m, args):
         starts[m] = time.perf_counter()
@@ -98,24 +101,27 @@ def torch_breakdown(model: nn.Module, x: torch.Tensor, reps: int) -> dict:
     def post(m, args, out):
         per_call[kinds[m]] += time.perf_counter() - starts[m]
 
-    handles = [h for m in kinds for h in (m.register_forward_pre_hook(pre), m.register_forward_hook(post))]
-    samples = defaultdict(list)
+    for m in kinds:
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    samples = {n: defaultdict(list) for n in models}
+    names = list(models)
     try:
         with torch.no_grad():
             for i in range(reps + 2):
-                per_call.clear()
-                t = time.perf_counter()
-                model(x)
-                total = time.perf_counter() - t
-                if i >= 2:
-                    for k, v in per_call.items():
-                        samples[k].append(1e3 * v)
-                    samples[REST].append(1e3 * (total - sum(per_call.values())))
-                    samples['total'].append(1e3 * total)
+                for n in names if i % 2 == 0 else names[::-1]:
+                    per_call.clear()
+                    t = time.perf_counter()
+                    models[n](x)
+                    total = time.perf_counter() - t
+                    if i >= 2:
+                        for k, v in per_call.items():
+                            samples[n][k].append(1e3 * v)
+                        samples[n][REST].append(1e3 * (total - sum(per_call.values())))
+                        samples[n]['total'].append(1e3 * total)
     finally:
         for h in handles:
             h.remove()
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return {n: {k: statistics.median(v) for k, v in s.items()} for n, s in samples.items()}
 
 
 def onnx_session(model: nn.Module, x: torch.Tensor, path: Path, threads: int, profile: bool = False):
@@ -134,30 +140,29 @@ def onnx_session(model: nn.Module, x: torch.Tensor, path: Path, threads: int, pr
     return ort.InferenceSession(str(path), opts, providers=['CPUExecutionProvider'])
 
 
-def ort_breakdown(sess, x: torch.Tensor, reps: int) -> dict:
-    """Median ms per node kind of onnxruntime runs, from its profiler (a session created with profiling on)."""
+def ort_breakdowns(sessions: dict, x: torch.Tensor, reps: int) -> dict:
+    """{model: median ms per node kind} from onnxruntime's profiler (sessions created with profiling on), the
+    sessions run interleaved, in alternating order, after two untimed rounds."""
     feed = {'x': x.numpy()}
-    for _ in range(2):
-        sess.run(None, feed)
-    for _ in range(reps):
-        sess.run(None, feed)
-    events = json.loads(Path(sess.end_profiling()).read_text())
-    runs = [e for e in events if e.get('name') == 'model_run']
-    per_run = [defaultdict(float) for _ in runs]
-    bounds = [(r['ts'], r['ts'] + r['dur']) for r in runs]
-    for e in events:
-        if e.get('cat') != 'Node' or not e.get('name', '').endswith('_kernel_time'):
-            continue
-        args = e.get('args', {})
-        kind = ort_kind(args.get('op_name', ''), args)
-        for i, (a, b) in enumerate(bounds):
-            if a <= e['ts'] <= b:
-                per_run[i][kind] += e['dur'] / 1e3
-                break
-    timed = per_run[2:] or per_run
-    kinds = {k for r in timed for k in r}
-    out = {k: statistics.median(r.get(k, 0.) for r in timed) for k in kinds}
-    out['total'] = statistics.median(r['dur'] / 1e3 for r in runs[2:] or runs)
+    names = list(sessions)
+    for i in range(reps + 2):
+        for n in names if i % 2 == 0 else names[::-1]:
+            sessions[n].run(None, feed)
+    out = {}
+    for n, sess in sessions.items():
+        events = json.loads(Path(sess.end_profiling()).read_text())
+        runs = [e for e in events if e.get('name') == 'model_run'][2:]
+        per_run = [defaultdict(float) for _ in runs]
+        for e in events:
+            if e.get('cat') != 'Node' or not e.get('name', '').endswith('_kernel_time'):
+                continue
+            kind = ort_kind(e.get('args', {}).get('op_name', ''), e.get('args', {}))
+            for i, r in enumerate(runs):
+                if r['ts'] <= e['ts'] <= r['ts'] + r['dur']:
+                    per_run[i][kind] += e['dur'] / 1e3
+                    break
+        out[n] = {k: statistics.median(r.get(k, 0.) for r in per_run) for k in {k for r in per_run for k in r}}
+        out[n]['total'] = statistics.median(r['dur'] / 1e3 for r in runs)
     return out
 
 
@@ -220,7 +225,8 @@ def main(argv=None):
         feed = {'x': x.numpy()}
         return {n: (lambda s=s: s.run(None, feed)) for n, s in sessions.items()}
 
-    latency, throughput = {}, {}
+    load_start = os.getloadavg()[0]
+    latency, throughput, ratios = {}, {}, {}
     warmup, rounds = (0, 1) if args.smoke else (2, args.reps)
     for runtime in RUNTIMES:
         for batch, x in ((1, x1), (8, x8)):
@@ -235,6 +241,8 @@ def main(argv=None):
                     latency[(n, runtime)] = 1e3 * statistics.median(t)
                 else:
                     throughput[(n, runtime)] = batch / statistics.median(t)
+            if OURS in times and BASELINE in times:  # the ratio of each round, whose two runs were back to back
+                ratios[(runtime, batch)] = statistics.median(a / b for a, b in zip(times[OURS], times[BASELINE]))
             print(runtime, f'batch {batch}', {n: f'{1e3 * statistics.median(t):.1f} ms' for n, t in times.items()},
                   flush=True)
 
@@ -242,20 +250,23 @@ def main(argv=None):
 
     # where the time goes (batch 1)
     profiles = {}
-    for n in (OURS, BASELINE):
-        if n in models:
-            m = models[n].to(memory_format=torch.channels_last)
-            profiles[(n, 'PyTorch channels_last')] = torch_breakdown(
-                m, x1.contiguous(memory_format=torch.channels_last), max(3, rounds))
-            sess = onnx_session(m, x8, tmp / f'{n}.onnx', args.threads, profile=True)
-            profiles[(n, 'onnxruntime')] = ort_breakdown(sess, x1, max(3, rounds))
+    pair = [n for n in (OURS, BASELINE) if n in models]
+    if pair:
+        cl = {n: models[n].to(memory_format=torch.channels_last) for n in pair}
+        for n, p in torch_breakdowns(cl, x1.contiguous(memory_format=torch.channels_last), max(3, rounds)).items():
+            profiles[(n, 'PyTorch channels_last')] = p
+        sessions = {n: onnx_session(None, None, tmp / f'{n}.onnx', args.threads, profile=True) for n in pair}
+        for n, p in ort_breakdowns(sessions, x1, max(3, rounds)).items():
+            profiles[(n, 'onnxruntime')] = p
 
     lines = results_head(f'Deployed models on CPU (batch 1 latency, batch 8 throughput, {size} px)',
                          'python benchmarks/deploy.py', args)
     import onnxruntime
     lines += [f'timm {timm.__version__}, onnxruntime {onnxruntime.__version__}. Ours deployed with '
               '`create_model(name, inference_mode=True)`; medians of interleaved rounds (all models of a column '
-              'timed back to back in each round).', '',
+              'timed back to back in each round; the ratios below are medians of per-round ratios). The machine is '
+              f'shared: load average {load_start:.1f} when the timings started, {os.getloadavg()[0]:.1f} at the end '
+              f'(on {os.cpu_count()} cores).', '',
               '| model | params | ' + ' | '.join(f'{r} ms (bs 1)' for r in RUNTIMES) + ' | '
               + ' | '.join(f'{r} img/s (bs 8)' for r in RUNTIMES) + ' |',
               '|---|---|' + '---|' * (2 * len(RUNTIMES))]
@@ -266,8 +277,8 @@ def main(argv=None):
         lines += ['', f'## {OURS} / {BASELINE}', '', '| runtime | latency ratio (bs 1) | throughput ratio (bs 8) | goal '
                   '(latency) | met |', '|---|---|---|---|---|']
         for r in RUNTIMES:
-            ratio = latency[(OURS, r)] / latency[(BASELINE, r)]
-            tput = throughput[(OURS, r)] / throughput[(BASELINE, r)]
+            ratio = ratios[(r, 1)]
+            tput = 1 / ratios[(r, 8)]
             goal = GOALS.get(r)
             met = '' if goal is None else ('yes' if ratio <= goal else 'no')
             lines.append(f'| {r} | {ratio:.2f}x ({latency[(OURS, r)]:.1f} / {latency[(BASELINE, r)]:.1f} ms) | '
@@ -297,12 +308,12 @@ def main(argv=None):
                 lines.append(f'| {k} | ' + ' | '.join(cells) + ' |')
             lines.append('')
     if profiles and (OURS, 'onnxruntime') in profiles and (BASELINE, 'onnxruntime') in profiles:
-        lines += limits_section(models, size, latency, profiles)
+        lines += limits_section(models, size, ratios, profiles)
     print(f'wrote {write_results(args.out, lines)}')
     return latency, throughput, profiles
 
 
-def limits_section(models: dict, size: int, latency: dict, profiles: dict) -> list:
+def limits_section(models: dict, size: int, ratios: dict, profiles: dict) -> list:
     """What the deployed smpconv_t's time goes to, against convnext_tiny's, from the counts and the profiles."""
     from timm_smpconv.flops import count_flops
     counts = {n: count_flops(models[n].to(memory_format=torch.contiguous_format), size) for n in (OURS, BASELINE)}
@@ -329,7 +340,7 @@ def limits_section(models: dict, size: int, latency: dict, profiles: dict) -> li
              f'the large kernels, {OURS} does {(ours - large) / g:.2f} G.', '']
     for runtime in ('PyTorch channels_last', 'onnxruntime'):
         p, q = profiles[(OURS, runtime)], profiles[(BASELINE, runtime)]
-        ratio = latency[(OURS, runtime)] / latency[(BASELINE, runtime)]
+        ratio = ratios[(runtime, 1)]
         goal = GOALS[runtime]
         rest = p['total'] - p[LARGE_DW]
         lines.append(

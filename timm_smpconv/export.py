@@ -177,6 +177,7 @@ def export_checkpoint(
         data['img_size'] = img_size
         data.pop('input_size', None)
 
+    out_dir.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out_dir.name}.', dir=out_dir.absolute().parent))
     try:
         save_for_hf(deployed, tmp, safe_serialization=True, data_config=data)

@@ -53,7 +53,7 @@ class LargeKernelBlock(nn.Module):
             kernel_resize: str = 'stretch',
             crop_to_support: bool = False,
             inference_mode: bool = False,
-            deployed_kernel_size: Optional[int] = None,
+            deployed_kernel_size: Optional[Tuple[int, int]] = None,
             device=None,
             dtype=None,
     ):
