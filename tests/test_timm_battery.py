@@ -1,13 +1,16 @@
 """ timm's model test battery (tests/test_models.py of timm 1.0.31, which its wheel does not ship), written for
-every model this package registers, in training form and deployed (`inference_mode=True`).
+the models this package registers, in training form and deployed (`inference_mode=True`).
 
 The checks, per model: forward (no NaN, unchanged under gradient checkpointing), backward (42 classes, every
 parameter gets a gradient), the default-cfg / API contract on the meta device, TorchScript, features_only,
 forward_intermediates and its feature getter, prune_intermediate_layers, torch.fx forward and backward, and an
-fx graph scripted with TorchScript (test_model_forward_fx_torchscript). Each registered name is built with
-small widths and depths (its code paths are the same; its cfg, tags and defaults are its own) and run on small
-inputs, so the whole battery stays fast; the per-family test files run the full-size networks and check the
-training form's default-cfg contract.
+fx graph scripted with TorchScript (test_model_forward_fx_torchscript).
+
+The registered names of a family differ only in their arguments (widths, depths, kernel sizes, tags), so the
+runtime checks run one small model per model class and conv type, on small inputs, and
+`test_every_registered_model_is_covered` checks that each registered name is one of those; every name's
+deployed form goes through the default-cfg contract at its full size on the meta device (the per-family test
+files check the training form's contract and run the full-size networks).
 """
 import copy
 
@@ -20,19 +23,35 @@ from timm.layers import set_scriptable
 import timm_smpconv  # noqa: F401  (registers the models)
 from timm_smpconv.ops import conv_impl
 
-FAMILIES = {name: family for family in ('smpconv', 'flexnet', 'tcn') for name in timm.list_models(module=family)}
-MODELS = sorted(FAMILIES)
-# per family: small kwargs (at least 3 feature levels, as timm's feature test wants) and an input shape
-_SMALL = {
-    'smpconv': (dict(layers=(1, 1, 1, 1), channels=(8, 16, 16, 16)), (3, 32, 32)),
-    'flexnet': (dict(stem_width=4, widths=(4, 6, 6), img_size=8), (3, 8, 8)),
-    'tcn': (dict(width=6, depth=3, seq_len=16), None),  # 16 steps of the tag's channels
+REGISTERED = sorted(n for family in ('smpconv', 'flexnet', 'tcn') for n in timm.list_models(module=family))
+# one small model per model class and conv type (at least 3 feature levels, as timm's feature test wants), and
+# its input shape; the sequence models read 16 steps of their tag's channels
+SMALL = {
+    'smpconv_mobile31': (dict(layers=(1, 1, 1, 1), channels=(8, 16, 16, 16)), (3, 32, 32)),
+    'flexnet_16': (dict(stem_width=4, widths=(4, 6, 6), img_size=8), (3, 8, 8)),
+    'smp_flexnet_16': (dict(stem_width=4, widths=(4, 6, 6), img_size=8), (3, 8, 8)),
+    'ckcnn_16': (dict(stem_width=4, widths=(4, 6, 6), img_size=8), (3, 8, 8)),
+    'smp_tcn': (dict(width=6, depth=3, seq_len=16), (1, 16)),
+    'flextcn_2': (dict(width=6, depth=3, seq_len=16), (1, 16)),
 }
 
 
-def _small(name):
-    kwargs, shape = _SMALL[FAMILIES[name]]
-    return kwargs, shape or (timm.create_model(name, device='meta').in_chans, 16)
+def _kind(name):
+    model = timm.create_model(name, device='meta')
+    return type(model), getattr(model, 'conv_type', None)
+
+
+def test_every_registered_model_is_covered():
+    kinds = {_kind(n) for n in SMALL}
+    assert len(kinds) == len(SMALL)
+    for name in REGISTERED:
+        assert _kind(name) in kinds, name
+
+
+@pytest.mark.parametrize('name', REGISTERED)
+def test_deployed_default_cfg_contract(name):
+    """timm's test_model_default_cfgs for the deployed form of every registered model, at its full size."""
+    check_timm_model_contract(name, inference_mode=True)
 
 
 def _out(y):
@@ -40,18 +59,13 @@ def _out(y):
 
 
 @pytest.mark.parametrize('deployed', [False, True], ids=['train', 'deploy'])
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', sorted(SMALL))
 def test_timm_battery(name, deployed):
-    kwargs, shape = _small(name)
+    kwargs, shape = SMALL[name]
     if deployed:
         kwargs = dict(kwargs, inference_mode=True)
     torch.manual_seed(0)
     x = torch.randn(1, *shape)
-
-    # test_model_default_cfgs: the default architecture on the meta device (the per-family test files check the
-    # training form of each family)
-    if deployed:
-        check_timm_model_contract(name, inference_mode=True)
 
     # test_model_forward: eval, batch 1, no NaN; gradient checkpointing changes nothing
     model = timm.create_model(name, **kwargs).eval()
