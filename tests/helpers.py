@@ -22,8 +22,9 @@ def fx_model(model, train: bool):
         model, return_nodes=[(train_nodes if train else eval_nodes)[-1]], tracer_kwargs=tracer_kwargs)
 
 
-def check_timm_model_contract(name: str, resize_input=None):
-    """The checks of timm's test_model_default_cfgs, on the meta device, for a registered model.
+def check_timm_model_contract(name: str, resize_input=None, **kwargs):
+    """The checks of timm's test_model_default_cfgs, on the meta device, for a registered model (created with
+    `kwargs`, e.g. inference_mode=True).
 
     Returns (model, cfg, x) for model-specific checks; `resize_input` (a size) is also applied to the
     frozen-parameter check through set_input_size, as timm does for models that have it.
@@ -36,9 +37,9 @@ def check_timm_model_contract(name: str, resize_input=None):
     from timm.models import group_parameters
 
     with pytest.raises(TypeError):
-        timm.create_model(name, device='meta', not_an_argument=1)
+        timm.create_model(name, device='meta', not_an_argument=1, **kwargs)
     with torch.device('meta'):
-        model = timm.create_model(name, device='meta', dtype=torch.float32)
+        model = timm.create_model(name, device='meta', dtype=torch.float32, **kwargs)
     cfg = model.pretrained_cfg
     assert inspect.signature(model.reset_classifier).parameters['global_pool'].default is None
     assert len(group_parameters(model, model.group_matcher(coarse=False))) > 1
@@ -61,20 +62,20 @@ def check_timm_model_contract(name: str, resize_input=None):
     assert model(x.to(torch.bfloat16)).dtype == torch.bfloat16
     model.to(torch.float32)
     # a fresh model for the head checks, so callers can inspect `model` as created
-    head = timm.create_model(name, device='meta')
+    head = timm.create_model(name, device='meta', **kwargs)
     head.reset_classifier(0)
     assert head.num_classes == 0 and head(x).shape == (1, head.head_hidden_size)
     head.reset_classifier(0, '')
     assert tuple(head(x).shape[2:]) == spatial
-    m0 = timm.create_model(name, device='meta', num_classes=0)
+    m0 = timm.create_model(name, device='meta', num_classes=0, **kwargs)
     assert m0(x).shape == (1, m0.head_hidden_size)
-    m0 = timm.create_model(name, device='meta', num_classes=0, global_pool='')
+    m0 = timm.create_model(name, device='meta', num_classes=0, global_pool='', **kwargs)
     assert m0(x).ndim == 2 + len(spatial)
     # factory device without a device context: every param and buffer on meta
     off = [n for n, t in list(head.named_parameters()) + list(head.named_buffers()) if t.device.type != 'meta']
     assert not off
     # reset_classifier keeps device, dtype, training flag; frozen params stay frozen
-    m64 = timm.create_model(name, device='meta', dtype=torch.float64).train()
+    m64 = timm.create_model(name, device='meta', dtype=torch.float64, **kwargs).train()
     m64.requires_grad_(False)
     m64.reset_classifier(7)
     assert m64.get_classifier().weight.dtype == torch.float64 and m64.get_classifier().training

@@ -44,6 +44,8 @@ class ConvBN(nn.Module):
 
     `reparameterize()` folds the BatchNorm into the conv (which gains a bias); `fold_input_bn_()`
     absorbs a BatchNorm that precedes a 1x1 conv. Children are named conv / bn / act.
+    `inference_mode=True` builds the folded form directly (a conv with bias, no BatchNorm), as timm's
+    MobileOne / FastViT blocks do.
     """
 
     def __init__(
@@ -55,6 +57,7 @@ class ConvBN(nn.Module):
             groups: int = 1,
             act_layer: Optional[Type[nn.Module]] = None,
             bn_eps: float = 1e-5,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
@@ -62,8 +65,8 @@ class ConvBN(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         self.conv = nn.Conv2d(
             in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2,
-            groups=groups, bias=False, **dd)
-        self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, **dd)
+            groups=groups, bias=inference_mode, **dd)
+        self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(out_channels, eps=bn_eps, **dd)
         self.act = act_layer() if act_layer is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ Decisions about the authors' code (quirks found reading their repository, rjbrui
  12. Their sampling-rate factor multiplies the network output before the mask: a scalar, so the order
      is immaterial; it is a buffer here so that a re-targeted model saves and reloads it.
 """
+import inspect
 import math
 from typing import List, Optional, Tuple
 
@@ -406,6 +407,24 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
 
     def _check_horizon(self, kernel_size, name: str = 'kernel_size') -> int:
         return check_kernel_size(kernel_size, self.dims, name, minimum=self.min_kernel_size, what=' (the horizon)')
+
+    @classmethod
+    def initial_kernel_shape(cls, kernel_size: int, **kwargs) -> Tuple[int, ...]:
+        """The kernel shape, (h, w) in 2D or (length,) in 1D, that a freshly built layer with these constructor
+        arguments generates and fuses to: the horizon cropped by the initial mask (mean `mask_init_mean`,
+        sigma `mask_init`) under dynamic cropping. Computed without building the layer."""
+        args = {}
+        for klass in (FlexConv2d, cls):  # subclasses may change defaults (CKConv2d: no mask)
+            args.update({n: p.default for n, p in inspect.signature(klass.__init__).parameters.items()
+                         if p.default is not inspect.Parameter.empty})
+        args.update(kwargs)
+        k = check_kernel_size(kernel_size, cls.dims, 'kernel_size', minimum=cls.min_kernel_size, what=' (the horizon)')
+        if not (args['mask'] and args['dynamic_cropping']):
+            return (k,) * cls.dims
+        mp = torch.tensor([[cls.mask_init_mean, float(args['mask_init'])]] * cls.dims, device='cpu')  # (not meta)
+        if cls.dims == 1:
+            return (k - gaussian_mask_crop_1d(mp, k, args['mask_threshold']),)
+        return tuple(k - 2 * i for i in gaussian_mask_crop(mp, k, args['mask_threshold']))
 
     def extra_repr(self) -> str:
         s = (f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, '

@@ -299,18 +299,33 @@ class _SMPConvNd(nn.Module):
     def _check_input(self, x: torch.Tensor):
         _check_input(x, self.input_rank, self.in_channels, self.layer_name)
 
-    def _plain_conv(self) -> nn.Module:
+    def _plain_conv(self, kernel_size: int) -> nn.Module:
         raise NotImplementedError
 
     @torch.no_grad()
+    def deployed_weight(self, min_size: int = 1) -> torch.Tensor:
+        """The kernel the reparameterized conv holds: the rendered kernel, or with `crop_to_support` (2D) only
+        its support's odd, centred bounding box (outside it the kernel is exactly zero, so the conv's output is
+        the same), never smaller than `min_size` per axis."""
+        if self.dims != 2 or not self.crop_to_support:
+            return self.get_weight()
+        k = self.kernel_size
+        crop = min(support_crop(self.points, self.radius, k, grid=self.render_grid), max(0, (k - min_size) // 2))
+        if not crop:
+            return self.get_weight()
+        return render_smp_kernel(self.points, self.radius, self.weight, k, normalize=self.normalize, crop=crop,
+                                 grid=self.render_grid)
+
+    @torch.no_grad()
     def to_plain_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Module:
-        """A plain conv with this layer's geometry (stride, padding, groups) holding `weight` and `bias`."""
-        return fill_conv_(self._plain_conv(), weight, bias, training)
+        """A plain conv with this layer's geometry (stride, padding, groups) holding `weight` (its size sets
+        the conv's kernel size) and `bias`."""
+        return fill_conv_(self._plain_conv(weight.shape[-1]), weight, bias, training)
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
         """timm reparameterization: the plain conv with the rendered kernel (zero bias if the layer had none)."""
-        return self.to_plain_conv(self.get_weight(), self.bias, training=self.training)
+        return self.to_plain_conv(self.deployed_weight(), self.bias, training=self.training)
 
 
 class SMPConv2d(DispatchConvMixin, _SMPConvNd):
@@ -358,9 +373,9 @@ class SMPConv2d(DispatchConvMixin, _SMPConvNd):
             w = self.get_weight()
         return self._dispatch_conv(x, w, self.bias, self.stride, self.groups)
 
-    def _plain_conv(self) -> LargeKernelConv2d:
+    def _plain_conv(self, kernel_size: int) -> LargeKernelConv2d:
         return LargeKernelConv2d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, groups=self.groups,
+            self.in_channels, self.out_channels, kernel_size, stride=self.stride, groups=self.groups,
             bias=True, device=self.points.device, dtype=self.points.dtype)
 
 
@@ -381,9 +396,9 @@ class SMPConv1d(_SMPConvNd):
         x = F.pad(x, (self.kernel_size - 1, 0))
         return F.conv1d(x, self.get_weight(), self.bias, self.stride, 0, 1, self.groups)
 
-    def _plain_conv(self) -> CausalConv1d:
+    def _plain_conv(self, kernel_size: int) -> CausalConv1d:
         return CausalConv1d(
-            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            self.in_channels, self.out_channels, kernel_size, stride=self.stride,
             groups=self.groups, bias=True, device=self.points.device, dtype=self.points.dtype)
 
 
@@ -474,11 +489,12 @@ class _SMPLargeKernelNd(nn.Module):
 
     @torch.no_grad()
     def get_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The single (weight, bias) equivalent to the whole branch with BNs in inference mode."""
-        w, b = fold_bn(self.smp.get_weight(), self.smp.bias, self.smp_bn)
+        """The single (weight, bias) equivalent to the whole branch with BNs in inference mode (with the SMP
+        layer's `crop_to_support`, over its support's bounding box, at least the small kernel's size)."""
+        w, b = fold_bn(self.smp.deployed_weight(self.small_kernel_size or 1), self.smp.bias, self.smp_bn)
         if self.small_conv is not None:
             ws, bs = fold_bn(self.small_conv.weight, self.small_conv.bias, self.small_bn)
-            w = w + pad_kernel(ws, self.smp.kernel_size, causal=self.dims == 1)
+            w = w + pad_kernel(ws, w.shape[-1], causal=self.dims == 1)
             b = b + bs
         return w, b
 

@@ -60,6 +60,7 @@ from ._builder import (
     saved_kernel_size,
     unwrap_checkpoint,
 )
+from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, deployed_first_conv, parse_kernel_sizes, require_deploy_sizes
 
 __all__ = ['FlexNet']
 
@@ -123,7 +124,7 @@ def _img_size(img_size: Union[int, Sequence[int]]) -> int:
     return img_size
 
 
-class FlexNet(nn.Module):
+class FlexNet(DeployableMixin, nn.Module):
     """FlexNet / CKCNN / SMP FlexNet (CIFAR-scale, no downsampling)."""
 
     def __init__(
@@ -142,6 +143,8 @@ class FlexNet(nn.Module):
             global_pool: str = 'avg',
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            inference_mode: bool = False,
+            inference_kernel_sizes: Optional[Sequence[Union[int, Sequence[int]]]] = None,
             device=None,
             dtype=None,
     ):
@@ -160,6 +163,13 @@ class FlexNet(nn.Module):
                 dict(mask_init=0.1) or dict(radius=0.18).
             block_drop_rate: dropout after the first ReLU of every block (the papers' "dropout").
             in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as every timm model.
+            inference_mode: build the reparameterized (deployed) network directly, as
+                timm.utils.reparameterize_model leaves it: one plain conv with bias per branch, no BatchNorm.
+            inference_kernel_sizes: with inference_mode, the deployed kernel size of the stem and of every
+                block's two branches in order (an int or [h, w]), where training decides them (FlexConv's
+                masks; SMP with crop_to_support). Default: the crops of freshly initialised masks (FlexConv),
+                the horizon (CKConv, SMP). A deployed model records them, and a checkpoint loaded with
+                pretrained=True gives them too.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -172,26 +182,54 @@ class FlexNet(nn.Module):
         if not len(widths):
             raise ValueError('widths must list at least one block')
         img_size = _img_size(img_size)
+        explicit_horizon = kernel_size is not None
         if kernel_size is None:
             kernel_size = img_size + 1
         self.conv_type = conv_type
         self.img_size = img_size
+        self._deploy_horizon = kernel_size
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.drop_rate = drop_rate
         conv_kwargs = dict(conv_kwargs or {})
 
-        def make_branch(cin: int, cout: int, stem: bool = False) -> nn.Module:
+        def branch_args(stem: bool = False) -> Dict:
             if conv_type == 'smp':
                 args = dict(small_kernel_size=3, small_bias=stem, normalize=True, n_points=n_points or SMP_FLEXNET_POINTS,
                             point_std=0.05, radius=0.12, shared_points=False)
-                args.update(conv_kwargs)
-                return SMPLargeKernel2d(cin, cout, kernel_size, **args, **dd)
-            args = dict(sampling_rate_norm=sampling_rate_norm)
-            if conv_type == 'ckconv':
-                args.update(kernel_net='siren', mask=False)
+            else:
+                args = dict(sampling_rate_norm=sampling_rate_norm)
+                if conv_type == 'ckconv':
+                    args.update(kernel_net='siren', mask=False)
             args.update(conv_kwargs)
-            return FlexConvBN2d(cin, cout, kernel_size, **args, **dd)
+            return args
+
+        # deployed kernel sizes (inference_mode): fixed by the horizon unless FlexConv masks or SMP support
+        # cropping decide them in training
+        args = branch_args()
+        if conv_type == 'smp':
+            learned = bool(args.get('crop_to_support', False))
+            default_shape, smallest = (kernel_size, kernel_size), args.get('small_kernel_size') or 1
+        else:
+            learned = bool(args.get('mask', True) and args.get('dynamic_cropping', True))
+            default_shape, smallest = FlexConv2d.initial_kernel_shape(kernel_size, **args), 1
+        n_branches = 1 + 2 * len(widths)
+        deployed = None
+        if inference_kernel_sizes is not None:
+            if not (inference_mode and learned):
+                raise ValueError('inference_kernel_sizes applies with inference_mode=True to layers whose deployed '
+                                 'size training decides (FlexConv masks, SMP crop_to_support) only')
+            deployed = iter(parse_kernel_sizes(inference_kernel_sizes, [kernel_size] * n_branches, 2,
+                                               [smallest] * n_branches))
+        self._init_deploy(sizes_learned=learned, sizes_given=deployed is not None,
+                          size_source=f'kernel_size={kernel_size}' if explicit_horizon else f'img_size={img_size}')
+
+        def make_branch(cin: int, cout: int, stem: bool = False) -> nn.Module:
+            if inference_mode:
+                return deployed_conv(cin, cout, next(deployed) if deployed else default_shape, **dd)
+            if conv_type == 'smp':
+                return SMPLargeKernel2d(cin, cout, kernel_size, **branch_args(stem), **dd)
+            return FlexConvBN2d(cin, cout, kernel_size, **branch_args(stem), **dd)
 
         self.stem = make_branch(in_chans, stem_width, stem=True)
         self.stem_act = nn.ReLU()
@@ -211,6 +249,11 @@ class FlexNet(nn.Module):
         self.num_features = self.head_hidden_size = prev
         self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights()
+
+    @torch.jit.ignore
+    def _deploy_branches(self) -> List[Tuple[str, int]]:
+        k = self._deploy_horizon
+        return [('stem', k)] + [(f'blocks.{i}.conv{j}', k) for i in range(len(self.blocks)) for j in (1, 2)]
 
     @torch.no_grad()
     def _init_weights(self):
@@ -250,6 +293,9 @@ class FlexNet(nn.Module):
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None):
         """Re-target the continuous kernels to another input resolution (see `retarget_resolution`)."""
         if img_size is not None:
+            if self.inference_mode:
+                raise ValueError('a deployed (reparameterized) FlexNet holds discrete kernels, which cannot be '
+                                 're-sampled: set the input size before reparameterizing it')
             retarget_resolution(self, _img_size(img_size))
 
     def forward_intermediates(
@@ -461,7 +507,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FlexNet) ->
     state_dict = unwrap_checkpoint(state_dict)
     if any('.Kernel.' in k for k in state_dict) or 'out_layer.weight' in state_dict:
         state_dict = _convert_authors(state_dict, model)
-    state_dict = _adapt_stem_in_chans(state_dict, model)
+    check_checkpoint_form(state_dict, model, 'FlexNet')
+    if not model.inference_mode:  # (a deployed stem is a plain conv: timm's own first-conv step adapts it)
+        state_dict = _adapt_stem_in_chans(state_dict, model)
     check_state_dict_keys(state_dict, model)
     return state_dict
 
@@ -469,7 +517,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: FlexNet) ->
 def _create_flexnet(variant: str, pretrained: bool = False, default_args: Optional[Dict] = None, **kwargs) -> FlexNet:
     model_args = dict(default_args or {})
     model_args.update(kwargs)
+    crop = model_args.get('conv_type') == 'smp' and (model_args.get('conv_kwargs') or {}).get('crop_to_support')
+    require_deploy_sizes(variant, pretrained, bool(model_args.get('inference_mode') and crop) and model_args.get(
+        'inference_kernel_sizes') is None, "conv_kwargs=dict(crop_to_support=True)")
     num_blocks = len(model_args.get('widths', (24, 24, 36, 36, 36, 48, 48)))
+    if model_args.get('inference_mode'):
+        deployed_first_conv(model_args, 'stem')
     return build_model_naming_file_errors(
         FlexNet, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(out_indices=tuple(range(num_blocks)), flatten_sequential=True), **model_args)

@@ -34,7 +34,8 @@ from timm.models._features import feature_take_indices
 from .._validate import check_choice
 from ..layers import RESIZE_MODES, ConvBN, SMPLargeKernel2d, default_n_points, fold_preceding_bn
 from ..layers.recompute import activation, recompute_activation, recompute_batch_norm, recompute_scope
-from ._builder import build_model_naming_file_errors, check_state_dict_keys, points_from_authors, unwrap_checkpoint
+from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
+from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, parse_kernel_sizes, require_deploy_sizes
 
 __all__ = ['SMPConvNet']
 
@@ -61,19 +62,27 @@ class LargeKernelBlock(nn.Module):
             drop_path: float = 0.,
             kernel_resize: str = 'stretch',
             crop_to_support: bool = False,
+            inference_mode: bool = False,
+            deployed_kernel_size: Optional[Tuple[int, int]] = None,
             device=None,
             dtype=None,
     ):
+        """inference_mode: build the reparameterized block (no BatchNorm, one plain depthwise conv of
+        `deployed_kernel_size`, default `kernel_size`, for the large-kernel branch)."""
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         hidden = int(dim * dw_ratio)
-        self.prelkb_bn = nn.BatchNorm2d(dim, **dd)
-        self.pw1 = ConvBN(dim, hidden, 1, act_layer=nn.ReLU, **dd)
-        self.large_kernel = SMPLargeKernel2d(
-            hidden, hidden, kernel_size, small_kernel_size=small_kernel_size, groups=hidden,
-            n_points=n_points, resize_mode=kernel_resize, crop_to_support=crop_to_support, **dd)
+        self.prelkb_bn = nn.Identity() if inference_mode else nn.BatchNorm2d(dim, **dd)
+        self.pw1 = ConvBN(dim, hidden, 1, act_layer=nn.ReLU, inference_mode=inference_mode, **dd)
+        if inference_mode:
+            size = deployed_kernel_size or (kernel_size, kernel_size)
+            self.large_kernel = deployed_conv(hidden, hidden, size, groups=hidden, **dd)
+        else:
+            self.large_kernel = SMPLargeKernel2d(
+                hidden, hidden, kernel_size, small_kernel_size=small_kernel_size, groups=hidden,
+                n_points=n_points, resize_mode=kernel_resize, crop_to_support=crop_to_support, **dd)
         self.lk_act = nn.ReLU()
-        self.pw2 = ConvBN(hidden, dim, 1, **dd)
+        self.pw2 = ConvBN(hidden, dim, 1, inference_mode=inference_mode, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -104,16 +113,17 @@ class FFNBlock(nn.Module):
             dim: int,
             ffn_ratio: float = 4.,
             drop_path: float = 0.,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         hidden = int(dim * ffn_ratio)
-        self.preffn_bn = nn.BatchNorm2d(dim, **dd)
-        self.pw1 = ConvBN(dim, hidden, 1, **dd)
+        self.preffn_bn = nn.Identity() if inference_mode else nn.BatchNorm2d(dim, **dd)
+        self.pw1 = ConvBN(dim, hidden, 1, inference_mode=inference_mode, **dd)
         self.act = nn.GELU()
-        self.pw2 = ConvBN(hidden, dim, 1, **dd)
+        self.pw2 = ConvBN(hidden, dim, 1, inference_mode=inference_mode, **dd)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -151,6 +161,8 @@ class SMPConvStage(nn.Module):
             drop_path_rates: Optional[Sequence[float]] = None,
             kernel_resize: str = 'stretch',
             crop_to_support: bool = False,
+            inference_mode: bool = False,
+            deployed_kernel_sizes: Optional[Sequence[Tuple[int, int]]] = None,
             device=None,
             dtype=None,
     ):
@@ -159,8 +171,8 @@ class SMPConvStage(nn.Module):
         self.grad_checkpointing = False
         if downsample:
             self.downsample = nn.Sequential(
-                ConvBN(in_dim, dim, 1, act_layer=nn.ReLU, **dd),
-                ConvBN(dim, dim, 3, stride=2, groups=dim, act_layer=nn.ReLU, **dd),
+                ConvBN(in_dim, dim, 1, act_layer=nn.ReLU, inference_mode=inference_mode, **dd),
+                ConvBN(dim, dim, 3, stride=2, groups=dim, act_layer=nn.ReLU, inference_mode=inference_mode, **dd),
             )
         else:
             self.downsample = nn.Identity()
@@ -169,8 +181,8 @@ class SMPConvStage(nn.Module):
         for i in range(depth):
             blocks.append(LargeKernelBlock(
                 dim, kernel_size, n_points, small_kernel_size, dw_ratio, drop_path_rates[i], kernel_resize,
-                crop_to_support, **dd))
-            blocks.append(FFNBlock(dim, ffn_ratio, drop_path_rates[i], **dd))
+                crop_to_support, inference_mode, deployed_kernel_sizes[i] if deployed_kernel_sizes else None, **dd))
+            blocks.append(FFNBlock(dim, ffn_ratio, drop_path_rates[i], inference_mode, **dd))
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,7 +198,7 @@ class NormClassifierHead(ClassifierHead):
     """BatchNorm -> global pool -> dropout -> fc (the reference's final norm lives in the head).
 
     `reparameterize()` folds the BatchNorm into the fc when pooling is 'avg' (an affine per-channel
-    map commutes with averaging), leaving no BatchNorm behind.
+    map commutes with averaging), leaving no BatchNorm behind; `inference_mode=True` builds that form.
     """
 
     def __init__(
@@ -195,11 +207,14 @@ class NormClassifierHead(ClassifierHead):
             num_classes: int,
             pool_type: str = 'avg',
             drop_rate: float = 0.,
+            inference_mode: bool = False,
             device=None,
             dtype=None,
     ):
         super().__init__(in_features, num_classes, pool_type, drop_rate, device=device, dtype=dtype)
         self.norm = nn.BatchNorm2d(in_features, device=device, dtype=dtype)
+        if inference_mode and self._norm_foldable():
+            self.norm = nn.Identity()
 
     def reset(
             self,
@@ -224,19 +239,21 @@ class NormClassifierHead(ClassifierHead):
         x = self.fc(x)
         return self.flatten(x)
 
+    def _norm_foldable(self) -> bool:
+        # max/other pooling does not commute with a negative scale; without a classifier nothing takes it
+        return isinstance(self.fc, nn.Linear) and getattr(self.global_pool, 'pool_type', '') == 'avg'
+
     @torch.no_grad()
     def reparameterize(self):
-        if isinstance(self.norm, nn.Identity) or not isinstance(self.fc, nn.Linear):
+        if isinstance(self.norm, nn.Identity) or not self._norm_foldable():
             return
-        if getattr(self.global_pool, 'pool_type', '') != 'avg':
-            return  # max/other pooling does not commute with a negative scale
         w, b = fold_preceding_bn(self.fc.weight, self.fc.bias, self.norm)
         self.fc.weight.copy_(w)
         self.fc.bias.copy_(b)
         self.norm = nn.Identity().train(self.training)
 
 
-class SMPConvNet(nn.Module):
+class SMPConvNet(DeployableMixin, nn.Module):
     """SMPConv ImageNet network (RepLKNet layout with SMP large kernels)."""
 
     def __init__(
@@ -256,6 +273,8 @@ class SMPConvNet(nn.Module):
             drop_path_rate: float = 0.,
             kernel_resize: str = 'stretch',
             crop_to_support: bool = False,
+            inference_mode: bool = False,
+            inference_kernel_sizes: Optional[Sequence[Union[int, Sequence[int]]]] = None,
             device=None,
             dtype=None,
     ):
@@ -274,7 +293,13 @@ class SMPConvNet(nn.Module):
             kernel_resize: 'stretch', 'extend' or 'none': how SMP parameters saved at another kernel size
                 are mapped when loaded (module docstring).
             crop_to_support: render/convolve SMP kernels only over their support's bounding box (same
-                output; see timm_smpconv.layers.support_crop).
+                output; see timm_smpconv.layers.support_crop). Reparameterized, each large kernel keeps only
+                that box (a trained model's deployed kernel sizes then differ per block).
+            inference_mode: build the reparameterized (deployed) network directly, as
+                timm.utils.reparameterize_model leaves it: plain convs with bias, no BatchNorm, no SMP layer.
+            inference_kernel_sizes: with inference_mode and crop_to_support, the deployed kernel size of every
+                large-kernel block in order (an int or [h, w]); a deployed model records them, and a checkpoint
+                loaded with pretrained=True gives them too. Without crop_to_support they are kernel_sizes.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -288,6 +313,15 @@ class SMPConvNet(nn.Module):
                 raise ValueError(f'{name} has {len(seq)} entries but layers has {num_stages} stages (give one value per '
                                  f'stage{"" if name == "channels" else ", or one int for every stage"})')
         check_choice('kernel_resize', kernel_resize, RESIZE_MODES)
+        deployed = None
+        if inference_kernel_sizes is not None:
+            if not (inference_mode and crop_to_support):
+                raise ValueError('inference_kernel_sizes applies with inference_mode=True and crop_to_support=True '
+                                 'only (otherwise the deployed kernels are kernel_sizes)')
+            horizons = [k for k, d in zip(kernel_sizes, layers) for _ in range(d)]
+            deployed = parse_kernel_sizes(inference_kernel_sizes, horizons, 2, [small_kernel_size] * len(horizons))
+        self._init_deploy(sizes_learned=crop_to_support, size_source=f'kernel_sizes={tuple(kernel_sizes)}',
+                          sizes_given=deployed is not None)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
@@ -297,27 +331,38 @@ class SMPConvNet(nn.Module):
         self.n_points = tuple(n_points)
 
         c0 = channels[0]
+        im = inference_mode
         self.stem = nn.Sequential(
-            ConvBN(in_chans, c0, 3, stride=2, act_layer=nn.ReLU, **dd),
-            ConvBN(c0, c0, 3, groups=c0, act_layer=nn.ReLU, **dd),
-            ConvBN(c0, c0, 1, act_layer=nn.ReLU, **dd),
-            ConvBN(c0, c0, 3, stride=2, groups=c0, act_layer=nn.ReLU, **dd),
+            ConvBN(in_chans, c0, 3, stride=2, act_layer=nn.ReLU, inference_mode=im, **dd),
+            ConvBN(c0, c0, 3, groups=c0, act_layer=nn.ReLU, inference_mode=im, **dd),
+            ConvBN(c0, c0, 1, act_layer=nn.ReLU, inference_mode=im, **dd),
+            ConvBN(c0, c0, 3, stride=2, groups=c0, act_layer=nn.ReLU, inference_mode=im, **dd),
         )
         dpr = calculate_drop_path_rates(drop_path_rate, list(layers), stagewise=True)  # per-stage lists, linear overall
         stages = []
         self.feature_info = []
         prev = c0
         for i in range(num_stages):
+            first = sum(layers[:i])
             stages.append(SMPConvStage(
                 prev, channels[i], layers[i], kernel_sizes[i], n_points[i], downsample=i > 0,
                 small_kernel_size=small_kernel_size, dw_ratio=dw_ratio, ffn_ratio=ffn_ratio,
-                drop_path_rates=dpr[i], kernel_resize=kernel_resize, crop_to_support=crop_to_support, **dd))
+                drop_path_rates=dpr[i], kernel_resize=kernel_resize, crop_to_support=crop_to_support,
+                inference_mode=im, deployed_kernel_sizes=deployed[first:first + layers[i]] if deployed else None,
+                **dd))
             prev = channels[i]
             self.feature_info.append(dict(num_chs=prev, reduction=4 * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = prev
-        self.head = NormClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
+        self.head = NormClassifierHead(
+            prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, inference_mode=im, **dd)
         self.apply(self._init_weights)
+
+    @torch.jit.ignore
+    def _deploy_branches(self) -> List[Tuple[str, int]]:
+        return [(f'stages.{i}.blocks.{j}.large_kernel', k)
+                for i, (stage, k) in enumerate(zip(self.stages, self.kernel_sizes))
+                for j, blk in enumerate(stage.blocks) if isinstance(blk, LargeKernelBlock)]
 
     @staticmethod
     def _init_weights(module: nn.Module):
@@ -345,7 +390,7 @@ class SMPConvNet(nn.Module):
     @torch.jit.ignore
     def no_weight_decay(self):
         # SMP radii: no decay (they also get a 0.1x lr through timm_smpconv.param_groups_smp)
-        return {'*.radius'}
+        return no_decay_patterns(self)
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -513,6 +558,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SMPConvNet)
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.endswith('smp.conv.weight_coord') for k in state_dict):
         state_dict = _convert_authors(state_dict)
+    check_checkpoint_form(state_dict, model, 'SMPConvNet')
+    if isinstance(model.head.norm, nn.BatchNorm2d) and model.inference_mode and not any(
+            k.startswith('head.norm.') for k in state_dict):
+        raise ValueError(
+            'the deployed checkpoint has its final BatchNorm folded into its classifier, which this model has not '
+            f'(num_classes={model.num_classes}, global_pool={model.head.global_pool.pool_type!r}): load it with '
+            'the classifier it was deployed with, or deploy the training checkpoint without a classifier')
     check_state_dict_keys(state_dict, model)
     return state_dict
 
@@ -524,6 +576,8 @@ def _create_smpconv(variant: str, pretrained: bool = False, default_args: Option
         div = kwargs.get('points_div', model_args.get('points_div', 4))
         model_args['n_points'] = [default_n_points(k, 2, div) for k in model_args['kernel_sizes']]
     model_args.update(kwargs)
+    require_deploy_sizes(variant, pretrained, model_args.get('inference_mode', False) and model_args.get(
+        'crop_to_support', False) and model_args.get('inference_kernel_sizes') is None, 'crop_to_support=True')
     return build_model_naming_file_errors(
         SMPConvNet, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True), **model_args)

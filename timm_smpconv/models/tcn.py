@@ -52,7 +52,7 @@ from timm.models._features import feature_take_indices
 
 from .._validate import check_choice, check_int
 from ..data import DIGITS_MEAN, DIGITS_STD
-from ..layers import FlexConvBN1d, SMPLargeKernel1d
+from ..layers import FlexConv1d, FlexConvBN1d, SMPLargeKernel1d
 from ..layers.flexconv import FLEX_RESIZE_MODES
 from ._builder import (
     build_model_naming_file_errors,
@@ -62,6 +62,7 @@ from ._builder import (
     saved_kernel_size,
     unwrap_checkpoint,
 )
+from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, deployed_first_conv, parse_kernel_sizes
 
 __all__ = ['SequenceTCN']
 
@@ -116,7 +117,7 @@ class TCNBlock(nn.Module):
         return self.act_out(self.drop_path(h) + self.shortcut(x))
 
 
-class SequenceTCN(nn.Module):
+class SequenceTCN(DeployableMixin, nn.Module):
     """SMP-TCN / FlexTCN: a causal TCN of continuous-kernel convolutions for sequences and sequential images."""
 
     def __init__(
@@ -138,6 +139,8 @@ class SequenceTCN(nn.Module):
             global_pool: str = 'last',
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
+            inference_mode: bool = False,
+            inference_kernel_sizes: Optional[List[int]] = None,
             device=None,
             dtype=None,
     ):
@@ -156,6 +159,12 @@ class SequenceTCN(nn.Module):
             in_chans, num_classes, drop_rate: as every timm model.
             drop_path_rate: stochastic depth on the residual branches (a timm addition, 0 by default).
             global_pool: 'last' (the classifier reads the last time step, the only pooling these models use).
+            inference_mode: build the reparameterized (deployed) network directly, as
+                timm.utils.reparameterize_model leaves it: one causal conv with bias per branch, no BatchNorm.
+            inference_kernel_sizes: FlexTCN with inference_mode: the deployed kernel length of every block's two
+                branches in order (their masks decide them in training; default: the crops of freshly
+                initialised masks). A deployed model records them, and a checkpoint loaded with pretrained=True
+                gives them too. SMP-TCN kernels are seq_len taps.
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -173,8 +182,20 @@ class SequenceTCN(nn.Module):
         self.drop_rate = drop_rate
         self.global_pool = global_pool
         conv_kwargs = dict(conv_kwargs or {})
+        # deployed kernel lengths (inference_mode): seq_len, or what FlexConv's masks crop them to in training
+        learned = bool(conv_type == 'flexconv' and conv_kwargs.get('mask', True) and conv_kwargs.get('dynamic_cropping', True))
+        default_shape = FlexConv1d.initial_kernel_shape(seq_len, **conv_kwargs) if learned else (seq_len,)
+        deployed = None
+        if inference_kernel_sizes is not None:
+            if not (inference_mode and learned):
+                raise ValueError('inference_kernel_sizes applies to FlexTCNs with inference_mode=True only (SMP-TCN '
+                                 'kernels are seq_len taps)')
+            deployed = iter(parse_kernel_sizes(inference_kernel_sizes, [seq_len] * (2 * depth), 1))
+        self._init_deploy(sizes_learned=learned, size_source=f'seq_len={seq_len}', sizes_given=deployed is not None)
 
         def make_branch(cin: int, cout: int) -> nn.Module:
+            if inference_mode:
+                return deployed_conv(cin, cout, next(deployed) if deployed else default_shape, **dd)
             if conv_type == 'smp':
                 args = dict(small_kernel_size=small_kernel_size, smp_bias=conv_bias, normalize=True,
                             n_points=n_points, point_std=0.1, radius=2. / seq_len if radius is None else radius,
@@ -205,12 +226,20 @@ class SequenceTCN(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self):
-        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
-            nn.init.normal_(self.head.weight, std=0.01)
-            nn.init.zeros_(self.head.bias)
+        self._init_head()
         for m in self.modules():
             if isinstance(m, SMPLargeKernel1d) and m.small_conv is not None:
                 trunc_normal_(m.small_conv.weight, std=.02)  # the authors' init hook: no other 1-D conv
+
+    @torch.no_grad()
+    def _init_head(self):
+        if isinstance(self.head, nn.Linear) and not self.head.weight.is_meta:
+            nn.init.normal_(self.head.weight, std=0.01)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.jit.ignore
+    def _deploy_branches(self) -> List[Tuple[str, int]]:
+        return [(f'blocks.{i}.conv{j}', self.seq_len) for i in range(len(self.blocks)) for j in (1, 2)]
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Union[str, List]]:
@@ -235,7 +264,7 @@ class SequenceTCN(nn.Module):
         ref = next(self.parameters())
         self.head = (nn.Linear(self.num_features, num_classes, device=ref.device, dtype=ref.dtype)
                      if num_classes > 0 else nn.Identity()).train(self.training)
-        self._init_weights()
+        self._init_head()  # (only the new head: the trained layers stay as they are)
 
     @torch.jit.ignore
     def set_seq_len(self, seq_len: int, mode: str = 'stretch'):
@@ -244,6 +273,9 @@ class SequenceTCN(nn.Module):
         the new length), 'none' leaves the values alone."""
         check_choice('mode', mode, LENGTH_MODES)
         check_int('seq_len', seq_len, 2)
+        if self.inference_mode:
+            raise ValueError('a deployed (reparameterized) model holds discrete kernels, which cannot be re-sampled: '
+                             'set the sequence length on the model before reparameterizing it')
         if self.permutation is not None and seq_len != self.seq_len:
             raise ValueError(f'this model reads its {self.seq_len} steps through a fixed permutation; it cannot be '
                              f're-targeted to {seq_len} steps')
@@ -393,6 +425,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: SequenceTCN
     state_dict = unwrap_checkpoint(state_dict)
     if any(k.startswith('backbone.') for k in state_dict) or 'finallyr.weight' in state_dict:
         state_dict = _convert_authors(state_dict, model)
+    check_checkpoint_form(state_dict, model, 'SequenceTCN')
     check_state_dict_keys(state_dict, model)
     return state_dict
 
@@ -414,11 +447,15 @@ _SMP_ONLY = ('radius', 'conv_bias')
 def _create_tcn(variant: str, pretrained: bool = False, default_args: Optional[Dict] = None, **kwargs) -> SequenceTCN:
     model_args = dict(default_args or {})
     tag = kwargs.get('pretrained_cfg')
+    if isinstance(tag, dict):  # a saved config (local-dir:, hf-hub:) names the tag it was created with
+        tag = tag.get('tag')
     tag = tag if isinstance(tag, str) else _DEFAULT_TAG
     for k, v in _DATASETS.get(tag, {}).items():
         if model_args.get('conv_type') == 'smp' or k not in _SMP_ONLY:
             model_args[k] = v
     model_args.update(kwargs)
+    if model_args.get('inference_mode'):
+        deployed_first_conv(model_args, 'blocks.0.conv1')
     return build_model_naming_file_errors(
         SequenceTCN, variant, pretrained, checkpoint_filter_fn,
         feature_cfg=dict(out_indices=tuple(range(model_args.get('depth', 6))), feature_cls='getter',

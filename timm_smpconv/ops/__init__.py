@@ -2,9 +2,11 @@
 
 * `dispatch.py`: `large_kernel_conv2d` and `causal_conv1d`, the backend registry, the measured rule, autotune, `set_conv_impl`.
 * `fft.py`: the FFT convolution (`timm_smpconv::fft_conv2d` custom op and its backward; `keep_spectra`).
+* `dft.py`: depthwise convolution through DFTs as matrix products (the ONNX export's form for large kernels).
 * `dwconv.py`: the Triton depthwise convolution (`timm_smpconv::dwconv2d` custom op and its backward);
   `triton_dwconv.py`: its kernels, imported on first use only.
 """
+from .dft import dft_conv2d
 from .dispatch import (
     ConvBackend,
     causal_conv1d,
@@ -12,6 +14,7 @@ from .dispatch import (
     conv_impl,
     default_backend,
     default_backend_1d,
+    default_export_backend,
     get_conv_impl,
     large_kernel_conv2d,
     register_conv_backend,

@@ -9,8 +9,10 @@ backend computes it is chosen per call:
   and keep the fastest for the process);
 * a backend applies only where it `supports` the conv (e.g. Triton: depthwise, stride 1, CUDA); the
   others fall back to the rule;
-* TorchScript, jit tracing (fvcore's FLOP counting) and ONNX export always convolve directly, so their
-  graphs hold a real convolution.
+* TorchScript and jit tracing (fvcore's FLOP counting) always convolve directly, so their graphs hold a real
+  convolution; the ONNX export does too, except for large depthwise kernels, which it writes as DFTs in
+  matrix products where onnxruntime runs them faster (`default_export_backend`; `conv_impl('direct')` keeps
+  every convolution a Conv node).
 
 Backends live in a registry (`register_conv_backend`); every non-direct one is a `torch.library` custom
 op, so torch.compile and torch.export see one node per convolution.
@@ -19,18 +21,19 @@ import statistics
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from .dft import dft_conv2d, dft_macs_per_output, dft_supports
 from .dwconv import triton_available, triton_dwconv2d, triton_supports
 from .fft import fft_conv2d, fft_grid, is_channels_last, kernel_spectrum
 
 __all__ = [
     'ConvBackend', 'causal_conv1d', 'conv_backends', 'conv_impl', 'default_backend', 'default_backend_1d',
-    'get_conv_impl', 'large_kernel_conv2d', 'register_conv_backend', 'select_causal_backend',
-    'select_conv_backend', 'set_conv_impl',
+    'default_export_backend', 'direct_macs_per_output', 'get_conv_impl', 'large_kernel_conv2d',
+    'register_conv_backend', 'select_causal_backend', 'select_conv_backend', 'set_conv_impl',
 ]
 
 
@@ -93,9 +96,14 @@ def _triton(x, weight, bias, stride: int, groups: int, cache=None):
     return triton_dwconv2d(x, weight, bias)
 
 
+def _dft(x, weight, bias, stride: int, groups: int, cache=None):
+    return dft_conv2d(x, weight, bias)
+
+
 register_conv_backend(ConvBackend('direct', lambda x, w, s, g: True, _direct))
 register_conv_backend(ConvBackend('fft', _fft_supports, _fft))
 register_conv_backend(ConvBackend('triton', triton_supports, _triton))
+register_conv_backend(ConvBackend('dft', dft_supports, _dft))
 
 
 def get_conv_impl() -> str:
@@ -104,7 +112,7 @@ def get_conv_impl() -> str:
 
 def set_conv_impl(impl: str) -> str:
     """Choose how `large_kernel_conv2d` convolves: 'auto' (the measured rule), 'autotune', or a backend
-    name ('direct', 'fft', 'triton'). Returns the previous setting. Context-manager form: `conv_impl`."""
+    name ('direct', 'fft', 'triton', 'dft'). Returns the previous setting. Context-manager form: `conv_impl`."""
     global _impl
     if impl not in _MODES + conv_backends():
         raise ValueError(f'conv impl must be one of {_MODES + conv_backends()}, got {impl!r}')
@@ -206,10 +214,40 @@ def _time_backend(backend: ConvBackend, x, weight, stride: int, groups: int, gra
     return statistics.median(times)
 
 
+def direct_macs_per_output(h: int, w: int, kh: int, kw: int) -> float:
+    """Multiply-adds per output of a direct 'same' conv that meet the map (taps over the zero padding need none):
+    per axis, the mean number of the kernel's taps inside the map."""
+    def axis(n: int, k: int) -> float:
+        r = k // 2
+        return sum(min(n - 1, i + r) - max(0, i - r) + 1 for i in range(n)) / n
+    return axis(h, kh) * axis(w, kw)
+
+
+def default_export_backend(depthwise: bool, kernel_size: Tuple[int, int], map_size: Tuple[int, int]) -> str:
+    """The 'auto' rule under ONNX export: 'dft' (`timm_smpconv.ops.dft`, matrix products) for a depthwise conv
+    whose direct taps inside the map outnumber the DFT products' multiply-adds, else 'direct' (a Conv node).
+
+    onnxruntime 1.32, CPU, batch 1 (`python benchmarks/deploy.py`, its table of large depthwise convs): its
+    direct depthwise kernel is several times slower per multiply-add than its matrix products (31 x 31 on
+    96 x 56 x 56: 18 ms against 8 ms; 29 x 29 on 192 x 28 x 28: 9.5 ms against 2.0 ms, one thread), and its
+    own DFT node (naive for lengths that are not powers of two) far slower than both. Where a kernel is larger
+    than the map, most taps fall on padding, which the direct kernel skips: 47 x 47 on 14 x 14 stays direct."""
+    if not depthwise:
+        return 'direct'
+    (kh, kw), (h, w) = kernel_size, map_size
+    return 'dft' if direct_macs_per_output(h, w, kh, kw) >= dft_macs_per_output(h, w, kh, kw) else 'direct'
+
+
 def select_conv_backend(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, groups: int = 1) -> str:
     """The backend `large_kernel_conv2d` uses for these arguments under the current setting."""
-    if stride != 1 or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+    if stride != 1 or torch.jit.is_tracing():
         return 'direct'
+    if torch.onnx.is_in_onnx_export():
+        if _impl in ('direct', 'dft') and _BACKENDS[_impl].supports(x, weight, stride, groups):
+            return _impl
+        depthwise = weight.shape[1] == 1 and groups == x.shape[1]
+        odd = weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1
+        return default_export_backend(depthwise and odd, tuple(weight.shape[-2:]), tuple(x.shape[-2:]))
     kh, kw = weight.shape[-2], weight.shape[-1]
     if kh % 2 == 0 or kw % 2 == 0:
         return 'direct'
@@ -237,14 +275,15 @@ def large_kernel_conv2d(
         bias: Optional[torch.Tensor] = None,
         stride: int = 1,
         groups: int = 1,
-        cache: Optional[dict] = None,
+        cache: Optional[Dict[str, Any]] = None,
 ) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding=(kh // 2, kw // 2), groups=groups) by the backend
     `select_conv_backend` picks; every backend gives the same result (to float32 rounding).
 
     `cache`: a dict owned by the calling module where a backend may keep state derived from fixed
     weights (the FFT kernel spectrum in eval); it is never used while compiling or for a weight that
-    requires grad.
+    requires grad. (Typed so that TorchScript can compile this function: an fx graph of a model, where
+    it is a leaf call, is scriptable; scripted, it convolves directly.)
     """
     if torch.jit.is_scripting():
         return F.conv2d(x, weight, bias, stride, (weight.shape[-2] // 2, weight.shape[-1] // 2), 1, groups)
