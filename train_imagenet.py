@@ -86,6 +86,7 @@ from timm_smpconv.data import (
     DIGITS_STD,
     DigitsDataset,
     SequenceDataset,
+    allow_zero_bit_posterize,
     channel_stats,
     is_sequence_dataset,
     load_sequence_splits,
@@ -505,7 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # keys of a run's args.yaml that the run sets itself (not flags): skipped when the file is read back with -c
 _RUN_STATE_KEYS = ('config', 'rank', 'world_size', 'local_rank', 'distributed', 'device_id', 'preset_kwargs_dropped',
-                   'seq_len', 'class_names')
+                   'seq_len', 'class_names', 'data_config')
 
 
 def load_config(parser, path):
@@ -1156,6 +1157,8 @@ def setup_model(state):
         _logger.info(f'Model {args.model}: {sum(p.numel() for p in model.parameters()):,} params, '
                      f'{args.num_classes} classes')
     state.data_config = build_data_config(args, model)
+    # stored with the run (args.yaml, every checkpoint's args): the export writes it into the deployed config
+    args.data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in state.data_config.items()}
     if args.split_bn:
         model = convert_splitbn_model(model, max(args.aug_splits, 2))
     if args.model_dtype:
@@ -1288,6 +1291,7 @@ def setup_loaders(state):
             if args.aug_splits:
                 raise TrainingError('--aug-splits with Mixup/CutMix needs --no-prefetcher (as timm)')
             state.collate_fn = FastCollateMixup(**mixup_args)
+    allow_zero_bit_posterize()  # timm's RandAugment can ask for 0 bits, which Pillow 13 refuses
     if args.aug_splits > 1:
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
     img_dtype = state.model_dtype or torch.float32
@@ -1414,7 +1418,18 @@ def train(state):
             source = best_source(os.path.join(state.output_dir, 'summary.csv'), best[1], args.eval_metric)
             _logger.info(f'Best {args.eval_metric}: {best[0]:.2f} (epoch {best[1]}, {source}); '
                          f'{time.time() - t_start:.0f} s of training; outputs in {state.output_dir}')
+            _logger.info('Deploy the best checkpoint (reparameterized, checked, timm local-dir: / Hub folder): '
+                         + export_command(state.output_dir, source))
+
     return best
+
+
+def export_command(output_dir, source):
+    """The `python -m timm_smpconv.export` command line for the run's best checkpoint, with the weights that gave
+    its metric (`source`: 'model' or 'EMA'; the export takes the EMA weights unless told --no-ema)."""
+    best = os.path.join(output_dir, 'model_best.pth.tar')
+    out = os.path.join(output_dir, 'deployed')
+    return f'python -m timm_smpconv.export --checkpoint {best} --out {out}' + (' --no-ema' if source == 'model' else '')
 
 
 def best_source(summary_csv, epoch, metric):

@@ -122,6 +122,45 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path):
     assert len(rows_a) == len(rows_b) == 3
 
 
+def test_run_ends_with_its_export_command(tmp_path):
+    """The last log lines name the export of the best checkpoint, with the weights that gave its metric; the
+    deployed folder carries the run's data config (the built-in digits' statistics, not the model's defaults)."""
+    import json
+    import shlex
+
+    from timm_smpconv.export import main as export_main
+    res = run_main(TINY + ['--output', str(tmp_path), '--experiment', 'run', '--epochs', '1', '--batch-size', '32',
+                           '--warmup-epochs', '0', '--model-ema', '--num-classes', '10'])
+    assert res.returncode == 0, res.stderr[-2000:]
+    source = re.search(r'Best top1: [\d.]+ \(epoch 0, (model|EMA)\)', res.stdout).group(1)
+    command = re.search(r'python -m timm_smpconv\.export (.*)', res.stdout).group(1)
+    assert ('--no-ema' in command) == (source == 'model')
+    export_main(shlex.split(command))
+    cfg = json.loads((tmp_path / 'run' / 'deployed' / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['mean'] == list(train_imagenet.DIGITS_MEAN) and cfg['std'] == list(train_imagenet.DIGITS_STD)
+    assert cfg['input_size'] == [3, 32, 32]
+
+
+def test_randaugment_at_full_magnitude_trains(data_dir, tmp_path):
+    """timm's RandAugment at magnitude 10 posterizes to 0 bits, which Pillow 13 refuses; the run goes on."""
+    res = run_main(TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--epochs', '1', '--batch-size', '4',
+                           '--warmup-epochs', '0', '--aa', 'rand-m10-n12-inc1', '--bn-recalibrate', '0'])
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_zero_bit_posterize_clears_the_image():
+    from timm.data.auto_augment import AugmentOp
+
+    from timm_smpconv.data import allow_zero_bit_posterize
+    allow_zero_bit_posterize()
+    img = Image.new('RGB', (4, 4), (200, 100, 50))
+    for name, magnitude in (('PosterizeIncreasing', 10), ('Posterize', 0)):
+        out = AugmentOp(name, prob=1.0, magnitude=magnitude)(img)
+        assert np.asarray(out).max() == 0, name
+    kept = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=5)(img)  # 2 bits kept: 200 -> 192, 100 -> 64, 50 -> 0
+    assert tuple(np.asarray(kept)[0, 0]) == (192, 64, 0)
+
+
 def test_channels_last_trains_the_same_model(data_dir, tmp_path):
     common = TINY + ['--data-dir', str(data_dir), '--output', str(tmp_path), '--epochs', '1', '--batch-size', '4',
                      '--grad-accum-steps', '1', '--warmup-epochs', '0']

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 __all__ = ['DigitsDataset', 'DIGITS_MEAN', 'DIGITS_STD', 'DIGITS_NUM_CLASSES', 'SequenceDataset',
-           'load_sequence_splits', 'is_sequence_dataset', 'channel_stats']
+           'load_sequence_splits', 'is_sequence_dataset', 'channel_stats', 'allow_zero_bit_posterize']
 
 DIGITS_NUM_CLASSES = 10
 # per-channel statistics of the training split after scaling to [0, 1] (grey replicated to RGB)
@@ -22,6 +22,36 @@ DIGITS_MEAN = (0.3058,) * 3
 DIGITS_STD = (0.3764,) * 3
 _VAL_FRACTION = 0.2
 _SPLIT_SEED = 0
+
+
+def posterize_any_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op, also for 0 bits: every value cleared, as Pillow before 13 did."""
+    if bits_to_keep <= 0:
+        return img.point([0] * 256 * len(img.getbands()))
+    from timm.data import auto_augment
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def allow_zero_bit_posterize() -> bool:
+    """Make timm's RandAugment / AutoAugment posterize ops take 0 bits with the Pillow installed.
+
+    timm's 'PosterizeIncreasing' keeps 4 - int(4 * magnitude / 10) bits, so 0 at magnitude 10, which
+    RandAugment reaches with magnitude noise (the recipe's `rand-m9-mstd0.5-inc1`: about 2% of draws);
+    Pillow 13 raises "bits must be between or equal to 1 and 8" where earlier versions returned a black
+    image, which stops a training run at a random step. Ops built after this call (timm looks the function
+    up when it builds an op) clear every value instead, as before. A no-op where Pillow takes 0 bits.
+    Returns whether timm's ops were changed."""
+    from PIL import ImageOps
+    from timm.data import auto_augment
+    try:
+        ImageOps.posterize(Image.new('RGB', (1, 1)), 0)
+        return False
+    except ValueError:
+        pass
+    for name in ('Posterize', 'PosterizeIncreasing', 'PosterizeOriginal'):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = posterize_any_bits
+    return True
 
 
 def _load_digits():

@@ -95,7 +95,10 @@ def creation_kwargs(stored: Dict[str, Any], model: Optional[str] = None, overrid
     if stored.get('num_classes'):
         kwargs['num_classes'] = stored['num_classes']
     kwargs.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    data = {k: stored[k] for k in _DATA_KEYS if stored.get(k)}
+    # the data config the run trained with (train_imagenet.py stores it resolved: the model's defaults with the
+    # flags and the dataset's statistics applied), else the data flags it was given
+    resolved = stored.get('data_config') if isinstance(stored.get('data_config'), dict) else stored
+    data = {k: resolved[k] for k in _DATA_KEYS if resolved.get(k)}
     return name, kwargs, data
 
 

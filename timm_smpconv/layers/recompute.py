@@ -245,9 +245,9 @@ def recompute_sum(z: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> Optional
 def recompute_dropout(z: torch.Tensor, y: torch.Tensor) -> Optional[_Recipe]:
     """Register `z = dropout(y)` (training) to be recomputed from y (itself recomputed if registered) and what
     dropout keeps anyway: its mask (CUDA's fused dropout: y * mask * scale) or its scaled noise (CPU: y * noise)."""
-    node = z.grad_fn
-    if not recomputing() or not z.requires_grad:
+    if not recomputing() or not z.requires_grad:  # first: under torch.compile nothing may read grad_fn
         return None
+    node = z.grad_fn
     kind = type(node).__name__
     if kind == 'NativeDropoutBackward0':
         mask, scale = node._saved_result1, node._saved_scale
