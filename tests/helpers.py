@@ -1,4 +1,9 @@
 """ Helpers shared by the test modules. """
+import contextlib
+import io
+import sys
+from pathlib import Path
+
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules
 
@@ -132,3 +137,21 @@ class HostSyncs:
         for m in reversed(self._modes):
             m.__exit__(*exc)
         return False
+
+
+def run_trainer(argv):
+    """train_imagenet.main(argv) in this process, as `python train_imagenet.py ARGV` runs it: (exit code, stdout
+    and stderr together, what main returned or None). torch.compile's caches are reset after it."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train_imagenet
+    out = io.StringIO()
+    result, code = None, 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                result = train_imagenet.main(argv)
+            except SystemExit as e:
+                code = e.code
+    finally:
+        torch._dynamo.reset()
+    return code, out.getvalue(), result

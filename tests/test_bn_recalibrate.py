@@ -1,9 +1,7 @@
 """ --bn-recalibrate: the validation a short run logs, the checkpoints it writes and their --eval-only / --reparam
 evaluation all reflect what the weights learned (BatchNorm statistics re-estimated before each validation). """
 import argparse
-import contextlib
 import csv
-import io
 import sys
 from pathlib import Path
 
@@ -12,26 +10,16 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from helpers import run_trainer  # noqa: E402
+
 import train_imagenet  # noqa: E402
 from timm_smpconv._fvcore import update_bn_stats  # noqa: E402
 
-
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run_main(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            result = train_imagenet.main(argv)
-        except SystemExit as e:
-            return e.code, out.getvalue(), None
-    return 0, out.getvalue(), result
+    return run_trainer(argv)
 
 
 @pytest.fixture(scope='module')

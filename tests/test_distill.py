@@ -2,8 +2,6 @@
 teacher trained on the built-in digits, a smaller student distilled from it through each teacher route (a plain
 name with --kd-checkpoint, local-dir:), the distillation loss in use, exact resume with the task's state. """
 import argparse
-import contextlib
-import io
 import sys
 from pathlib import Path
 
@@ -13,6 +11,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from helpers import run_trainer  # noqa: E402
+
 import train_imagenet  # noqa: E402
 
 COMMON = ['--workers', '0', '--device', 'cpu', '--seed', '5', '--log-interval', '5', '--validation-batch-size', '128',
@@ -23,23 +23,12 @@ STUDENT = ['--model', 'smpconv_mobile31', '--model-kwargs', 'kernel_sizes=[9,7,5
            'small_kernel_size=3', 'channels=[12,16,24,32]', 'layers=[1,1,1,1]']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run_main(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            train_imagenet.main(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue()
+    """(exit code, stdout + stderr) of the trainer run in this process."""
+    return run_trainer(argv)[:2]
 
 
 def load(path):

@@ -3,9 +3,7 @@ archives read with aeon, here the small ones aeon ships: BasicMotions, 6 channel
 channel); front padding of unequal lengths (JapaneseVowels), the normalisation stored with the run, exact resume,
 torchrun, and image flags refused. """
 import argparse
-import contextlib
 import csv
-import io
 import os
 import subprocess
 import sys
@@ -19,7 +17,7 @@ from timm_smpconv.data import SequenceDataset, channel_stats, load_sequence_spli
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import train_imagenet  # noqa: E402
+from helpers import run_trainer  # noqa: E402
 
 # a small SMP-TCN (2 blocks of width 16) for the tests' series
 SMALL = ['--model', 'smp_tcn', '--model-kwargs', 'depth=2', 'width=16', 'n_points=8', '--device', 'cpu', '--seed', '1',
@@ -31,23 +29,12 @@ def aeon_data():
     return os.path.join(os.path.dirname(aeon.__file__), 'datasets', 'data')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run_main(argv):
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-        try:
-            train_imagenet.main(argv)
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    return code, out.getvalue()
+    """(exit code, stdout + stderr) of the trainer run in this process."""
+    return run_trainer(argv)[:2]
 
 
 def summary(run_dir):

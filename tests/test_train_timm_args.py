@@ -1,7 +1,6 @@
 """ train_imagenet.py is a drop-in for timm's train.py: every option of timm's train.py (the list in
 timm_smpconv/timm_train_args.py) is accepted with timm's nargs and type, and either has timm's meaning or is refused
 with its reason; timm's --model-kwargs parsing; the defaults that differ from timm's are said out loud. """
-import contextlib
 import io
 import logging
 import sys
@@ -14,6 +13,8 @@ from timm_smpconv.timm_train_args import TIMM_TRAIN_OPTIONS, timm_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from helpers import run_trainer  # noqa: E402
+
 import train_imagenet  # noqa: E402
 
 MODEL = ['--model', 'smpconv_mobile31', '--model-kwargs', 'kernel_sizes=[9,7,5,5]', 'n_points=[8,6,3,3]',
@@ -22,27 +23,12 @@ MODEL = ['--model', 'smpconv_mobile31', '--model-kwargs', 'kernel_sizes=[9,7,5,5
 TINY_RUN = MODEL + ['--epochs', '1', '--max-train-batches', '2', '--batch-size', '8']
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run_main(argv):
-    """train_imagenet.main in this process: (exit code, stdout + stderr)."""
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            try:
-                train_imagenet.main(argv)
-                code = 0
-            except SystemExit as e:
-                code = e.code
-    finally:
-        torch._dynamo.reset()
-    return code, out.getvalue()
+    """(exit code, stdout + stderr) of the trainer run in this process."""
+    return run_trainer(argv)[:2]
 
 
 def sample_argv(option, choices):
