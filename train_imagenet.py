@@ -22,6 +22,7 @@ args.yaml.
 """
 import argparse
 import csv
+import functools
 import importlib
 import logging
 import math
@@ -603,10 +604,8 @@ _EVAL_METRICS = ('loss', 'top1', 'top5')
 
 def check_args(args):
     """Input errors that must stop the run before anything is built."""
-    defaults = build_parser()
-    for dest, reason in REFUSED.items():
-        if getattr(args, dest) != defaults.get_default(dest):
-            raise TrainingError(f'--{dest.replace("_", "-")}: not supported: {reason}')
+    for dest in _set_away_from_default(args, REFUSED):
+        raise TrainingError(f'--{dest.replace("_", "-")}: not supported: {REFUSED[dest]}')
     if args.batch_size < 1 or args.grad_accum_steps < 1:
         raise TrainingError('--batch-size and --grad-accum-steps must be >= 1')
     if _mixup_active(args) and args.batch_size % 2:
@@ -686,9 +685,15 @@ def _check_sequence_args(args):
                             f'{", ".join(image_flags)} (the sequence preset leaves them off)')
 
 
-def _set_away_from_default(args, dests):
+@functools.lru_cache(maxsize=None)
+def _flag_defaults():
+    """Each flag's default in the parser itself (before a preset's values)."""
     parser = build_parser()
-    return [d for d in dests if getattr(args, d) != parser.get_default(d)]
+    return {a.dest: parser.get_default(a.dest) for a in parser._actions}
+
+
+def _set_away_from_default(args, dests):
+    return [d for d in dests if getattr(args, d) != _flag_defaults()[d]]
 
 
 def _check_variable_resolution(args):
@@ -1439,8 +1444,12 @@ def best_source(summary_csv, epoch, metric):
     model_value, ema_value = row.get(f'eval_{metric}'), row.get(f'eval_ema_{metric}')
     if not ema_value or not model_value:
         return 'model'
-    better = float(ema_value) < float(model_value) if 'loss' in metric else float(ema_value) > float(model_value)
-    return 'EMA' if better else 'model'
+    return 'EMA' if _better(float(ema_value), float(model_value), metric) else 'model'
+
+
+def _better(a, b, metric):
+    """Whether value a of the ranked metric beats b (lower for a loss, higher otherwise)."""
+    return a < b if 'loss' in metric else a > b
 
 
 def recalibrate_bn(state):
@@ -1635,7 +1644,7 @@ def log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema, epoch_t
             msg += f' | EMA top-1 {metrics_ema["top1"]:.2f} top-5 {metrics_ema["top5"]:.2f}'
             eval_row.update((f'ema_{k}', v) for k, v in metrics_ema.items())  # -> eval_ema_top1 ...
             ema_metric = metrics_ema[args.eval_metric]
-            if (ema_metric < metric) if 'loss' in args.eval_metric else (ema_metric > metric):
+            if _better(ema_metric, metric, args.eval_metric):
                 metric = ema_metric  # the checkpoint holds both: it ranks by the better (best_source says which)
     _logger.info(msg + f' | {epoch_time:.1f} s, {total_time:.0f} s total')
     summary = os.path.join(state.output_dir, 'summary.csv')

@@ -128,15 +128,14 @@ def is_sequence_dataset(name: str) -> bool:
 def _read_npz(path: str) -> Tuple[List[np.ndarray], np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ('X', 'y') if k not in f.files]
-            if missing:
-                raise ValueError(f'{path} has no {" or ".join(missing)} array (it holds {", ".join(f.files) or "none"}); '
-                                 f'time-series .npz files hold X (N, C, L) and y (N,)')
-            x, y = f['X'], f['y']
+            names = list(f.files)
+            x, y = (f[k] if k in names else None for k in ('X', 'y'))
     except (OSError, ValueError) as e:
-        if isinstance(e, ValueError) and 'time-series .npz' in str(e):
-            raise
         raise ValueError(f'cannot read {path}: {e}') from e
+    if x is None or y is None:
+        missing = [k for k, v in (('X', x), ('y', y)) if v is None]
+        raise ValueError(f'{path} has no {" or ".join(missing)} array (it holds {", ".join(names) or "none"}); '
+                         f'time-series .npz files hold X (N, C, L) and y (N,)')
     if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
         raise ValueError(f'{path}: X must be (N, C, L) and y (N,) with the same N, got X {tuple(x.shape)} and '
                          f'y {tuple(y.shape)}')
