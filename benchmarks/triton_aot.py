@@ -44,7 +44,7 @@ def main(argv=None):
              'per thread, shared memory per block, theoretical occupancy (resident warps / maximum), tensor-core '
              'instructions in the SASS; spill bytes where there are any '
              f'({len(bad)} configurations over a limit{": " + "; ".join(bad) if bad else ""}).', '',
-             ] + block[4:-2] + ['', '## Where each configuration is used', '']
+             ] + triton_aot.format_table(configs, reports) + ['', '## Where each configuration is used', '']
     for i, c in enumerate(configs):
         lines.append(f'{i + 1}. {c.describe()}: ' + '; '.join(c.uses))
     print(f'wrote {write_results(args.out, lines)} ({len(configs)} configurations, {seconds:.0f} s)')

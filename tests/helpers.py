@@ -100,7 +100,7 @@ class HostSyncs:
     TorchDispatchMode, and `Tensor.tolist()` / `.numpy()` through a TorchFunctionMode (on CPU tensors these read
     memory without dispatching an op). `events`: a Counter of op names."""
     DISPATCH = {'_local_scalar_dense', 'nonzero', 'masked_select', 'unique_dim', '_unique2', 'unique_consecutive',
-                'equal', 'is_nonzero'}
+                'equal'}
     FUNCTIONS = {'tolist', 'numpy'}
 
     def __init__(self):

@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -103,8 +102,9 @@ def creation_kwargs(stored: Dict[str, Any], model: Optional[str] = None, overrid
 
 
 def _filter_fn(model: nn.Module):
-    fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
-    if fn is None or not hasattr(model, 'inference_mode'):
+    from .models._builder import _FILTERS
+    fn = _FILTERS.get(type(model))
+    if fn is None:
         raise ExportError(f'{type(model).__name__} is not a timm_smpconv model: export deploys the models this package '
                           f'registers')
     return fn

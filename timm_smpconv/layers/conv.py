@@ -76,9 +76,11 @@ class ConvBN(nn.Module):
 
     @torch.jit.unused
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not recomputing():
+            return self.act(self.bn(self.conv(x)))
         c = self.conv(x)
         y = self.bn(c)
-        if recomputing() and isinstance(self.bn, nn.BatchNorm2d):
+        if isinstance(self.bn, nn.BatchNorm2d):
             recompute_batch_norm(c, y, self.bn)  # keep only the conv output: BN and activation recomputed from it
         z = activation(self.act, y)
         recompute_activation(z, self.act, y)

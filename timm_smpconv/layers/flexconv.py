@@ -252,10 +252,12 @@ def _outputs_batched(nets: List[nn.Module], z: torch.Tensor) -> List[torch.Tenso
     for i, net in enumerate(nets):
         groups.setdefault(net.output.out_features, []).append(i)
     outs: List[Optional[torch.Tensor]] = [None] * len(nets)
+    rows = z.unbind(0)
     for idx in groups.values():
         w = torch.stack([nets[i].output.weight for i in idx])
         b = torch.stack([nets[i].output.bias for i in idx]).unsqueeze(1)
-        zi = z if len(idx) == len(nets) else z[torch.tensor(idx, device=z.device)]
+        # rows picked by Python index (views): an index tensor built from a list would be a blocking copy on CUDA
+        zi = z if len(idx) == len(nets) else torch.stack([rows[i] for i in idx])
         for i, o in zip(idx, torch.baddbmm(b, zi, w.transpose(1, 2)).unbind(0)):
             outs[i] = o
     return outs
@@ -274,24 +276,23 @@ def gaussian_mask_crop(mask_params: torch.Tensor, kernel_size: int, threshold: f
     """
     mp = mask_params.detach().float()
     c = math.sqrt(-2.0 * math.log(threshold))
-    mean, sigma = mp[:, 0], mp[:, 1]
-    r = torch.maximum((mean - sigma * c).abs(), (mean + sigma * c).abs())
+    r = _mask_extent(mp[:, 0], mp[:, 1], c)
     half = torch.linspace(-1., 1., kernel_size, device=mp.device)[:kernel_size // 2 + 1]
     starts = (half.unsqueeze(0) <= -r.unsqueeze(1)).sum(1).clamp(max=kernel_size // 2)
     starts = starts * (r < 1.).long()
     return torch.jit.annotate(List[int], starts.tolist())  # the one host sync of a forward
 
 
-def _mask_extent(mean: torch.Tensor, sigma: torch.Tensor, c) -> torch.Tensor:
+def _mask_extent(mean: torch.Tensor, sigma: torch.Tensor, c: float) -> torch.Tensor:
     return torch.maximum((mean - sigma * c).abs(), (mean + sigma * c).abs())
 
 
 def gaussian_mask_crops(layers: List['FlexConv2d']) -> List[List[int]]:
-    """`gaussian_mask_crop` of every layer (same horizon) with one host read for all: [[i_0, i_1] per layer]."""
+    """`gaussian_mask_crop` of every layer (same horizon and mask threshold: one batch_key) with one host read
+    for all: [[i_0, i_1] per layer]."""
     k = layers[0].kernel_size
     mp = torch.stack([m.mask_params.detach().float() for m in layers])  # (L, 2, 2)
-    c = torch.tensor([math.sqrt(-2.0 * math.log(m.mask_threshold)) for m in layers], device=mp.device,
-                     dtype=torch.float32).view(-1, 1)
+    c = math.sqrt(-2.0 * math.log(layers[0].mask_threshold))
     r = _mask_extent(mp[:, :, 0], mp[:, :, 1], c)  # (L, 2)
     half = torch.linspace(-1., 1., k, device=mp.device)[:k // 2 + 1]
     starts = (half <= -r.unsqueeze(-1)).sum(-1).clamp(max=k // 2) * (r < 1.).long()
@@ -496,8 +497,8 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
         """Layers with the same key can generate their kernels in one batched evaluation (`batched_weights`)."""
         masked = self.mask_params is not None
         ref = self.kernel_net.output.weight
-        return (self.dims, self.kernel_size, masked, masked and self.dynamic_cropping, ref.dtype, ref.device,
-                ref.is_meta) + self.kernel_net.batch_key()
+        return (self.dims, self.kernel_size, masked, masked and self.dynamic_cropping, self.mask_threshold, ref.dtype,
+                ref.device, ref.is_meta) + self.kernel_net.batch_key()
 
     @staticmethod
     @torch.jit.unused

@@ -152,9 +152,7 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module,
         if getattr(model, 'num_classes', None) != cfg.get('num_classes'):
             exempt |= head_keys
         if getattr(model, 'in_chans', None) != (cfg.get('input_size') or (3,))[0]:
-            # timm adapts the first conv its traits name (a deployed model's own), else the cfg's
-            first_conv = getattr(model, '_traits', {}).get('first_conv') or cfg.get('first_conv', 'stem.0.conv')
-            exempt.add(first_conv + '.weight')
+            exempt.add(cfg.get('first_conv', 'stem.0.conv') + '.weight')  # a deployed model's own (its cfg overlay)
     # buffers registered as None (absent from a fresh model's state dict) may be present, e.g. an SMP layer's
     # render_grid; the layer checks their shape when loading
     optional = {f'{name}.{b}' if name else b for name, m in model.named_modules()

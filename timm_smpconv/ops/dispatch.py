@@ -14,8 +14,9 @@ backend computes it is chosen per call:
   matrix products where onnxruntime runs them faster (`default_export_backend`; `conv_impl('direct')` keeps
   every convolution a Conv node).
 
-Backends live in a registry (`register_conv_backend`); every non-direct one is a `torch.library` custom
-op, so torch.compile and torch.export see one node per convolution.
+Backends live in a registry (`register_conv_backend`); the FFT and Triton ones are `torch.library` custom
+ops, so torch.compile and torch.export see one node per convolution; 'dft' is plain torch ops on purpose (the
+ONNX export writes them as matrix products).
 """
 import statistics
 import time

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .fft import bias_grad, check_conv_args, conv_out_dtype, is_channels_last
+from .fft import _output_like, bias_grad, check_conv_args, conv_out_dtype
 
 __all__ = ['triton_available', 'triton_dwconv2d', 'triton_fits', 'triton_supports']
 
@@ -75,7 +75,7 @@ def _dwconv2d_backward_op(
     k = _kernels()
     # the output gradient in x's dtype and layout (a copy only where autograd hands over another layout): both
     # kernels then read x and gy alike, and the compiled variants are one per layout (see triton_aot)
-    gy = gy.to(x.dtype).contiguous(memory_format=torch.channels_last if is_channels_last(x) else torch.contiguous_format)
+    gy = gy.to(x.dtype).contiguous(memory_format=_output_like(x))
     gx = k.dwconv2d_input_grad(gy, weight, out=torch.empty_like(x)) if need_x else x.new_empty(0)
     gw = (k.dwconv2d_weight_grad(gy, x, weight.shape[-2], weight.shape[-1]).to(weight.dtype) if need_w
           else weight.new_empty(0))
