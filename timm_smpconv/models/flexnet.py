@@ -48,6 +48,7 @@ from timm.models._features import feature_take_indices
 
 from .._validate import check_choice, square_size
 from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
+from ..layers.bn_stats import BatchNormStatsMixin
 from ..layers.kernel_bank import batched_kernels
 from ..layers.recompute import activation, recompute_activation, recompute_dropout, recompute_scope, recompute_sum
 from ..resolution import retarget_resolution
@@ -124,7 +125,7 @@ def _img_size(img_size: Union[int, Sequence[int]]) -> int:
     return img_size
 
 
-class FlexNet(DeployableMixin, nn.Module):
+class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
     """FlexNet / CKCNN / SMP FlexNet (CIFAR-scale, no downsampling)."""
 
     def __init__(
@@ -249,6 +250,7 @@ class FlexNet(DeployableMixin, nn.Module):
         self.num_features = self.head_hidden_size = prev
         self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights()
+        self._init_bn_stats((1, in_chans, img_size, img_size))  # BatchNorm statistics from a probe at img_size
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:
@@ -319,6 +321,8 @@ class FlexNet(DeployableMixin, nn.Module):
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         intermediates = []
+        if not torch.jit.is_scripting():
+            self._first_batch_bn_stats(x)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self.stem_act(self.stem(x))
         if torch.jit.is_scripting() or not stop_early:
@@ -355,6 +359,7 @@ class FlexNet(DeployableMixin, nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self.blocks(self.stem_act(self.stem(x)))
+        self._first_batch_bn_stats(x)
         if self.grad_checkpointing:
             return checkpoint_seq(self.blocks, self.stem_act(self.stem(x)))
         if torch.compiler.is_compiling():

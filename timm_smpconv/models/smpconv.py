@@ -33,6 +33,7 @@ from timm.models._features import feature_take_indices
 
 from .._validate import check_choice
 from ..layers import RESIZE_MODES, ConvBN, SMPLargeKernel2d, default_n_points, fold_preceding_bn
+from ..layers.bn_stats import BatchNormStatsMixin
 from ..layers.recompute import activation, recompute_activation, recompute_batch_norm, recompute_scope
 from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
 from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, parse_kernel_sizes, require_deploy_sizes
@@ -253,7 +254,7 @@ class NormClassifierHead(ClassifierHead):
         self.norm = nn.Identity().train(self.training)
 
 
-class SMPConvNet(DeployableMixin, nn.Module):
+class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
     """SMPConv ImageNet network (RepLKNet layout with SMP large kernels)."""
 
     def __init__(
@@ -357,6 +358,7 @@ class SMPConvNet(DeployableMixin, nn.Module):
         self.head = NormClassifierHead(
             prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, inference_mode=im, **dd)
         self.apply(self._init_weights)
+        self._init_bn_stats((1, in_chans, 128, 128))  # BatchNorm statistics from a (cheap) probe
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:
@@ -422,6 +424,8 @@ class SMPConvNet(DeployableMixin, nn.Module):
             intermediates_only: return only the intermediates.
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        if not torch.jit.is_scripting():
+            self._first_batch_bn_stats(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         x = self.stem(x)
@@ -469,6 +473,8 @@ class SMPConvNet(DeployableMixin, nn.Module):
         self.recompute_fft_spectra = fft_spectra
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._first_batch_bn_stats(x)
         if torch.jit.is_scripting() or not self.recompute or torch.compiler.is_compiling():
             return self.stages(self.stem(x))  # (compiled: Inductor decides what to recompute)
         return self._forward_features_recompute(x)

@@ -53,6 +53,7 @@ from timm.models._features import feature_take_indices
 from .._validate import check_choice, check_int
 from ..data import DIGITS_MEAN, DIGITS_STD
 from ..layers import FlexConv1d, FlexConvBN1d, SMPLargeKernel1d
+from ..layers.bn_stats import BatchNormStatsMixin
 from ..layers.flexconv import FLEX_RESIZE_MODES
 from ._builder import (
     build_model_naming_file_errors,
@@ -117,7 +118,7 @@ class TCNBlock(nn.Module):
         return self.act_out(self.drop_path(h) + self.shortcut(x))
 
 
-class SequenceTCN(DeployableMixin, nn.Module):
+class SequenceTCN(BatchNormStatsMixin, DeployableMixin, nn.Module):
     """SMP-TCN / FlexTCN: a causal TCN of continuous-kernel convolutions for sequences and sequential images."""
 
     def __init__(
@@ -223,6 +224,7 @@ class SequenceTCN(DeployableMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(width, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self._init_weights()
+        self._init_bn_stats((1, in_chans, seq_len))  # BatchNorm statistics from a probe of seq_len steps
 
     @torch.no_grad()
     def _init_weights(self):
@@ -311,6 +313,8 @@ class SequenceTCN(DeployableMixin, nn.Module):
         """
         assert output_fmt in ('NCL',), 'Output shape must be NCL.'
         intermediates = []
+        if not torch.jit.is_scripting():
+            self._first_batch_bn_stats(x)
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self._to_sequence(x)
         blocks = self.blocks if torch.jit.is_scripting() or not stop_early else self.blocks[:max_index + 1]
@@ -336,6 +340,8 @@ class SequenceTCN(DeployableMixin, nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            self._first_batch_bn_stats(x)
         x = self._to_sequence(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             return checkpoint_seq(self.blocks, x)
