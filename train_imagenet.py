@@ -12,13 +12,16 @@ AdamW lr 4e-3 at total batch 2048, weight decay 0.05, cosine with 10 warm-up epo
 rand-m9-mstd0.5-inc1, Mixup 0.8 / CutMix 1.0, label smoothing 0.1, random erasing 0.25, drop path
 0.1, EMA 0.9999, radius lr x0.1 and radius clamp [1e-3, 1]). --preset picks other recipes.
 
-A drop-in for timm's train.py: every option of timm's train.py is accepted with timm's meaning (or refused with
-the reason, e.g. the NaFlex loader, which is for ViTs), the step and evaluation run on timm's task API
-(timm.task: ClassificationTask, logit / feature / token distillation with --kd-model-name), -c FILE reads a YAML
-file of defaults. The defaults are the SMPConv paper's recipe, not timm's: a run's first lines list every value
-that differs from timm's train.py default. Output (under --output/<experiment>): last.pth.tar,
-model_best.pth.tar, checkpoint-N.pth.tar (timm's CheckpointSaver format, EMA inside), summary.csv, curves.png,
-args.yaml.
+A drop-in for timm's train.py (timm 1.0.31): every option of timm's train.py is accepted with timm's meaning (or
+refused with the reason, e.g. the NaFlex loader, which is for ViTs), the step and evaluation run on timm's task API
+(timm.task: ClassificationTask, MultiLabelClassificationTask with --task multilabel, logit / feature / token
+distillation with --kd-model-name) and its evaluators, the loss is timm's create_classification_loss (--loss), and
+-c FILE reads a YAML file of defaults (checked against the flags). --task multilabel without --data-dir trains on
+the built-in digit pairs (two digits side by side, the target the set of their classes). The defaults are the
+SMPConv paper's recipe, not timm's: a run's first lines list every value that differs from timm's train.py default.
+Output (under --output/<experiment>): last.pth.tar, model_best.pth.tar, checkpoint-N.pth.tar (timm's CheckpointSaver
+format, EMA inside), milestone-N.pth.tar (--save-epochs), summary.csv, curves.png, args.yaml. --stop-epoch N stops
+early with the schedule unchanged; the same command with --resume auto continues the run in place.
 """
 import argparse
 import csv
@@ -27,8 +30,10 @@ import importlib
 import logging
 import math
 import os
+import re
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -46,20 +51,31 @@ from timm.data import (
     AugMixDataset,
     FastCollateMixup,
     Mixup,
+    MultiLabelTarget,
     create_dataset,
     create_loader,
     resolve_data_config,
 )
 from timm.layers import convert_splitbn_model, convert_sync_batchnorm, set_fast_norm
-from timm.loss import create_classification_loss
-from timm.models import safe_model_name
+from timm.loss import (
+    CLASS_WEIGHT_METHOD_KINDS,
+    LOSS_TYPES,
+    MULTI_LABEL_LOSS_TYPES,
+    create_classification_loss,
+    load_class_stats,
+    resolve_class_weights,
+)
+from timm.models import reparameterize_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import (
+    ClassificationEvaluator,
     ClassificationTask,
     DistillationTeacher,
     FeatureDistillationTask,
     LogitDistillationTask,
+    MultiLabelClassificationEvaluator,
+    MultiLabelClassificationTask,
     TokenDistillationTask,
     evaluation_sample_limit,
     load_task_ema_checkpoint,
@@ -74,17 +90,20 @@ from timm.utils import (
     init_distributed_device,
     random_seed,
     reduce_tensor,
-    reparameterize_model,
     set_jit_fuser,
+    trim_summary,
     update_summary,
 )
 
 import timm_smpconv  # noqa: F401  (registers our models)
 from timm_smpconv import anti_aliasing_penalty, clamp_smp_radius_, param_groups_smp
 from timm_smpconv.data import (
+    DIGIT_PAIRS_MEAN,
+    DIGIT_PAIRS_STD,
     DIGITS_MEAN,
     DIGITS_NUM_CLASSES,
     DIGITS_STD,
+    DigitPairsDataset,
     DigitsDataset,
     SequenceDataset,
     allow_zero_bit_posterize,
@@ -180,6 +199,14 @@ class _ParseKwargs(ParseKwargs):
         super().__call__(parser, namespace, values, option_string)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (`train_imagenet.py: error: ...`, exit 2), without the usage
+    block, which for this many flags is longer than a screen (`--help` prints it)."""
+
+    def error(self, message):
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults shown in --help once: a help text that states its own default (e.g. "the model's") keeps it."""
 
@@ -190,8 +217,9 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=_HelpFormatter)
+    # allow_abbrev=False: with timm's flag list growing, an abbreviation can silently become another flag
+    # (`--task` read as `--task-loss-weight` before timm 1.0.31 added `--task`)
+    p = _Parser(prog='train_imagenet.py', description=__doc__, formatter_class=_HelpFormatter, allow_abbrev=False)
     p.add_argument('-c', '--config', default=None, metavar='FILE',
                    help="YAML file of defaults, as timm's train.py -c: its keys are the flags' names with underscores "
                         "(e.g. batch_size: 128) and set the defaults over the preset's; flags on the command line still win; "
@@ -218,7 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--class-map', default='', help='class map file for the folder dataset')
     g.add_argument('--input-img-mode', default=None, help="image mode, e.g. 'RGB' or 'L' (default: timm's, RGB)")
     g.add_argument('--input-key', default=None, help='dataset key of the input images (hfds/, wds/)')
-    g.add_argument('--target-key', default=None, help='dataset key of the labels (hfds/, wds/)')
+    g.add_argument('--target-key', default=None,
+                   help="dataset key of the labels (hfds/, hfids/, wds/, tfds/); for --task multilabel a comma-separated "
+                        "list names one binary field per class ('/' reaches into nested fields)")
+    g.add_argument('--task', default='classification', choices=['classification', 'multilabel'],
+                   help="'classification': one class per image (cross-entropy); 'multilabel': any set of classes per "
+                        "image, as a list of class indices (or --target-format multihot), trained with binary losses "
+                        "through timm's MultiLabelClassificationTask and validated by mAP and F1 (timm 1.0.31); "
+                        "without --data-dir: the built-in digit pairs")
+    g.add_argument('--target-format', default=None, choices=['indices', 'multihot'],
+                   help="--task multilabel: the dataset's targets are lists of class indices ('indices') or dense "
+                        "multi-hot vectors of --num-classes values in [0, 1] ('multihot') (default: indices)")
     g.add_argument('--dataset-trust-remote-code', action='store_true',
                    help="let a Hugging Face dataset run code from its repository")
     g.add_argument('--epoch-repeats', type=float, default=0.,
@@ -312,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='regulariser target: f_MAGNet+ (gabor) or f_FlexConv+ (gabor+mask)')
 
     g = p.add_argument_group('Learning rate schedule')
-    g.add_argument('--sched', default='cosine', help='timm scheduler name')
+    g.add_argument('--sched', default='cosine',
+                   help="timm scheduler: cosine, tanh, step, multistep, poly, wsd (warmup-stable-decay), rsqrt, "
+                        "constant, none, plateau (deprecated by timm: its state is not checkpointed)")
     g.add_argument('--sched-on-updates', action=argparse.BooleanOptionalAction, default=True,
                    help='step the schedule on every optimizer update instead of every epoch')
     g.add_argument('--lr', type=float, default=4e-3,
@@ -341,13 +381,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help='warm-up epochs come before the decay schedule instead of counting towards its length')
     g.add_argument('--cooldown-epochs', type=int, default=0, help='epochs at min lr after the schedule')
     g.add_argument('--patience-epochs', type=int, default=10, help="epochs without improvement of the 'plateau' schedule")
-    g.add_argument('--decay-epochs', type=float, default=90, help="period of the 'step' schedule")
+    g.add_argument('--decay-epochs', type=float, default=None,
+                   help="period of the 'step' schedule; length of the final decay of 'wsd' / 'rsqrt' (a value in (0, 1) "
+                        "is a fraction of their stable + decay length) (default: 90 for step, 0.2 for wsd / rsqrt, "
+                        "timm's create_scheduler_v2)")
+    g.add_argument('--lr-decay-fn', default=None, choices=['1-sqrt', 'linear', 'cosine', 'power', 'exp'],
+                   help="shape of the final decay of 'wsd' / 'rsqrt' (default: 1-sqrt for wsd, linear for rsqrt)")
+    g.add_argument('--lr-stable-timescale', type=float, default=None,
+                   help="'rsqrt': epochs of the reciprocal-square-root timescale (default: --warmup-epochs)")
     g.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270],
                    help="epochs at which the 'multistep' schedule decays, increasing")
     g.add_argument('--decay-rate', '--dr', type=float, default=0.1, help='step / multistep / plateau decay factor')
     g.add_argument('--start-epoch', type=int, default=None,
                    help="epoch to start from; also overrides a resumed checkpoint's epoch, as timm (default: 0 or "
                         "the resumed epoch)")
+    g.add_argument('--stop-epoch', type=int, default=None, metavar='N',
+                   help='stop this invocation before epoch N, the schedule unchanged (continue with --resume auto)')
 
     g = p.add_argument_group('Augmentation and regularisation')
     g.add_argument('--no-aug', action='store_true', help='no training augmentation')
@@ -383,7 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--mixup-mode', default='batch', choices=['batch', 'pair', 'elem'], help='mixup mode')
     g.add_argument('--mixup-off-epoch', type=int, default=0,
                    help='turn Mixup/CutMix off from this epoch on (0: never); label smoothing stays')
-    g.add_argument('--smoothing', type=float, default=0.1, help='label smoothing')
+    g.add_argument('--smoothing', type=float, default=0.1,
+                   help="label smoothing; --task multilabel moves each binary target towards 0.5 and defaults to 0, "
+                        "as timm (default: 0.1, 0 for multilabel)")
     g.add_argument('--bce-loss', action='store_true',
                    help="binary cross-entropy training loss (timm's BinaryCrossEntropy), with Mixup/CutMix and "
                         "label smoothing as the cross-entropy")
@@ -394,6 +445,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--train-interpolation', default='',
                    help="interpolation of the training transforms: 'random', 'bilinear', 'bicubic', ... (default: the "
                         "validation interpolation above; timm's train.py defaults to 'random')")
+
+    g = p.add_argument_group('Loss', "timm's create_classification_loss (timm 1.0.31): --loss picks the loss, the "
+                             "--asl-* / --poly-* / --twoway-* / --db-* flags are its arguments of the same name")
+    g.add_argument('--loss', default=None, choices=list(LOSS_TYPES),
+                   help="training loss: ce, bce, asl, poly, jsd (--aug-splits), or for --task multilabel also twoway, "
+                        "zlpr, db (default: ce, bce for multilabel; --bce-loss / --jsd-loss are timm's older names)")
+    g.add_argument('--class-stats', default=None, metavar='FILE',
+                   help="JSON of per-class positive counts (pos_counts, num_samples) as timm's class_weights.py "
+                        "writes it, for the weighting methods and --loss db (default: counted from the training "
+                        "split where it lists its targets, e.g. the built-in data)")
+    g.add_argument('--loss-pos-weight', default=None, metavar='W',
+                   help="bce / multilabel asl: weight of each class's positive term: a number, comma-separated "
+                        "numbers, a file, or 'neg_pos' (negatives / positives from the class stats)")
+    g.add_argument('--loss-class-weight', default=None, metavar='W',
+                   help="bce / multilabel asl: weight of each class's loss: numbers, a file, or 'inv_freq' / "
+                        "'effective_num' (from the class stats)")
+    g.add_argument('--loss-weight-power', type=float, default=1.0,
+                   help="exponent of the neg_pos / inv_freq weights (0.5: square-root re-weighting)")
+    g.add_argument('--loss-weight-beta', type=float, default=0.999, help='beta of the effective_num weights')
+    g.add_argument('--loss-weight-max', type=float, default=None, help='cap of the computed class weights')
+    g.add_argument('--asl-gamma-pos', type=float, default=1.0, help='asl: focusing exponent of positive targets')
+    g.add_argument('--asl-gamma-neg', type=float, default=4.0, help='asl: focusing exponent of negative targets')
+    g.add_argument('--asl-clip', type=float, default=0.05, help='multilabel asl: probability margin on negatives')
+    g.add_argument('--asl-reduction', default='batchmean', choices=['batchmean', 'sum', 'mean'],
+                   help='multilabel asl: reduction over classes and batch')
+    g.add_argument('--poly-epsilon', type=float, default=2.0, help='poly: Poly-1 coefficient (0: plain CE / BCE)')
+    g.add_argument('--poly-gamma', type=float, default=0.0, help='multilabel poly: focal exponent (0: off)')
+    g.add_argument('--poly-alpha', type=float, default=None, help='multilabel poly: positive / negative balance')
+    g.add_argument('--twoway-tp', type=float, default=4.0, help='twoway: positive logit temperature')
+    g.add_argument('--twoway-tn', type=float, default=1.0, help='twoway: negative logit temperature')
+    g.add_argument('--db-neg-scale', type=float, default=2.0, help='db: negative-tolerant logit scale (1: off)')
+    g.add_argument('--db-init-bias', type=float, default=0.05, help='db: class-prior logit shift factor (0: off)')
+    g.add_argument('--db-focal-gamma', type=float, default=2.0, help='db: focal exponent (0: off)')
+    g.add_argument('--multilabel-threshold', type=float, default=0.5,
+                   help='--task multilabel: sigmoid probability at which a class counts as predicted, for the F1 '
+                        'metrics (mAP does not depend on it)')
 
     g = p.add_argument_group('Variable-resolution training', "timm's scheduled input sizes (create_loader's "
                              "input_size_choices): each batch is drawn at one of several sizes")
@@ -469,13 +556,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--seed', type=int, default=42, help='random seed')
     g.add_argument('--output', default='output/train', help='output root')
     g.add_argument('--experiment', default='', help='run folder name (default: date-model-size)')
-    g.add_argument('--resume', default='', help='resume from this checkpoint (model, optimizer, EMA, epoch)')
-    g.add_argument('--auto-resume', action='store_true', help='resume from last.pth.tar in the run folder if any')
+    g.add_argument('--resume', default='',
+                   help="resume from this checkpoint (model, optimizer, EMA, epoch); 'auto': in place, from the run "
+                        "folder's last.pth.tar (--experiment's, else the latest run of this model and size in "
+                        "--output), with its checkpoint history and summary.csv")
+    g.add_argument('--auto-resume', action='store_true', help='the same as --resume auto (our older flag)')
     g.add_argument('--no-resume-opt', action='store_true', help='do not restore the optimizer when resuming')
     g.add_argument('--checkpoint-hist', type=int, default=3, help='epoch checkpoints kept')
+    g.add_argument('--save-epochs', type=int, nargs='+', default=None, metavar='N',
+                   help='also keep milestone-N.pth.tar after N completed epochs, outside the ranked history')
     g.add_argument('--recovery-interval', type=int, default=0,
                    help='write a recovery checkpoint every N batches inside an epoch (0: off)')
-    g.add_argument('--eval-metric', default='top1', help='metric for the best checkpoint')
+    g.add_argument('--eval-metric', default=None,
+                   help="metric for the best checkpoint: loss, top1, top5; for --task multilabel loss, map, micro_f1, "
+                        "macro_f1, sample_f1 (default: top1, map for multilabel)")
     g.add_argument('--val-interval', type=int, default=1,
                    help="validate every N epochs and at the schedule's last epoch; only validated epochs can "
                         "become the best")
@@ -527,13 +621,64 @@ def load_config(parser, path):
     actions = {a.dest: a for a in parser._actions if a.dest != 'help'}
     unknown = sorted(str(k) for k in cfg if k not in actions)
     if unknown:
-        parser.error(f'config file {path!r}: unknown keys {", ".join(unknown)} (keys are the flag names with '
-                     f'underscores, e.g. batch_size for --batch-size)')
+        parser.error(f'config file {path!r}: unknown key{"s" if len(unknown) > 1 else ""} {", ".join(unknown)} (keys '
+                     f'are the flag names with underscores, e.g. batch_size for --batch-size)')
     for key, value in cfg.items():
-        choices = actions[key].choices
-        if choices is not None and value is not None and value not in choices:
-            parser.error(f'config file {path!r}: {key}: {value!r} is not one of {", ".join(map(repr, choices))}')
+        try:
+            cfg[key] = _config_value(actions[key], value)
+        except ValueError as e:
+            parser.error(f'config file {path!r}: {key}: {value!r} {e}')
     return cfg
+
+
+def _config_value(action, value):
+    """A config file's value as the flag's own parsing would give it (numbers converted, YAML's '1e-2' string
+    included), or ValueError saying what the flag takes: timm 1.0.31's train.py validates its -c values against its
+    arguments the same way."""
+    if value is None:
+        return None
+    if action.nargs == 0:  # a switch
+        if not isinstance(value, bool):
+            raise ValueError('is not true or false')
+        return value
+    if isinstance(action, ParseKwargs):
+        if not isinstance(value, dict):
+            raise ValueError('is not a mapping of KEY: VALUE')
+        return value
+    many = action.nargs in ('+', '*') or isinstance(action.nargs, int)
+    if many != isinstance(value, (list, tuple)):
+        raise ValueError('is not a list' if many else 'is a list, the flag takes one value')
+    values = list(value) if many else [value]
+    if isinstance(action.nargs, int) and len(values) != action.nargs:
+        raise ValueError(f'has {len(values)} values, the flag takes {action.nargs}')
+    converted = []
+    for v in values:
+        if action.type in (int, float):
+            if isinstance(v, bool) or (action.type is int and isinstance(v, float)):
+                raise ValueError(f'is not {"an int" if action.type is int else "a number"}')
+            try:
+                v = action.type(v)
+            except (TypeError, ValueError):
+                raise ValueError(f'is not {"an int" if action.type is int else "a number"}') from None
+        elif isinstance(v, (dict, list)):
+            raise ValueError('is not a single value')
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f'is not one of {", ".join(map(repr, action.choices))}')
+        converted.append(v)
+    return converted if many else converted[0]
+
+
+def _is_multilabel(args):
+    return getattr(args, 'task', 'classification') == 'multilabel'
+
+
+def _evaluator_class(args):
+    return MultiLabelClassificationEvaluator if _is_multilabel(args) else ClassificationEvaluator
+
+
+def _metric_names(args):
+    """The validation metrics of the run's task, as timm's evaluators name them: loss first, then the default."""
+    return _evaluator_class(args).metric_names
 
 
 def _base_name(model_name):
@@ -554,8 +699,18 @@ def parse_args(argv=None):
     parser.set_defaults(**config)
     if 'lr' not in config:
         parser.set_defaults(lr=None)  # tells an --lr given on the command line from the recipe's
+    recipe_smoothing = PRESETS[preset].get('smoothing', parser.get_default('smoothing'))
+    if 'smoothing' not in config:
+        parser.set_defaults(smoothing=None)  # the same for --smoothing, whose default depends on --task
     args = parser.parse_args(argv)
     args.preset = preset
+    multilabel = args.task == 'multilabel'
+    if args.smoothing is None:
+        args.smoothing = 0. if multilabel else recipe_smoothing  # timm: label smoothing defaults to 0 for multilabel
+    if args.eval_metric is None:
+        args.eval_metric = _evaluator_class(args).default_metric  # timm: the task's evaluator's, top1 or map
+    if args.auto_resume and not args.resume:
+        args.resume = 'auto'  # one mechanism: --auto-resume is --resume auto
     if args.data and not args.data_dir:
         args.data_dir = args.data  # timm's positional form
     if args.lr is None and args.lr_base is None:
@@ -586,6 +741,10 @@ def timm_differences(args):
         dest = option.dest
         if dest not in ours or option.positional or dest in ('config',):
             continue
+        if dest == 'eval_metric' and timm_value is None:
+            timm_value = _evaluator_class(args).default_metric  # timm resolves it from the task, as we do
+        if dest == 'smoothing' and _is_multilabel(args):
+            timm_value = 0.  # timm's multi-label default
         value = ours[dest]
         same = _as_list(value) == _as_list(timm_value)
         if dest == 'output':
@@ -599,15 +758,14 @@ def _as_list(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-_EVAL_METRICS = ('loss', 'top1', 'top5')
-
-
 def check_args(args):
     """Input errors that must stop the run before anything is built."""
     for dest in _set_away_from_default(args, REFUSED):
         raise TrainingError(f'--{dest.replace("_", "-")}: not supported: {REFUSED[dest]}')
     if args.batch_size < 1 or args.grad_accum_steps < 1:
         raise TrainingError('--batch-size and --grad-accum-steps must be >= 1')
+    if args.epochs < 1:
+        raise TrainingError(f'--epochs must be >= 1, got {args.epochs}')
     if _mixup_active(args) and args.batch_size % 2:
         raise TrainingError(f'Mixup/CutMix mixes pairs of samples and needs an even --batch-size, got {args.batch_size}')
     for flag in ('scale', 'ratio', 'cutmix_minmax'):
@@ -629,15 +787,19 @@ def check_args(args):
     for name in (args.model, args.kd_model_name):
         if name and ':' not in name and not timm.is_model(_base_name(name)):
             raise TrainingError(f'unknown model {name!r}; ours: {", ".join(timm.list_models(module="smpconv"))}')
+    if args.auto_resume and args.resume != 'auto':
+        raise TrainingError(f'--auto-resume is --resume auto; it does not combine with --resume {args.resume}')
     for path in (args.resume, args.pretrained_path, args.initial_checkpoint, args.checkpoint, args.kd_checkpoint):
-        if path and not os.path.isfile(path):
+        if path and not (path is args.resume and path == 'auto') and not os.path.isfile(path):
             raise TrainingError(f'checkpoint {path!r} not found')
     if args.eval_only and not args.checkpoint:
         raise TrainingError('--eval-only needs --checkpoint FILE')
-    if args.eval_metric not in _EVAL_METRICS:
-        raise TrainingError(f'--eval-metric must be one of {", ".join(_EVAL_METRICS)}, got {args.eval_metric!r}')
+    if args.eval_metric not in _metric_names(args):
+        raise TrainingError(f'--eval-metric must be one of {", ".join(_metric_names(args))}'
+                            f'{" (--task multilabel)" if _is_multilabel(args) else ""}, got {args.eval_metric!r}')
     for flag, value, low in (('--val-interval', args.val_interval, 1), ('--lr-base-size', args.lr_base_size, 1),
-                             ('--mixup-off-epoch', args.mixup_off_epoch, 0), ('--start-epoch', args.start_epoch, 0)):
+                             ('--mixup-off-epoch', args.mixup_off_epoch, 0), ('--start-epoch', args.start_epoch, 0),
+                             ('--stop-epoch', args.stop_epoch, 1), ('--save-epochs', min(args.save_epochs or [1]), 1)):
         if value is not None and value < low:
             raise TrainingError(f'{flag} must be >= {low}, got {value}')
     if args.amp and args.model_dtype not in (None, 'float32'):
@@ -649,12 +811,8 @@ def check_args(args):
         raise TrainingError('--torchcompile-mode needs --torchcompile')
     if args.torchscript and args.torchcompile:
         raise TrainingError('--torchscript and --torchcompile exclude each other (as in timm)')
-    if not args.bce_loss and (args.bce_sum or args.bce_target_thresh is not None or args.bce_pos_weight is not None):
-        raise TrainingError('--bce-sum, --bce-target-thresh and --bce-pos-weight need --bce-loss')
     if args.aug_splits == 1 or args.aug_splits < 0:
         raise TrainingError(f'--aug-splits must be 0 or >= 2, got {args.aug_splits}')
-    if args.jsd_loss and args.aug_splits < 2:
-        raise TrainingError('--jsd-loss needs --aug-splits >= 2')
     if args.split_bn and args.aug_splits < 2 and not args.resplit:
         raise TrainingError('--split-bn needs --aug-splits >= 2 or --resplit')
     if args.aug_repeats and not args.distributed:
@@ -663,6 +821,9 @@ def check_args(args):
         raise TrainingError('--wandb-resume-id continues a wandb run and needs --resume')
     _check_variable_resolution(args)
     _check_distillation(args)
+    _check_task(args)
+    _check_loss(args)
+    _check_schedule(args)
 
 
 # flags that only mean something for images, with their neutral values: refused for time series when set otherwise
@@ -730,6 +891,117 @@ def _check_distillation(args):
                             f'own (local-dir:/hf-hub:)')
 
 
+_READER_PREFIXES = ('hfds/', 'hfids/', 'wds/', 'tfds/')  # timm's readers with multi-label (list) targets
+
+
+def _check_task(args):
+    """--task multilabel and its flags (timm 1.0.31)."""
+    if not _is_multilabel(args):
+        for dest in _set_away_from_default(args, ('target_format', 'multilabel_threshold')):
+            raise TrainingError(f'--{dest.replace("_", "-")} needs --task multilabel')
+        return
+    if not 0. < args.multilabel_threshold < 1.:
+        raise TrainingError(f'--multilabel-threshold is a sigmoid probability in (0, 1), got {args.multilabel_threshold}')
+    if is_sequence_dataset(args.dataset):
+        raise TrainingError(f'--task multilabel: --dataset {args.dataset} holds one class per series')
+    if not _builtin_data(args) and not args.dataset.lower().startswith(_READER_PREFIXES):
+        raise TrainingError(f'--task multilabel: {args.dataset or "a folder or tar dataset"} gives one class per image; '
+                            f'multi-label targets come from hfds/, hfids/, wds/ or tfds/ datasets (as in timm), or '
+                            f'without --data-dir from the built-in digit pairs')
+    if args.target_format and _builtin_data(args):
+        raise TrainingError('--target-format: the built-in digit pairs give lists of class indices')
+    if args.kd_model_name:
+        raise TrainingError("--kd-model-name: timm's distillation tasks train single-label classification, not "
+                            "--task multilabel")
+
+
+# loss -> its create_classification_loss arguments (flags of the same name), refused with another loss
+_LOSS_FLAGS = dict(asl=('asl_gamma_pos', 'asl_gamma_neg', 'asl_clip', 'asl_reduction'),
+                   poly=('poly_epsilon', 'poly_gamma', 'poly_alpha'), twoway=('twoway_tp', 'twoway_tn'),
+                   db=('db_neg_scale', 'db_init_bias', 'db_focal_gamma'),
+                   bce=('bce_sum', 'bce_target_thresh', 'bce_pos_weight'))
+
+
+def _loss_type(args):
+    """The training loss of the run: --loss, or timm's older --jsd-loss / --bce-loss, else ce (bce for multilabel)."""
+    return args.loss or ('jsd' if args.jsd_loss else 'bce' if args.bce_loss or _is_multilabel(args) else 'ce')
+
+
+def _weight_method(value, kind):
+    """The class-weight method name in a --loss-pos-weight / --loss-class-weight value, or None for given weights."""
+    return value.strip() if isinstance(value, str) and value.strip() in CLASS_WEIGHT_METHOD_KINDS else None
+
+
+def _check_loss(args):
+    loss = _loss_type(args)
+    for old, name in (('bce_loss', 'bce'), ('jsd_loss', 'jsd')):
+        if getattr(args, old) and loss != name:
+            raise TrainingError(f'--{old.replace("_", "-")} is --loss {name}; it does not combine with --loss {loss}')
+    if loss == 'jsd' and args.aug_splits < 2:
+        raise TrainingError(f'--{"jsd-loss" if args.jsd_loss else "loss jsd"} needs --aug-splits >= 2')
+    if _is_multilabel(args) and loss not in MULTI_LABEL_LOSS_TYPES:
+        raise TrainingError(f'--loss {loss} is single-label; --task multilabel takes {", ".join(MULTI_LABEL_LOSS_TYPES)}')
+    if not _is_multilabel(args) and loss in ('twoway', 'zlpr', 'db'):
+        raise TrainingError(f'--loss {loss} is a multi-label loss: it needs --task multilabel')
+    for family, dests in _LOSS_FLAGS.items():
+        stray = _set_away_from_default(args, dests)
+        if stray and loss != family:
+            flag = f'--{stray[0].replace("_", "-")}'
+            if family == 'bce':
+                raise TrainingError(f'{flag}: --bce-sum, --bce-target-thresh and --bce-pos-weight need --bce-loss '
+                                    f'(--loss bce); this run uses --loss {loss}')
+            raise TrainingError(f'{flag} is an argument of --loss {family}; this run uses --loss {loss}')
+    weights = [f for f in ('loss_pos_weight', 'loss_class_weight') if getattr(args, f) is not None]
+    if weights and not (loss == 'bce' or (loss == 'asl' and _is_multilabel(args))):
+        raise TrainingError(f'--{weights[0].replace("_", "-")}: class weights apply to --loss bce and multilabel asl '
+                            f'(timm), not to --loss {loss}')
+    if args.loss_pos_weight is not None and args.bce_pos_weight is not None:
+        raise TrainingError('--bce-pos-weight and --loss-pos-weight set the same weight: give one')
+    for dest, kind in (('loss_pos_weight', 'pos_weight'), ('loss_class_weight', 'class_weight')):
+        method = _weight_method(getattr(args, dest), kind)
+        if method and CLASS_WEIGHT_METHOD_KINDS[method] != kind:
+            other = [m for m, k in CLASS_WEIGHT_METHOD_KINDS.items() if k == kind]
+            raise TrainingError(f'--{dest.replace("_", "-")} {method}: that method computes '
+                                f'{CLASS_WEIGHT_METHOD_KINDS[method]} values; this flag takes {" or ".join(other)}')
+    methods = [_weight_method(args.loss_pos_weight, 'pos_weight'), _weight_method(args.loss_class_weight, 'class_weight')]
+    stray = _set_away_from_default(args, ('loss_weight_power', 'loss_weight_beta', 'loss_weight_max'))
+    if stray and not any(methods):
+        raise TrainingError(f'--{stray[0].replace("_", "-")} shapes computed class weights: it needs --loss-pos-weight '
+                            f'neg_pos or --loss-class-weight inv_freq / effective_num')
+    if args.class_stats and not any(methods) and loss != 'db':
+        raise TrainingError('--class-stats is read by the class-weight methods (--loss-pos-weight neg_pos, '
+                            '--loss-class-weight inv_freq / effective_num) and --loss db')
+    if args.class_stats and not os.path.isfile(args.class_stats):
+        raise TrainingError(f'--class-stats {args.class_stats!r} not found')
+
+
+_SCHEDULES = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant', 'none', 'plateau')
+
+
+def _check_schedule(args):
+    """The schedule's flags against --sched (timm's create_scheduler_v2), before anything is built."""
+    sched = args.sched
+    if sched not in _SCHEDULES:
+        raise TrainingError(f'unknown --sched {sched!r}; timm has {", ".join(_SCHEDULES)}')
+    if args.lr_decay_fn and sched not in ('wsd', 'rsqrt'):
+        raise TrainingError(f'--lr-decay-fn shapes the final decay of --sched wsd / rsqrt, not of --sched {sched}')
+    if args.lr_stable_timescale is not None and sched != 'rsqrt':
+        raise TrainingError(f'--lr-stable-timescale is the timescale of --sched rsqrt, not of --sched {sched}')
+    if sched in ('wsd', 'rsqrt'):
+        stable_decay = args.epochs if args.warmup_prefix else args.epochs - args.warmup_epochs
+        if stable_decay <= 0:
+            raise TrainingError(f'--sched {sched}: --warmup-epochs {args.warmup_epochs} leaves none of --epochs '
+                                f'{args.epochs} for the stable and decay phases; lower --warmup-epochs, raise --epochs '
+                                f'or add --warmup-prefix')
+        decay = args.decay_epochs
+        if decay is not None and not (0 < decay < 1 or 0 < decay <= stable_decay):
+            raise TrainingError(f'--sched {sched}: --decay-epochs {decay:g} must be a fraction in (0, 1) or 1 to '
+                                f'{stable_decay} epochs (--epochs{"" if args.warmup_prefix else " - --warmup-epochs"})')
+        if sched == 'rsqrt' and not args.warmup_epochs and not args.lr_stable_timescale:
+            raise TrainingError('--sched rsqrt without warm-up needs --lr-stable-timescale (it defaults to '
+                                '--warmup-epochs)')
+
+
 def lr_from_base(lr_base, global_batch_size, lr_base_size=256, lr_base_scale='', opt=''):
     """timm train.py's rule: (lr, scaling used) for a base lr stated at `lr_base_size` images per optimizer step.
 
@@ -765,9 +1037,11 @@ def _builtin_data(args):
 
 
 def load_datasets(args):
-    """(train, val, num_classes) from --data-dir/--dataset, or the built-in digits."""
+    """(train, val, num_classes) from --data-dir/--dataset, or the built-in digits (the digit pairs for --task
+    multilabel)."""
     if _builtin_data(args):
-        return DigitsDataset('train'), DigitsDataset('val'), DIGITS_NUM_CLASSES
+        dataset = DigitPairsDataset if _is_multilabel(args) else DigitsDataset
+        return dataset('train'), dataset('val'), DIGITS_NUM_CLASSES
     if is_sequence_dataset(args.dataset):
         return load_sequence_datasets(args)
     chans = args.input_size[0] if args.input_size else args.in_chans
@@ -778,6 +1052,8 @@ def load_datasets(args):
     common = dict(root=args.data_dir, download=args.dataset_download, batch_size=args.batch_size,
                   class_map=args.class_map, trust_remote_code=args.dataset_trust_remote_code, **keys,
                   input_img_mode=args.input_img_mode or ('L' if chans == 1 else 'RGB'))
+    if args.target_format:  # multi-label readers only (create_dataset leaves out None)
+        common['target_format'] = args.target_format
     try:
         train_set = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
                                    repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
@@ -939,13 +1215,16 @@ def create_teacher(args, student, data_config, device):
     return teacher
 
 
-def create_task(args, model, teacher, data_config, device, model_dtype):
-    """timm's training task: ClassificationTask, or logit / feature / token distillation with a teacher."""
-    criterion_kwargs = create_loss_kwargs(args)
+def create_task(args, model, teacher, data_config, device, model_dtype, class_stats=None):
+    """timm's training task: ClassificationTask, MultiLabelClassificationTask (--task multilabel), or logit /
+    feature / token distillation with a teacher. `class_stats`: (positive counts, samples) for the class weights."""
+    criterion_kwargs = create_loss_kwargs(args, class_stats)
     common = dict(criterion_kwargs=criterion_kwargs, device=device, dtype=model_dtype, verbose=args.rank == 0)
     weights = dict(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
     try:
-        if teacher is None:
+        if teacher is None and _is_multilabel(args):
+            task = MultiLabelClassificationTask(model, threshold=args.multilabel_threshold, **common)
+        elif teacher is None:
             task = ClassificationTask(model, **common)
         elif args.kd_distill_type == 'logit':
             task = LogitDistillationTask(model, teacher, loss_type=args.kd_loss_type, temperature=args.kd_temperature,
@@ -957,6 +1236,8 @@ def create_task(args, model, teacher, data_config, device, model_dtype):
             task = TokenDistillationTask(model, teacher, distill_type=args.kd_token_distill_type,
                                          temperature=args.kd_temperature, **weights, **common)
     except (ValueError, TypeError, AttributeError) as e:
+        if teacher is None:  # the loss factory's refusals, e.g. --loss twoway with label smoothing
+            raise TrainingError(f'could not create the --loss {_loss_type(args)} training loss: {e}') from e
         raise TrainingError(f'could not set up {args.kd_distill_type} distillation of {args.model} from '
                             f'{args.kd_model_name}: {e}') from e
     if teacher is not None:
@@ -969,20 +1250,86 @@ def create_task(args, model, teacher, data_config, device, model_dtype):
     return task
 
 
-def create_loss_kwargs(args):
-    """create_classification_loss arguments, as timm's train.py picks its loss (Mixup/CutMix targets carry the label
-    smoothing; --jsd-loss over the --aug-splits)."""
-    if args.jsd_loss:
+def create_loss_kwargs(args, class_stats=None):
+    """create_classification_loss arguments (the task adds multi_label), as timm's train.py maps its flags: --loss
+    (or --bce-loss / --jsd-loss) to loss_type, Mixup/CutMix to soft targets that carry the label smoothing,
+    --aug-splits to the JSD splits, the --bce-* / --asl-* / --poly-* / --twoway-* / --db-* flags to the arguments of
+    the same name, the class weights resolved from numbers, a file or a method over `class_stats`."""
+    loss = _loss_type(args)
+    kwargs = dict(loss_type=loss, smoothing=args.smoothing, soft_targets=_mixup_active(args))
+    if loss == 'jsd':
         return dict(loss_type='jsd', jsd_splits=args.aug_splits, smoothing=args.smoothing)
-    kwargs = dict(loss_type='bce' if args.bce_loss else 'ce', smoothing=args.smoothing, soft_targets=_mixup_active(args))
-    if args.bce_loss:
+    multilabel = _is_multilabel(args)
+    if loss == 'bce':
         kwargs.update(bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
+    elif loss == 'asl':
+        kwargs.update(asl_gamma_pos=args.asl_gamma_pos, asl_gamma_neg=args.asl_gamma_neg)
+        if multilabel:
+            kwargs.update(asl_clip=args.asl_clip, asl_reduction=args.asl_reduction)
+    elif loss == 'poly':
+        kwargs.update(poly_epsilon=args.poly_epsilon)
+        if multilabel:
+            kwargs.update(poly_gamma=args.poly_gamma, poly_alpha=args.poly_alpha)
+    elif loss == 'twoway':
+        kwargs.update(twoway_tp=args.twoway_tp, twoway_tn=args.twoway_tn)
+    elif loss == 'db':
+        counts, num_samples = class_stats if class_stats is not None else (None, None)
+        kwargs.update(class_counts=counts, num_samples=num_samples, db_neg_scale=args.db_neg_scale,
+                      db_init_bias=args.db_init_bias, db_focal_gamma=args.db_focal_gamma)
+    for dest, kind in (('loss_pos_weight', 'pos_weight'), ('loss_class_weight', 'class_weight')):
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        try:
+            kwargs[kind] = resolve_class_weights(value, kind, class_stats=class_stats, power=args.loss_weight_power,
+                                                 beta=args.loss_weight_beta, max_weight=args.loss_weight_max)
+        except (ValueError, OSError) as e:
+            raise TrainingError(f'--{dest.replace("_", "-")} {value}: {e}') from e
     return kwargs
 
 
-def create_train_loss(args):
+def create_train_loss(args, class_stats=None):
     """The training loss timm's train.py would use for these flags (the task builds the same)."""
-    return create_classification_loss(**create_loss_kwargs(args))
+    return create_classification_loss(multi_label=_is_multilabel(args), **create_loss_kwargs(args, class_stats))
+
+
+def class_stats_for(args, dataset):
+    """(positive count per class, samples) for the class-weight methods and --loss db: --class-stats FILE (timm's
+    class_weights.py format), else counted over the training split when it lists its targets without reading images
+    (the built-in data, timm's folder readers); None when nothing needs them."""
+    methods = [_weight_method(args.loss_pos_weight, 'pos_weight'), _weight_method(args.loss_class_weight, 'class_weight')]
+    if not any(methods) and _loss_type(args) != 'db':
+        return None
+    if args.class_stats:
+        try:
+            counts, num_samples = load_class_stats(args.class_stats)
+        except (ValueError, OSError, KeyError, TypeError) as e:
+            raise TrainingError(f'--class-stats {args.class_stats!r}: {e}') from e
+        if counts.numel() != args.num_classes:
+            raise TrainingError(f'--class-stats {args.class_stats!r} counts {counts.numel()} classes; the model has '
+                                f'{args.num_classes}')
+        return counts, num_samples
+    reader = getattr(dataset, 'reader', None)
+    targets = getattr(dataset, 'targets', None)
+    if targets is None and reader is not None:  # as timm's class_weights.py reads them, without the images
+        samples = getattr(reader, 'samples', None)
+        targets = getattr(reader, 'targets', None) or ([t for _, t in samples] if isinstance(samples, list) else None)
+        if targets is None and hasattr(reader, 'iter_targets') and not isinstance(dataset, torch.utils.data.IterableDataset):
+            targets = list(reader.iter_targets())
+    if targets is None:
+        raise TrainingError(f'{" / ".join(f"--loss-{m}" for m in ("pos-weight", "class-weight"))} methods and --loss db '
+                            f'need class counts: this dataset does not list its targets, pass --class-stats FILE '
+                            f'(timm\'s class_weights.py writes it)')
+    encode = MultiLabelTarget(args.num_classes, dense=args.target_format == 'multihot') if _is_multilabel(args) else None
+    counts = torch.zeros(args.num_classes, dtype=torch.float64)
+    for target in targets:
+        if encode is not None:
+            counts += encode(target).double()
+        else:
+            counts[int(target)] += 1
+    _logger.info(f'Class stats counted over the {len(targets)} training samples: positives per class '
+                 f'{int(counts.min())}-{int(counts.max())}')
+    return counts.float(), len(targets)
 
 
 def setup_logging(rank):
@@ -1014,7 +1361,8 @@ def build_data_config(args, model):
         dict(input_size=input_size, crop_pct=args.crop_pct, mean=args.mean, std=args.std,
              interpolation=args.interpolation), model=model)
     if _builtin_data(args) and args.mean is None:
-        data_config['mean'], data_config['std'] = DIGITS_MEAN, DIGITS_STD
+        data_config['mean'], data_config['std'] = (DIGIT_PAIRS_MEAN, DIGIT_PAIRS_STD) if _is_multilabel(args) else (
+            DIGITS_MEAN, DIGITS_STD)
     return data_config
 
 
@@ -1147,12 +1495,21 @@ def log_defaults(args):
 def setup_datasets(args):
     """(train, val) datasets; sets args.num_classes from the dataset unless given."""
     dataset_train, dataset_eval, num_classes = load_datasets(args)
-    if _builtin_data(args):
+    if _builtin_data(args) and _is_multilabel(args):
+        _logger.info(f"No --data-dir, --task multilabel: training on the built-in digit pairs (two of scikit-learn's "
+                     f"real 8x8 digits side by side, the target the set of their classes; {len(dataset_train)} train / "
+                     f"{len(dataset_eval)} val images, 10 classes), preset '{args.preset}'")
+    elif _builtin_data(args):
         _logger.info(f"No --data-dir: training on the built-in digits dataset (scikit-learn, {len(dataset_train)} "
                      f"train / {len(dataset_eval)} val real 8x8 images, 10 classes), preset '{args.preset}'")
     args.num_classes = args.num_classes or num_classes
     if not args.num_classes:
         raise TrainingError('could not infer the number of classes; pass --num-classes')
+    if _is_multilabel(args):
+        # timm's multi-label pipeline: class-index lists (or multi-hot vectors) -> float multi-hot vectors
+        encode = MultiLabelTarget(args.num_classes, dense=args.target_format == 'multihot')
+        for dataset in (dataset_train, dataset_eval):
+            dataset.target_transform = encode
     return dataset_train, dataset_eval
 
 
@@ -1189,7 +1546,8 @@ def setup_task(state):
     teacher = None
     if args.kd_model_name:
         teacher = create_teacher(args, state.model, state.data_config, state.device)
-    state.task = create_task(args, state.model, teacher, state.data_config, state.device, state.model_dtype)
+    class_stats = class_stats_for(args, state.dataset_train)
+    state.task = create_task(args, state.model, teacher, state.data_config, state.device, state.model_dtype, class_stats)
     if args.model_ema:
         state.model_ema = state.task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
                                                device='cpu' if args.model_ema_force_cpu else None)
@@ -1226,21 +1584,46 @@ def setup_optimizer(state):
 
 
 def setup_output(state):
-    """The run folder (one name for all ranks) and the checkpoint to resume from, if any."""
+    """The run folder (one name for all ranks) and the checkpoint to resume from, if any.
+
+    --resume auto (or --auto-resume) resumes in place from the run folder's last.pth.tar: --experiment's folder, or
+    without --experiment the latest run of this model at this size in --output (a folder named DATE-TIME-MODEL-SIZE,
+    as a run without --experiment names its own), so a relaunch of the same command continues the run."""
     args = state.args
-    run_name = args.experiment or '-'.join([
-        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(state.data_config['input_size'][-1])])
+    size = str(state.data_config['input_size'][-1])
+    run_name = args.experiment
+    if not run_name:
+        if args.resume == 'auto' and args.rank == 0:  # rank 0 looks; every rank gets its answer below
+            run_name = latest_run(args.output, args.model, size)
+        run_name = run_name or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), size])
     if args.distributed:  # one folder for all ranks, even if their clocks straddle a second
         names = [run_name]
         torch.distributed.broadcast_object_list(names, src=0)
         run_name = names[0]
     state.output_dir = os.path.join(args.output, run_name)
-    if args.auto_resume and not args.experiment:
-        _logger.warning(f'--auto-resume without --experiment: this run writes to {state.output_dir}, named by its start '
-                        f'time, so a relaunch will not find it; pass --experiment NAME to resume it later')
     state.resume_path = args.resume
-    if not state.resume_path and args.auto_resume and os.path.isfile(os.path.join(state.output_dir, 'last.pth.tar')):
-        state.resume_path = os.path.join(state.output_dir, 'last.pth.tar')
+    if args.resume == 'auto':
+        last = os.path.join(state.output_dir, 'last.pth.tar')
+        state.resume_path = last if os.path.isfile(last) else ''
+        if args.rank == 0 and state.resume_path and not args.experiment:
+            _logger.info(f'--resume auto: continuing {state.output_dir}, the latest run of {args.model} at {size} px in '
+                         f'--output {args.output} (--experiment NAME picks another run folder)')
+        elif args.rank == 0 and not state.resume_path:
+            where = state.output_dir if args.experiment else f'an earlier run of {args.model} at {size} px in {args.output}'
+            _logger.info(f'--resume auto: no last.pth.tar in {where}; starting a new run in {state.output_dir}')
+
+
+def latest_run(output, model, size):
+    """The folder name of the latest run (by its last.pth.tar) of `model` at `size` px under `output`, among the
+    folders named as a run without --experiment names its own (DATE-TIME-MODEL-SIZE); '' if there is none."""
+    pattern = re.compile(r'\d{8}-\d{6}-' + re.escape(f'{safe_model_name(model)}-{size}'))
+    runs = []
+    if os.path.isdir(output):
+        for entry in os.scandir(output):
+            last = os.path.join(entry.path, 'last.pth.tar')
+            if entry.is_dir() and pattern.fullmatch(entry.name) and os.path.isfile(last):
+                runs.append((os.path.getmtime(last), entry.name))
+    return max(runs)[1] if runs else ''
 
 
 def resume(state):
@@ -1289,7 +1672,8 @@ def setup_loaders(state):
     if _mixup_active(args):
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                           prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+                          label_smoothing=args.smoothing, num_classes=args.num_classes,
+                          multi_label=_is_multilabel(args))  # multi-hot targets mixed, smoothed towards 0.5
         if args.no_prefetcher:
             state.mixup_fn = Mixup(**mixup_args)
         else:
@@ -1340,10 +1724,20 @@ def setup_schedule(state):
     num_batches = len(state.loader_train)
     state.num_batches = min(num_batches, args.max_train_batches) if args.max_train_batches else num_batches
     state.updates_per_epoch = (state.num_batches + args.grad_accum_steps - 1) // args.grad_accum_steps
-    state.lr_scheduler, state.num_epochs = create_scheduler_v2(
-        state.optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
-        updates_per_epoch=state.updates_per_epoch)
-    if state.start_epoch > 0:
+    if args.sched == 'plateau':
+        args.sched_on_updates = False  # timm's plateau schedule steps once per epoch, on the eval metric
+        if args.rank == 0:
+            _logger.warning('--sched plateau is deprecated by timm (1.0.31): its state (best metric, patience) is not '
+                            'saved in checkpoints, so a resumed run restarts it; prefer --sched cosine or wsd')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)  # timm's plateau deprecation, said once above
+            state.lr_scheduler, state.num_epochs = create_scheduler_v2(
+                state.optimizer, **scheduler_kwargs(args, decreasing_metric='loss' in args.eval_metric),
+                updates_per_epoch=state.updates_per_epoch)
+    except (ValueError, AssertionError) as e:
+        raise TrainingError(f'--sched {args.sched}: {e} ({state.updates_per_epoch} updates per epoch)') from e
+    if state.lr_scheduler is not None and state.start_epoch > 0:
         if args.sched_on_updates:
             state.lr_scheduler.step_update(state.start_epoch * state.updates_per_epoch)
         else:
@@ -1352,6 +1746,26 @@ def setup_schedule(state):
     state.end_epoch = state.num_epochs
     if args.stop_after_epochs:
         state.end_epoch = min(state.num_epochs, state.start_epoch + args.stop_after_epochs)
+    if args.stop_epoch:
+        state.end_epoch = min(state.end_epoch, args.stop_epoch)  # timm's --stop-epoch: the schedule unchanged
+    late = [n for n in args.save_epochs or () if n > state.num_epochs]
+    if late:
+        raise TrainingError(f'--save-epochs {late[0]}: the schedule has {state.num_epochs} epochs')
+    warn_unfinished_warmup(state)
+
+
+def warn_unfinished_warmup(state):
+    """A warning when the warm-up covers the whole run: the lr then never reaches its peak (timm runs on without a
+    word). wsd / rsqrt always put their warm-up first and refuse a run without room after it (_check_schedule)."""
+    args = state.args
+    if (state.lr_scheduler is None or getattr(args, 'rank', 0) != 0 or args.warmup_prefix or args.sched in ('wsd', 'rsqrt')
+            or not 0 < args.epochs <= args.warmup_epochs):
+        return
+    last = args.epochs * state.updates_per_epoch - 1 if args.sched_on_updates else args.epochs - 1
+    end_lr = state.lr_scheduler._get_lr(last)[0]
+    _logger.warning(f'--warmup-epochs {args.warmup_epochs} >= --epochs {args.epochs}: the warm-up is still rising when '
+                    f'the run ends, so the lr never reaches --lr {args.lr:g} (it ends at {end_lr:.3g}); lower '
+                    f'--warmup-epochs or add --warmup-prefix')
 
 
 def setup_saver(state):
@@ -1367,6 +1781,8 @@ def setup_saver(state):
         max_history=args.checkpoint_hist, unwrap_fn=unwrap, task=state.task)
     if state.resume_path and os.path.dirname(os.path.abspath(state.resume_path)) == os.path.abspath(state.output_dir):
         state.saver.load_state_dict_from_checkpoint(state.resume_path)
+    # rows of epochs this run trains again (a kill between the summary row and the checkpoint) go: no duplicates
+    trim_summary(os.path.join(state.output_dir, 'summary.csv'), state.start_epoch)
     with open(os.path.join(state.output_dir, 'args.yaml'), 'w') as f:
         yaml.safe_dump({k: v for k, v in vars(args).items() if not isinstance(v, torch.device)}, f)
     state.log_wandb = init_wandb(args, os.path.basename(state.output_dir))
@@ -1397,6 +1813,9 @@ def train(state):
     args = state.args
     best = None
     t_start = time.time()
+    if state.start_epoch >= state.end_epoch and args.rank == 0:
+        _logger.info(f'Nothing to train: the run starts at epoch {state.start_epoch} and its schedule (or --stop-epoch) '
+                     f'ends before epoch {state.end_epoch}')
     for epoch in range(state.start_epoch, state.end_epoch):
         begin_epoch(state, epoch)
         t0 = time.time()
@@ -1412,11 +1831,18 @@ def train(state):
             eval_metrics = validate(state, ema=False)
             if state.model_ema is not None and not args.model_ema_force_cpu:
                 metrics_ema = validate(state, ema=True)
-        if not args.sched_on_updates:
+        if not args.sched_on_updates and state.lr_scheduler is not None:
             state.lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric] if eval_metrics else None)
         if args.rank == 0:
             best = log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema,
                                 time.time() - t0, time.time() - t_start)
+            if epoch + 1 in (args.save_epochs or ()):
+                state.saver.save_milestone(epoch + 1)  # milestone-N.pth.tar after N epochs, never evicted
+    if args.rank == 0 and state.start_epoch < state.end_epoch < state.num_epochs:
+        flag = '--stop-epoch' if args.stop_epoch == state.end_epoch else '--stop-after-epochs'
+        _logger.info(f'Stopped before epoch {state.end_epoch} of {state.num_epochs} ({flag}); the same command with '
+                     f'--resume auto{"" if args.experiment else f" --experiment {os.path.basename(state.output_dir)}"} '
+                     f'continues it')
     if args.rank == 0:
         plot_curves(os.path.join(state.output_dir, 'summary.csv'), os.path.join(state.output_dir, 'curves.png'))
         if best and best[0] is not None:
@@ -1604,15 +2030,18 @@ def train_one_epoch(state, epoch):
 
 
 def validate(state, ema=False):
-    """Loss, top-1 and top-5 of the task's eval model (or its EMA) with timm's ClassificationEvaluator."""
+    """The validation metrics of the task's eval model (or its EMA): loss, top-1 and top-5, or for --task multilabel
+    loss, mAP and micro / macro / sample F1 (timm's evaluators)."""
     model = state.task.get_eval_model(ema=ema)
     return evaluate(model, state.loader_eval, state.args, state.device, state.amp_ctx, state.model_dtype)
 
 
 def evaluate(model, loader, args, device, amp_ctx=nullcontext, input_dtype=None):
-    """timm's ClassificationEvaluator over a loader: counts on the device, all-reduced once, padding excluded."""
-    from timm.task import ClassificationEvaluator
-    evaluator = ClassificationEvaluator(device=device, max_samples=evaluation_sample_limit(loader))
+    """timm's dataset-level evaluator of the task over a loader, sampler padding excluded: ClassificationEvaluator
+    (counts on the device, all-reduced once) or MultiLabelClassificationEvaluator (the predictions of the whole
+    validation set, gathered across ranks, for the exact mAP; F1 at --multilabel-threshold)."""
+    kwargs = dict(threshold=args.multilabel_threshold) if _is_multilabel(args) else {}
+    evaluator = _evaluator_class(args)(device=device, max_samples=evaluation_sample_limit(loader), **kwargs)
     model.eval()
     with torch.no_grad():
         for inputs, target in loader:
@@ -1630,18 +2059,18 @@ def log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema, epoch_t
     """Rank 0, end of an epoch: log line, summary.csv row (and wandb), checkpoint; returns (best metric, epoch)."""
     args = state.args
     msg = f'Epoch {epoch}: train loss {train_metrics["loss"]:.4f}'
-    eval_keys = list(_EVAL_METRICS) + ([f'ema_{k}' for k in _EVAL_METRICS] if state.model_ema is not None else [])
+    names = _metric_names(args)
+    eval_keys = list(names) + ([f'ema_{k}' for k in names] if state.model_ema is not None else [])
     eval_row = OrderedDict((k, None) for k in eval_keys)  # blank in epochs without validation
     metric = None  # only validated epochs are ranked (and can become the best)
     if eval_metrics is None:
         msg += f' | not validated (--val-interval {args.val_interval})'
     else:
-        msg += (f' | val loss {eval_metrics["loss"]:.4f} top-1 {eval_metrics["top1"]:.2f} '
-                f'top-5 {eval_metrics["top5"]:.2f}')
+        msg += f' | val loss {eval_metrics["loss"]:.4f} {format_metrics(eval_metrics)}'
         eval_row.update(eval_metrics)
         metric = eval_metrics[args.eval_metric]
         if metrics_ema is not None:
-            msg += f' | EMA top-1 {metrics_ema["top1"]:.2f} top-5 {metrics_ema["top5"]:.2f}'
+            msg += f' | EMA {format_metrics(metrics_ema)}'
             eval_row.update((f'ema_{k}', v) for k, v in metrics_ema.items())  # -> eval_ema_top1 ...
             ema_metric = metrics_ema[args.eval_metric]
             if _better(ema_metric, metric, args.eval_metric):
@@ -1651,6 +2080,15 @@ def log_and_save(state, epoch, train_metrics, eval_metrics, metrics_ema, epoch_t
     update_summary(epoch, train_metrics, eval_row, summary, lr=state.optimizer.param_groups[0]['lr'],
                    write_header=epoch == 0 or not os.path.exists(summary), log_wandb=state.log_wandb)
     return state.saver.save_checkpoint(epoch, metric=metric)
+
+
+_METRIC_LABELS = dict(top1='top-1', top5='top-5', map='mAP', micro_f1='micro-F1', macro_f1='macro-F1',
+                      sample_f1='sample-F1')
+
+
+def format_metrics(metrics):
+    """'top-1 A top-5 B', or 'mAP A micro-F1 B macro-F1 C sample-F1 D' for multi-label metrics (loss left out)."""
+    return ' '.join(f'{label} {metrics[k]:.2f}' for k, label in _METRIC_LABELS.items() if k in metrics)
 
 
 def plot_curves(summary_csv, out_png):
@@ -1672,9 +2110,11 @@ def plot_curves(summary_csv, out_png):
     plot(ax1, 'eval_loss', 'val')
     plot(ax1, 'eval_ema_loss', 'val (EMA)')
     ax1.set_title('loss')
-    plot(ax2, 'eval_top1', 'val top-1')
-    plot(ax2, 'eval_ema_top1', 'val top-1 (EMA)')
-    ax2.set_title('accuracy (%)')
+    metric = 'map' if 'eval_map' in rows[0] else 'top1'  # --task multilabel: mAP
+    label = _METRIC_LABELS[metric]
+    plot(ax2, f'eval_{metric}', f'val {label}')
+    plot(ax2, f'eval_ema_{metric}', f'val {label} (EMA)')
+    ax2.set_title('mAP (%)' if metric == 'map' else 'accuracy (%)')
     plot(ax3, 'lr')
     ax3.set_title('learning rate (end of epoch)')
     for ax in (ax1, ax2, ax3):
@@ -1689,7 +2129,8 @@ def plot_curves(summary_csv, out_png):
 
 
 def evaluate_checkpoint(args, model, dataset_eval, device):
-    """--eval-only: top-1/top-5 of the checkpoint's model and, if present, its EMA."""
+    """--eval-only: the validation metrics (top-1/top-5, or mAP and F1 for --task multilabel) of the checkpoint's
+    model and, if present, its EMA."""
     ckpt = _read_checkpoint(args.checkpoint)
     filter_fn = getattr(sys.modules.get(type(model).__module__), 'checkpoint_filter_fn', None)
     weights = [('model', ckpt.get('state_dict', ckpt.get('model', ckpt)))]
@@ -1712,8 +2153,8 @@ def evaluate_checkpoint(args, model, dataset_eval, device):
         metrics = evaluate(net, loader, args, device)
         results[name] = metrics
         if args.rank == 0:
-            _logger.info(f'{name}{" (reparameterized)" if args.reparam else ""}: top-1 {metrics["top1"]:.2f} '
-                         f'top-5 {metrics["top5"]:.2f} loss {metrics["loss"]:.4f}')
+            _logger.info(f'{name}{" (reparameterized)" if args.reparam else ""}: {format_metrics(metrics)} '
+                         f'loss {metrics["loss"]:.4f}')
     return results
 
 
@@ -1721,9 +2162,9 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         return run(args)
-    except TrainingError as e:
-        logging.getLogger('train').error(f'error: {e}')
-        print(f'train_imagenet.py: error: {e}', file=sys.stderr)
+    except TrainingError as e:  # one line, once (not also as a log line), exit 2
+        rank = getattr(args, 'rank', 0)
+        print(f'train_imagenet.py: error{f" (rank {rank})" if rank else ""}: {e}', file=sys.stderr)
         raise SystemExit(2)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -40,7 +40,7 @@ RUNTIMES = ['PyTorch NCHW', 'PyTorch channels_last', 'onnxruntime']
 
 def build(name: str, smoke: bool) -> nn.Module:
     """The deployed model: ours built in inference mode, timm's reparameterized (a no-op for these two)."""
-    from timm.utils import reparameterize_model
+    from timm.models import reparameterize_model
     torch.manual_seed(0)
     if name.startswith('smpconv'):
         return timm.create_model(name, inference_mode=True, **model_kwargs(name, smoke)).eval()

@@ -8,7 +8,7 @@ GPU work alone, which is why this script does not use torch.utils.benchmark, who
   * training throughput (forward + backward + AdamW step), eager and under torch.compile, and the peak
     device memory of the eager step: smpconv_t, smpconv_mobile31, convnext_tiny, resnet50 at batch 128,
     224 px, bf16 autocast, channels_last; smp_flexnet_16 and flexnet_16 at batch 64, 32 px, float32;
-  * inference of the reparameterized models (timm.utils.reparameterize_model): throughput at batch 256 and
+  * inference of the reparameterized models (timm.models.reparameterize_model): throughput at batch 256 and
     latency at batch 1, bf16, channels_last;
   * one depthwise layer, forward + backward at batch 64, bf16, per backend (direct = F.conv2d, fft, triton)
     for the four smpconv_t stage shapes and a 5 x 5, NCHW and channels_last.
@@ -21,7 +21,7 @@ import time
 import timm
 import torch
 from harness import CIFAR_MODELS, SMOKE_NOTE, bench_parser, host, median_time, model_kwargs, train_step, write_results
-from timm.utils import reparameterize_model
+from timm.models import reparameterize_model
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv.ops import conv_backends, get_conv_impl, large_kernel_conv2d, select_conv_backend, set_conv_impl, triton_available

@@ -10,7 +10,7 @@ eval forwards at batch 1 after --warmup untimed ones, in the same process for bo
 import timm
 import torch
 from harness import SMOKE_NOTE, bench_parser, machine_line, median_time, model_kwargs, parse_args, positive_int, write_results
-from timm.utils import reparameterize_model
+from timm.models import reparameterize_model
 
 import timm_smpconv  # noqa: F401
 from timm_smpconv.layers import randomize_bn_stats_

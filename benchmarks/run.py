@@ -4,7 +4,7 @@
 
 Each model runs in its own process (so peak memory is its own) and reports:
   * training step (forward + backward + AdamW step) at the stated batch and resolution, median of --reps;
-  * eval latency at batch 1, original and reparameterized (timm.utils.reparameterize_model);
+  * eval latency at batch 1, original and reparameterized (timm.models.reparameterize_model);
   * eval throughput at batch 8 (reparameterized);
   * peak resident memory of the process.
 ImageNet models: training batch 8 at 224 px; CIFAR models: batch 64 at 32 px (FlexNet with its masks
@@ -56,7 +56,7 @@ def pair_worker(spec: str, reps: int, smoke: bool = False) -> dict:
     'nchw' or 'channels_last'; training step, and (ImageNet models) reparameterized eval latency at
     batch 1."""
     import torch
-    from timm.utils import reparameterize_model
+    from timm.models import reparameterize_model
 
     a, b, fmt = spec.split(':')
     mf = torch.channels_last if fmt == 'channels_last' else None
@@ -80,7 +80,7 @@ def pair_worker(spec: str, reps: int, smoke: bool = False) -> dict:
 
 def worker(name: str, reps: int, threads: int, profile_path: Path | None, smoke: bool = False) -> dict:
     import torch
-    from timm.utils import reparameterize_model
+    from timm.models import reparameterize_model
 
     from timm_smpconv.layers import SMPConv2d
 

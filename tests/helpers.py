@@ -155,3 +155,31 @@ def run_trainer(argv):
     finally:
         torch._dynamo.reset()
     return code, out.getvalue(), result
+
+
+# a small SMP model for 32 px inputs on the built-in data (the mobile31 layout, kernels fitting the feature maps)
+TINY_SMP = ['--model', 'smpconv_mobile31', '--model-kwargs', 'kernel_sizes=[9,7,5,5]', 'n_points=[8,6,3,3]',
+            'small_kernel_size=3', 'channels=[16,24,32,40]', 'layers=[1,1,1,1]', '--workers', '0', '--device', 'cpu',
+            '--seed', '3']
+
+
+def built_trainer_state(monkeypatch, argv):
+    """train_imagenet.run()'s set-up steps for argv, without the epoch loop: the TrainState the loop would get."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train_imagenet
+    monkeypatch.setattr(train_imagenet, 'train', lambda state: state)
+    return train_imagenet.run(train_imagenet.parse_args(argv))
+
+
+def summary_rows(run_dir):
+    """The rows of a training run's summary.csv, as dicts."""
+    import csv
+    with open(Path(run_dir) / 'summary.csv') as f:
+        return list(csv.DictReader(f))
+
+
+def load_train_checkpoint(path):
+    """A checkpoint of train_imagenet.py, read with torch's safe loader (the run's args allowed)."""
+    import argparse
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)

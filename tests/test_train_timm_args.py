@@ -80,15 +80,21 @@ def test_every_timm_option_is_accepted_or_refused_with_its_reason(option, tmp_pa
 
 def test_timm_option_list_is_timms_train_py():
     flags = {f for o in TIMM_TRAIN_OPTIONS for f in o.flags}
-    assert len(TIMM_TRAIN_OPTIONS) == 173 and len(flags) == 178  # 173 options, 5 with a second spelling
+    # 1.0.29.dev0's 173 options (5 with a second spelling) and the 26 timm's train.py gained up to 1.0.31
+    assert len(TIMM_TRAIN_OPTIONS) == 199 and len(flags) == 204
     # the ones a user of timm's train.py found rejected before (issue 23), a sample of every group
     for flag in ('--bn-momentum', '--decay-milestones', '--lr-noise', '--patience-epochs', '--gp', '--fuser',
                  '--fast-norm', '--torchscript', '--drop-block', '--split-bn', '--aug-splits', '--jsd-loss',
                  '--train-crop-mode', '--input-key', '--epoch-repeats', '--model-ema-force-cpu', '--tta', '--no-ddp-bb',
                  '--local_rank', '--device-modules', '--wandb-tags', '-vb', '--dr', '--train-img-sizes',
-                 '--variable-batch-loss-scale', '--naflex-loader', '--kd-model-name', '--kd-token-distill-type'):
+                 '--variable-batch-loss-scale', '--naflex-loader', '--kd-model-name', '--kd-token-distill-type',
+                 # new in 1.0.31 (issue 28)
+                 '--task', '--target-format', '--multilabel-threshold', '--loss', '--class-stats', '--loss-pos-weight',
+                 '--asl-gamma-neg', '--poly-epsilon', '--db-focal-gamma', '--lr-decay-fn', '--lr-stable-timescale',
+                 '--stop-epoch', '--save-epochs'):
         assert flag in flags, flag
     assert timm_defaults()['decay_milestones'] == [90, 180, 270] and timm_defaults()['opt'] == 'sgd'
+    assert timm_defaults()['decay_epochs'] is None and timm_defaults()['eval_metric'] is None  # moved in 1.0.31
 
 
 @pytest.mark.parametrize('text,value', [('ls_init_value=1e-6', 1e-6), ('x=None', None), ('x=(3,3)', (3, 3)),

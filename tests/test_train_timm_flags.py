@@ -330,11 +330,3 @@ def test_help_lists_the_timm_flags():
                  '--bce-loss', '--bce-sum', '--bce-target-thresh', '--bce-pos-weight', '--model-dtype',
                  '--val-interval', '--warmup-prefix', '--train-interpolation', '--log-wandb', '--wandb-project'):
         assert flag in names, flag
-
-
-def test_auto_resume_without_experiment_warns_that_a_relaunch_cannot_find_the_run(monkeypatch, tmp_path, capsys):
-    built_state(monkeypatch, ['--output', str(tmp_path), '--auto-resume'])  # the trainer logs to stdout
-    assert '--auto-resume without --experiment' in capsys.readouterr().out
-    state = built_state(monkeypatch, ['--output', str(tmp_path), '--auto-resume', '--experiment', 'named'])
-    assert '--auto-resume without --experiment' not in capsys.readouterr().out
-    assert state.output_dir == str(tmp_path / 'named')

@@ -1,10 +1,14 @@
-""" Datasets: the built-in digits, and time series read from .npz or UEA / UCR .ts files.
+""" Datasets: the built-in digits (single- and multi-label), and time series read from .npz or UEA / UCR .ts files.
 
 The built-in real dataset: scikit-learn's handwritten digits. 1,797 real 8x8 grey-level scans of the
 digits 0-9 (UCI ML hand-written digits, shipped inside the scikit-learn package, so no download is needed).
 A fixed stratified split gives 1,438 training and 359 validation images. Items are (PIL RGB image, label)
 like timm's ImageDataset, so timm's transforms and loaders apply unchanged; the images keep their 8x8
 resolution and the transform resizes them.
+
+The built-in multi-label task (`DigitPairsDataset`): two of those digits side by side in one 16x16 image, the
+target being the set of the two classes (one class when both digits are the same), as the list of class indices
+timm's multi-label readers give (`timm.data.MultiLabelTarget` makes it the multi-hot vector).
 """
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -13,13 +17,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ['DigitsDataset', 'DIGITS_MEAN', 'DIGITS_STD', 'DIGITS_NUM_CLASSES', 'SequenceDataset',
+__all__ = ['DigitsDataset', 'DIGITS_MEAN', 'DIGITS_STD', 'DIGITS_NUM_CLASSES', 'DigitPairsDataset',
+           'DIGIT_PAIRS_MEAN', 'DIGIT_PAIRS_STD', 'SequenceDataset',
            'load_sequence_splits', 'is_sequence_dataset', 'channel_stats', 'allow_zero_bit_posterize']
 
 DIGITS_NUM_CLASSES = 10
 # per-channel statistics of the training split after scaling to [0, 1] (grey replicated to RGB)
 DIGITS_MEAN = (0.3058,) * 3
 DIGITS_STD = (0.3764,) * 3
+# the same for the digit pairs: half of each 16x16 image is the blank border above and below the two digits
+DIGIT_PAIRS_MEAN = (0.1529,) * 3
+DIGIT_PAIRS_STD = (0.3070,) * 3
 _VAL_FRACTION = 0.2
 _SPLIT_SEED = 0
 
@@ -79,34 +87,73 @@ def digits_split_indices(targets: np.ndarray, split: str) -> np.ndarray:
     raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
 
 
+def _digit_images(split: str) -> Tuple[np.ndarray, np.ndarray]:
+    """(grey images as uint8 0..255, labels) of a split of the built-in digits."""
+    images, targets = _load_digits()
+    idx = digits_split_indices(targets, split)
+    # 0..16 grey levels -> 0..255 uint8
+    return np.clip(np.rint(images[idx] * (255.0 / 16.0)), 0, 255).astype(np.uint8), targets[idx]
+
+
 class DigitsDataset:
     """scikit-learn's 8x8 handwritten digits as a map-style image dataset."""
 
-    def __init__(self, split: str = 'train', transform: Optional[Callable] = None):
-        images, targets = _load_digits()
-        idx = digits_split_indices(targets, split)
-        # 0..16 grey levels -> 0..255 uint8, replicated to RGB
-        grey = np.clip(np.rint(images[idx] * (255.0 / 16.0)), 0, 255).astype(np.uint8)
-        self.images = np.repeat(grey[..., None], 3, axis=-1)
-        self.targets = targets[idx]
+    _name = 'digits'
+
+    def __init__(self, split: str = 'train', transform: Optional[Callable] = None,
+                 target_transform: Optional[Callable] = None):
+        grey, self.targets = _digit_images(split)
+        self.images = np.repeat(grey[..., None], 3, axis=-1)  # replicated to RGB
         self.split = split
         self.transform = transform
-        self.target_transform = None
+        self.target_transform = target_transform
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def _target(self, index: int):
+        return int(self.targets[index])
 
     def __getitem__(self, index: int):
         img = Image.fromarray(self.images[index], mode='RGB')
         if self.transform is not None:
             img = self.transform(img)
-        target = int(self.targets[index])
+        target = self._target(index)
         if self.target_transform is not None:
             target = self.target_transform(target)
         return img, target
 
     def filename(self, index: int, basename: bool = False, absolute: bool = False) -> str:
-        return f'digits_{self.split}_{index:04d}.png'
+        return f'{self._name}_{self.split}_{index:04d}.png'
+
+
+class DigitPairsDataset(DigitsDataset):
+    """A real multi-label task from the built-in digits: image i of a split shows its digit i on the left and the
+    digit of a fixed random partner (from the same split) on the right, both 8x8, centred in a 16x16 black canvas;
+    its target is the sorted list of the two classes (one entry when they are equal).
+
+    Pairs are drawn within a split, so no validation digit is seen in training: 1,438 training and 359 validation
+    images (one per digit of the split), 10 classes, about 1.9 positive labels per image. `targets` holds every
+    item's class list (for counting label frequencies without reading images). `target_transform` (e.g.
+    `timm.data.MultiLabelTarget(10)`) turns the list into the dense vector a loader batches.
+    """
+
+    _name = 'digit_pairs'
+    num_classes = DIGITS_NUM_CLASSES
+
+    def __init__(self, split: str = 'train', transform: Optional[Callable] = None,
+                 target_transform: Optional[Callable] = None):
+        super().__init__(split, transform, target_transform)
+        grey, labels = self.images[..., 0], self.targets
+        partner = np.random.RandomState(_SPLIT_SEED + 1).permutation(len(grey))
+        canvas = np.zeros((len(grey), 16, 16), dtype=np.uint8)
+        canvas[:, 4:12, :8] = grey
+        canvas[:, 4:12, 8:] = grey[partner]
+        self.images = np.repeat(canvas[..., None], 3, axis=-1)
+        self.targets = [sorted({int(labels[i]), int(labels[j])}) for i, j in enumerate(partner)]
+
+    def _target(self, index: int):
+        return list(self.targets[index])
 
 
 # ---- time series: (C, L) arrays with a label -------------------------------------------------------------------

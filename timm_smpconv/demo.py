@@ -2,7 +2,7 @@
 
     python -m timm_smpconv.demo [--channels 32] [--kernel-size 31] [--depth 4] [--img-size 64]
 
-Prints the parameter count before and after `timm.utils.reparameterize_model`, the modules that
+Prints the parameter count before and after `timm.models.reparameterize_model`, the modules that
 remain, and the largest difference between the two models' eval-mode outputs.
 """
 import argparse
@@ -10,7 +10,7 @@ import time
 
 import torch
 import torch.nn as nn
-from timm.utils import reparameterize_model
+from timm.models import reparameterize_model
 
 from .layers import SMPLargeKernel2d
 

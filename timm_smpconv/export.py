@@ -8,7 +8,7 @@ arguments (model, model_kwargs, num_classes, in_chans, kernel_sizes, kernel_resi
 checkpoint's stored training arguments when it has them; the flags override them (and are needed for files
 without stored arguments). The EMA weights are used when the file has them, unless --no-ema.
 
-The command builds the trained model, reparameterizes it (timm.utils.reparameterize_model), writes the deployed
+The command builds the trained model, reparameterizes it (timm.models.reparameterize_model), writes the deployed
 model with timm's save_for_hf (config.json with the deployed creation arguments, model.safetensors), and with
 --onnx an ONNX file (plain Conv nodes, dynamic batch). Then it checks the folder as a user will load it:
 `timm.create_model('local-dir:DIR', pretrained=True)` and, with --onnx, an onnxruntime session on model.onnx
@@ -27,8 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 import timm
 import torch
 import torch.nn as nn
-from timm.models import save_for_hf
-from timm.utils import reparameterize_model
+from timm.models import reparameterize_model, save_for_hf
 
 __all__ = ['ExportError', 'export_checkpoint', 'main']
 

@@ -16,7 +16,7 @@ from typing import Dict, Optional
 import timm
 import torch
 import torch.nn as nn
-from timm.utils import reparameterize_model
+from timm.models import reparameterize_model
 
 from ._fvcore import FlopCountAnalysis  # without fvcore's import-time FutureWarning
 from .layers.flexconv import FlexConv2d

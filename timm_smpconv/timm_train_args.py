@@ -4,16 +4,28 @@
 meaning or refuses it with a one-line reason (its REFUSED table); `tests/test_train_timm_args.py` holds it to
 that, option by option. The defaults are timm's, so a run can list the values in which our recipe differs.
 
-Source: `train.py` of timm's repository at version 1.0.29.dev0 (it runs unchanged against the timm 1.0.31 package
-we pin, whose `timm.task` it builds on). The variable-resolution options (`--train-img-sizes` ...) are named as that
-script names them; their types follow the arguments of timm 1.0.31's `create_loader` they feed
-(`input_size_choices`, `batch_size_choices`, ...).
+Sources: `train.py` of timm's repository at version 1.0.29.dev0 for the 173 options it had (the variable-resolution
+options `--train-img-sizes` ... are named as that script names them, their types follow the arguments of timm
+1.0.31's `create_loader` they feed), and the options timm's train.py gained up to the 1.0.31 release we pin. The pip
+package ships no train.py, so each of those is marked below with where its name, type and default come from:
+  [changelog]  timm 1.0.31's release notes (the package's METADATA: September 25, October 9, October 13, 2026)
+  [class_weights.py]  timm's repository script that writes the class stats for train.py; its dataset and weighting
+               options are train.py's by its own description ("Dataset arguments match train.py", "as
+               --loss-weight-power (default: 1.)")
+  [loss docs]  timm's docs page reference/loss.mdx: "train.py maps --loss to loss_type ... The --asl-*, --poly-*,
+               --twoway-*, --db-* ... flags map to the factory arguments of the same name"; so their defaults are
+               timm 1.0.31's create_classification_loss defaults
+  [scheduler docs]  timm's docs page reference/schedulers.mdx, and the defaults of create_scheduler_v2
+  [training docs]  the multi-label section of timm's docs page training_script.mdx
+Two 1.0.29.dev0 defaults moved with the package: `--decay-epochs` is None (create_scheduler_v2: 90 for step, 0.2 of
+the schedule for wsd / rsqrt) and `--eval-metric` is None (the task's evaluator's default_metric: top1, map for
+multi-label) [scheduler docs, training docs].
 """
 from typing import Any, NamedTuple, Optional, Tuple
 
 __all__ = ['TIMM_TRAIN_VERSION', 'TimmOption', 'TIMM_TRAIN_OPTIONS', 'timm_defaults']
 
-TIMM_TRAIN_VERSION = '1.0.29.dev0'
+TIMM_TRAIN_VERSION = '1.0.31'
 
 
 class TimmOption(NamedTuple):
@@ -56,8 +68,12 @@ TIMM_TRAIN_OPTIONS: Tuple[TimmOption, ...] = (
     _flag('--class-map', default=''),
     _flag('--input-img-mode'),
     _flag('--input-key'),
-    _flag('--target-key'),
+    _flag('--target-key'),  # 1.0.31: comma-separated, one binary field per class [training docs]
     _switch('--dataset-trust-remote-code'),
+    # Multi-label classification (1.0.31) [changelog, class_weights.py, training docs]
+    _flag('--task', default='classification', choices=('classification', 'multilabel')),
+    _flag('--target-format', choices=('indices', 'multihot')),
+    _flag('--multilabel-threshold', type=float, default=0.5),
     # Model parameters
     _flag('--model', default='resnet50'),
     _switch('--pretrained'),
@@ -128,12 +144,18 @@ TIMM_TRAIN_OPTIONS: Tuple[TimmOption, ...] = (
     _flag('--epoch-repeats', type=float, default=0.),
     _flag('--start-epoch', type=int),
     _flag('--decay-milestones', type=int, nargs='+', default=[90, 180, 270]),
-    _flag('--decay-epochs', type=float, default=90),
+    _flag('--decay-epochs', type=float),  # 1.0.31: None [scheduler docs]
     _flag('--warmup-epochs', type=int, default=5),
     _switch('--warmup-prefix'),
     _flag('--cooldown-epochs', type=int, default=0),
     _flag('--patience-epochs', type=int, default=10),
     _flag('--decay-rate', '--dr', type=float, default=0.1),
+    # WSD / rsqrt schedules (1.0.31) [changelog, scheduler docs]
+    _flag('--lr-decay-fn'),
+    _flag('--lr-stable-timescale', type=float),
+    # Stop, milestones (1.0.31; --resume also takes 'auto') [changelog]
+    _flag('--stop-epoch', type=int),
+    _flag('--save-epochs', type=int, nargs='+'),
     # Augmentation and regularization parameters
     _switch('--no-aug'),
     _flag('--train-crop-mode'),
@@ -164,12 +186,32 @@ TIMM_TRAIN_OPTIONS: Tuple[TimmOption, ...] = (
     _flag('--mixup-switch-prob', type=float, default=0.5),
     _flag('--mixup-mode', default='batch'),
     _flag('--mixup-off-epoch', type=int, default=0),
-    _flag('--smoothing', type=float, default=0.1),
+    _flag('--smoothing', type=float, default=0.1),  # 1.0.31: 0 for multi-label [loss docs]
     _flag('--train-interpolation', default='random'),
     _flag('--drop', type=float, default=0.),
     _flag('--drop-connect', type=float),
     _flag('--drop-path', type=float),
     _flag('--drop-block', type=float),
+    # Loss (1.0.31): create_classification_loss [changelog, loss docs, class_weights.py]
+    _flag('--loss', choices=('ce', 'bce', 'asl', 'poly', 'jsd', 'twoway', 'zlpr', 'db')),
+    _flag('--class-stats'),
+    _flag('--loss-pos-weight'),
+    _flag('--loss-class-weight'),
+    _flag('--loss-weight-power', type=float, default=1.),
+    _flag('--loss-weight-beta', type=float, default=0.999),
+    _flag('--loss-weight-max', type=float),
+    _flag('--asl-gamma-pos', type=float, default=1.),
+    _flag('--asl-gamma-neg', type=float, default=4.),
+    _flag('--asl-clip', type=float, default=0.05),
+    _flag('--asl-reduction', default='batchmean'),
+    _flag('--poly-epsilon', type=float, default=2.),
+    _flag('--poly-gamma', type=float, default=0.),
+    _flag('--poly-alpha', type=float),
+    _flag('--twoway-tp', type=float, default=4.),
+    _flag('--twoway-tn', type=float, default=1.),
+    _flag('--db-neg-scale', type=float, default=2.),
+    _flag('--db-init-bias', type=float, default=0.05),
+    _flag('--db-focal-gamma', type=float, default=2.),
     # Variable-resolution training (timm 1.0.31 create_loader's scheduled input sizes)
     _flag('--train-img-sizes', type=int, nargs='+'),
     _flag('--train-batch-sizes', type=int, nargs='+'),
@@ -204,7 +246,7 @@ TIMM_TRAIN_OPTIONS: Tuple[TimmOption, ...] = (
     _switch('--no-prefetcher'),
     _flag('--output', default=''),
     _flag('--experiment', default=''),
-    _flag('--eval-metric', default='top1'),
+    _flag('--eval-metric'),  # 1.0.31: None, the task's default (top1, map) [training docs]
     _flag('--tta', type=int, default=0),
     _switch('--use-multi-epochs-loader'),
     _switch('--log-wandb'),

@@ -115,9 +115,9 @@ class DepthwiseConvCall:
 
 def dispatched_depthwise_convs(model: torch.nn.Module, input_size: Sequence[int]) -> Dict[DepthwiseConvCall, List[str]]:
     """The depthwise convs `model` sends through the conv dispatch for one (C, H, W) input, in training (as
-    built) and reparameterized (`timm.utils.reparameterize_model`, bias folded in): {call: [module names]}.
+    built) and reparameterized (`timm.models.reparameterize_model`, bias folded in): {call: [module names]}.
     Runs on the meta device (a copy of the model's structure; nothing is computed)."""
-    from timm.utils import reparameterize_model
+    from timm.models import reparameterize_model
 
     from .layers.conv import DispatchConvMixin
     from .ops.dwconv import triton_fits

@@ -8,7 +8,7 @@ SMPLargeKernel2d / SMPLargeKernel1d compute BN(SMPConv(x)) + BN(small conv(x)).
 
 Every layer here implements timm's reparameterization protocol with `fuse()`, returning a
 plain nn.Conv2d (or a CausalConv1d, an nn.Conv1d subclass that left-pads) with bias, so
-`timm.utils.reparameterize_model(model)` leaves no SMP machinery behind.
+`timm.models.reparameterize_model(model)` leaves no SMP machinery behind.
 """
 import math
 import weakref

@@ -2,7 +2,7 @@
 (`inference_mode=True`), what a model records for timm's Hugging Face format, and how a checkpoint's form
 and kernel shapes are matched to the model.
 
-A model is *deployed* when it holds no continuous-kernel layer: `timm.utils.reparameterize_model` made it, or
+A model is *deployed* when it holds no continuous-kernel layer: `timm.models.reparameterize_model` made it, or
 `timm.create_model(name, inference_mode=True)` built it. Both have the same modules, state-dict keys and
 shapes. Each continuous-kernel *branch* of a training model (an SMP large-kernel branch, a FlexConv + BN) is
 one plain conv in the deployed model, under the same module name.
@@ -122,7 +122,7 @@ class DeployableMixin:
     def deployed_kernel_sizes(self) -> List[Union[int, List[int]]]:
         """The kernel size of every continuous-kernel branch of the deployed model (an int, or [h, w])."""
         if not self.inference_mode:
-            raise ValueError('the model is not deployed: reparameterize it first (timm.utils.reparameterize_model)')
+            raise ValueError('the model is not deployed: reparameterize it first (timm.models.reparameterize_model)')
         return [kernel_size_entry(self.get_submodule(n).weight.shape[2:]) for n, _ in self._deploy_branches()]
 
     @property
@@ -183,7 +183,7 @@ def check_checkpoint_form(state_dict: Dict[str, torch.Tensor], model: nn.Module,
             raise ValueError(
                 f'the checkpoint holds the training form of {family} (continuous kernels), but the model was created '
                 f'with inference_mode=True: create it without inference_mode and reparameterize it '
-                f'(timm.utils.reparameterize_model), or deploy the checkpoint with python -m timm_smpconv.export')
+                f'(timm.models.reparameterize_model), or deploy the checkpoint with python -m timm_smpconv.export')
         model._adopt_deployed_shapes(state_dict)
     elif deployed and not training:
         raise ValueError(

@@ -165,7 +165,7 @@ class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
             block_drop_rate: dropout after the first ReLU of every block (the papers' "dropout").
             in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as every timm model.
             inference_mode: build the reparameterized (deployed) network directly, as
-                timm.utils.reparameterize_model leaves it: one plain conv with bias per branch, no BatchNorm.
+                timm.models.reparameterize_model leaves it: one plain conv with bias per branch, no BatchNorm.
             inference_kernel_sizes: with inference_mode, the deployed kernel size of the stem and of every
                 block's two branches in order (an int or [h, w]), where training decides them (FlexConv's
                 masks; SMP with crop_to_support). Default: the crops of freshly initialised masks (FlexConv),

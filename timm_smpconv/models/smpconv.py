@@ -297,7 +297,7 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
                 output; see timm_smpconv.layers.support_crop). Reparameterized, each large kernel keeps only
                 that box (a trained model's deployed kernel sizes then differ per block).
             inference_mode: build the reparameterized (deployed) network directly, as
-                timm.utils.reparameterize_model leaves it: plain convs with bias, no BatchNorm, no SMP layer.
+                timm.models.reparameterize_model leaves it: plain convs with bias, no BatchNorm, no SMP layer.
             inference_kernel_sizes: with inference_mode and crop_to_support, the deployed kernel size of every
                 large-kernel block in order (an int or [h, w]); a deployed model records them, and a checkpoint
                 loaded with pretrained=True gives them too. Without crop_to_support they are kernel_sizes.

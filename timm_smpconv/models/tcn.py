@@ -161,7 +161,7 @@ class SequenceTCN(BatchNormStatsMixin, DeployableMixin, nn.Module):
             drop_path_rate: stochastic depth on the residual branches (a timm addition, 0 by default).
             global_pool: 'last' (the classifier reads the last time step, the only pooling these models use).
             inference_mode: build the reparameterized (deployed) network directly, as
-                timm.utils.reparameterize_model leaves it: one causal conv with bias per branch, no BatchNorm.
+                timm.models.reparameterize_model leaves it: one causal conv with bias per branch, no BatchNorm.
             inference_kernel_sizes: FlexTCN with inference_mode: the deployed kernel length of every block's two
                 branches in order (their masks decide them in training; default: the crops of freshly
                 initialised masks). A deployed model records them, and a checkpoint loaded with pretrained=True
