@@ -120,11 +120,10 @@ def op_time(fn, min_run_time: float) -> float:
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
-def interleaved_times(fns: dict, warmup: int, rounds: int, clock=time.perf_counter) -> dict:
-    """Times (s) of every function in `fns`, all timed back to back in each round (in reverse order on
-    odd rounds), so load that drifts during the run hits them alike. {name: [time per round]}. `clock`:
-    time.process_time measures this process's CPU time instead (on a machine shared with other jobs, at one
-    thread, it leaves out the time other processes take)."""
+def interleaved_times(fns: dict, warmup: int, rounds: int) -> dict:
+    """Wall-clock times (s) of every function in `fns`, all timed back to back in each round (in reverse order on
+    odd rounds), so load that drifts during the run hits them alike. {name: [time per round]}. (Not the process's
+    CPU time: with several threads it is not the step time a user waits for.)"""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -132,9 +131,9 @@ def interleaved_times(fns: dict, warmup: int, rounds: int, clock=time.perf_count
     times = {k: [] for k in fns}
     for i in range(rounds):
         for k, f in items if i % 2 == 0 else items[::-1]:
-            t = clock()
+            t = time.perf_counter()
             f()
-            times[k].append(clock() - t)
+            times[k].append(time.perf_counter() - t)
     return times
 
 

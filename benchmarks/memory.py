@@ -8,18 +8,17 @@ many aten ops a training step dispatches, against timm's convnext_tiny; and what
   32 px), fp32 and under bfloat16 autocast, NCHW and channels_last; by layer type for smpconv_t.
 * Forms of our models (`model.set_recompute(enable, fft_spectra)`): 'plain' keeps every result as PyTorch's ops
   save them (the code before recompute), 'pointwise' recomputes BatchNorm / ReLU / GELU / dropout / sum results
-  from the conv outputs in the backward (the ImageNet models' default), 'lean' also drops the FFT spectra.
+  from the conv outputs in the backward (the memory saving, off by default), 'lean' also drops the FFT spectra.
 * aten ops of forward + loss + backward (`count_aten_ops`), batch 8 (32 px CIFAR, 224 px ImageNet); the CIFAR
   models also as before the batched kernel generation ('per-layer kernels').
-* Step time: forward + backward + SGD step of the code before (every result kept, each FlexNet layer generating
-  its own kernel), the default and the lean form, interleaved in one process (median of per-round ratios to
-  'before'), smpconv_t at batch 8 / 224 px, the CIFAR models at batch 64 / 32 px; the process's CPU time
-  (time.process_time), which other jobs on a shared machine do not inflate: run it at --threads 1.
+* Step time: forward + backward + SGD step of each form by the wall clock, interleaved in one process with a
+  baseline (median of per-round ratios): smpconv_t at batch 8 / 224 px against convnext_tiny, the CIFAR models at
+  batch 64 / 32 px against their kernels generated layer by layer (the code before the batched generation). Wall
+  clock, not the process's CPU time: with two threads CPU time is not step time. Run it on a quiet machine.
 Writes benchmarks/results/memory.md.
 """
 import contextlib
 import statistics
-import time
 from unittest import mock
 
 import timm
@@ -135,7 +134,7 @@ def op_table(smoke: bool):
             forms = [('per-layer kernels (before)', 'per-layer'), ('default (batched kernels)', None),
                      ('pointwise recompute', (True, False))]
         elif name == 'smpconv_t':
-            forms = [('plain', (False, False)), ('default (pointwise recompute)', (True, False))]
+            forms = [('default (plain)', (False, False)), ('pointwise recompute', (True, False))]
         for label, form in forms:
             if isinstance(form, tuple):
                 model.set_recompute(*form)
@@ -151,26 +150,30 @@ def op_table(smoke: bool):
 
 
 def timing_table(smoke: bool, rounds: int):
-    """Step time of the code before this work ('before': every result kept, each FlexNet layer generating its own
-    kernel) against the default and the lean form, interleaved in one process."""
-    table = ['| model | memory format | before s | default / before | lean / before |', '|---|---|---|---|---|']
+    """Training-step time of each form, by the wall clock, interleaved in one process with the model's baseline
+    (smpconv_t: timm's convnext_tiny; the FlexNets: their kernels generated layer by layer, the code before the
+    batched generation), median of the per-round ratios."""
+    table = ['| model | memory format | default s | baseline | default / baseline | pointwise / baseline | '
+             'lean / baseline | pointwise / default | lean / default |', '|---|---|---|---|---|---|---|---|---|']
     for name, fmt, batch in [('smpconv_t', 'nchw', 8), ('smpconv_t', 'channels_last', 8), ('smp_flexnet_16', 'nchw', 64),
                              ('flexnet_16', 'nchw', 64), ('flexnet_16@grown', 'nchw', 64)]:
-        model = _model(name, smoke)
+        cifar = name.split('@')[0] in CIFAR_ARCHS
+        base_name = name if cifar else 'convnext_tiny'
+        models = {name: _model(name, smoke)}
+        if not cifar:
+            models[base_name] = _model(base_name, smoke)
         x = _input(name, 2 if smoke else batch, smoke, fmt == 'channels_last')
         if fmt == 'channels_last':
-            model = model.to(memory_format=torch.channels_last)
+            models = {k: m.to(memory_format=torch.channels_last) for k, m in models.items()}
         y = torch.randint(0, 10, (x.shape[0],))
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6)
-        cifar = name.split('@')[0] in CIFAR_ARCHS
-        forms = {'before': (FORMS['plain'], cifar), 'default': (FORMS['plain' if cifar else 'pointwise'], False),
-                 'lean': (FORMS['lean'], False)}
+        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-6) for k, m in models.items()}
 
-        def step(form):
-            recompute, per_layer = forms[form]
+        def step(key, recompute=None, per_layer=False):
+            model, opt = models[key], opts[key]
 
             def run():
-                model.set_recompute(*recompute)
+                if recompute is not None:
+                    model.set_recompute(*recompute)
                 opt.zero_grad(set_to_none=True)
                 with mock.patch('timm_smpconv.models.flexnet.batched_kernels', _PerLayer) if per_layer \
                         else contextlib.nullcontext():
@@ -178,10 +181,16 @@ def timing_table(smoke: bool, rounds: int):
                 opt.step()
             return run
 
-        t = interleaved_times({f: step(f) for f in forms}, 1, rounds, clock=time.process_time)
-        ratio = {f: statistics.median(a / b for a, b in zip(t[f], t['before'])) for f in ('default', 'lean')}
-        table.append(f"| {name} | {fmt} | {statistics.median(t['before']):.3f} | {ratio['default']:.3f}x | "
-                     f"{ratio['lean']:.3f}x |")
+        fns = {'baseline': step(base_name, FORMS['plain'], per_layer=True) if cifar else step(base_name),
+               **{f: step(name, FORMS[f]) for f in ('plain', 'pointwise', 'lean')}}
+        t = interleaved_times(fns, 1, rounds)
+
+        def ratio(a, b):
+            return statistics.median(x / y for x, y in zip(t[a], t[b]))
+        base_label = 'per-layer kernels' if cifar else 'convnext_tiny'
+        table.append(f"| {name} | {fmt} | {statistics.median(t['plain']):.3f} | {base_label} | "
+                     f"{ratio('plain', 'baseline'):.2f}x | {ratio('pointwise', 'baseline'):.2f}x | "
+                     f"{ratio('lean', 'baseline'):.2f}x | {ratio('pointwise', 'plain'):.3f}x | {ratio('lean', 'plain'):.3f}x |")
         print(table[-1], flush=True)
     return table
 
@@ -202,8 +211,8 @@ def main(argv=None):
              '## Kept for the backward, MiB per image (batch 4, 224 px)', '',
              'Unique storages saved by the autograd graph of one training forward, parameters excluded, divided by '
              'the batch (what is kept once per step, such as autocast\'s bf16 weight copies and FFT kernel spectra, '
-             'included). Forms: plain = every result kept (before); pointwise = BatchNorm / ReLU / GELU outputs '
-             'recomputed from the conv outputs in the backward (the default of the SMPConv models); lean = pointwise '
+             'included). Forms: plain = every result kept (the default); pointwise = BatchNorm / ReLU / GELU outputs '
+             'recomputed from the conv outputs in the backward (the memory saving: `set_recompute(True)`); lean = pointwise '
              'and the FFT convs\' input spectra dropped (`set_recompute(True, fft_spectra=True)`).', ''] + table + [
              '', '## By layer type: smpconv_t and convnext_tiny, fp32 NCHW, MiB per image', '',
              'Bytes attributed to the innermost module running when a storage was first saved.', ''] + breakdown + [
@@ -212,10 +221,11 @@ def main(argv=None):
              'FFT convs). Their default is plain: the FFT spectra are most of what they keep.', ''] + cifar + [
              '', '## aten ops per training step (batch 8; CIFAR at 32 px, ImageNet at 224 px)', '',
              'Targets: flexnet_16 <= 2,000, smp_flexnet_16 <= 900.', ''] + ops + [
-             '', f'## Training step time by form (interleaved, median of {rounds} per-round ratios)', '',
-             'Forward + backward + SGD step, CPU seconds of the process; smpconv_t at batch 8, the CIFAR models at '
-             'batch 64. before = every result kept and (FlexNet) each layer generating its own kernel, as the code '
-             'before; default = pointwise recompute for smpconv_t, batched kernels for the FlexNets; lean = '
+             '', f'## Training step time by form (wall clock, interleaved, median of {rounds} per-round ratios)', '',
+             'Forward + backward + SGD step, timed by the wall clock with the baseline in the same rounds (smpconv_t '
+             'at batch 8 against convnext_tiny; the CIFAR models at batch 64 against their own code before the '
+             'batched kernel generation, every layer generating its kernel). default = every result kept (the '
+             'models\' default: `set_recompute(False)`); pointwise = the memory saving, `set_recompute(True)`; lean = '
              '`set_recompute(True, fft_spectra=True)`.', ''] + timing
     print(f'wrote {write_results(args.out, lines)}')
 

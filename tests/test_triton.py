@@ -132,3 +132,37 @@ def test_triton_dispatch_leaves_float32_without_tf32_to_other_backends(triton_de
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
             assert select_conv_backend(x, w, 1, 4) != 'triton'
             assert select_conv_backend(x.half(), w.half(), 1, 4) == 'triton'
+
+
+def test_tuned_launch_settings_are_used_and_keep_results(triton_device):
+    """`set_launch_configs` (what benchmarks/triton_sweep.py finds on a GPU) replaces the rules for its shapes only,
+    in every pass, and the results stay exact; malformed settings are refused with the entry named."""
+    from timm_smpconv.ops import triton_dwconv as k
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 6, 20, generator=g, dtype=torch.float64).to(triton_device).requires_grad_()
+    wt = torch.randn(2, 1, 5, 7, generator=g, dtype=torch.float64).to(triton_device).requires_grad_()
+    gy = torch.randn(3, 2, 6, 20, generator=g, dtype=torch.float64).to(triton_device)
+    tuned = {k.launch_key('forward', x, 5, 7): dict(block_h=4, imgs=4, num_warps=2),
+             k.launch_key('input_grad', x, 5, 7): dict(block_h=16, imgs=1),
+             k.launch_key('weight_grad', x, 5, 7): dict(block_m=16, programs=4, num_warps=2)}
+    assert list(tuned)[0] == 'forward:float64:nchw:2x6x20:5x7'
+    prev = k.set_launch_configs(tuned)
+    try:
+        fwd = k.forward_launch(x, wt, None, torch.empty_like(x))
+        assert (fwd.kwargs['BLOCK_H'], fwd.kwargs['IMGS'], fwd.kwargs['num_warps']) == (4, 4, 2)
+        assert fwd.grid[0] == 2  # 3 images, 4 per program: one program per channel
+        wg = k.weight_grad_launch(gy, x, 5, 7)
+        assert (wg.kwargs['BLOCK_M'], wg.kwargs['num_warps'], wg.grid) == (16, 2, (2, 5, 1))
+        other = torch.randn(1, 2, 6, 20, dtype=torch.float64).to(triton_device)[:, :, :5]  # another shape: the rules
+        assert k.forward_launch(other, wt, None, torch.empty_like(other)).kwargs['BLOCK_H'] == 8
+        y = triton_dwconv2d(x, wt, None)
+        ref = _reference(x, wt, None)
+        torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+        for a, e in zip(torch.autograd.grad(y, (x, wt), gy), torch.autograd.grad(ref, (x, wt), gy)):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    finally:
+        k.set_launch_configs(prev)
+    for bad, msg in (({'forward:x': dict(block_h=3)}, 'power of two'), ({'forward:x': dict(block_m=16)}, 'unknown'),
+                     ({'sideways:x': {}}, 'bad entry')):
+        with pytest.raises(ValueError, match=msg):
+            k.set_launch_configs(bad)

@@ -19,8 +19,8 @@ Two measures, one rule ("a BatchNorm's running statistics start as the statistic
 * `BatchNormStatsMixin`: the first training step's forward (training mode, autograd on) sets them again from its
   batch (one extra forward without gradients, once; forwards without autograd, such as a re-estimation of the
   statistics with fvcore's PreciseBN, leave it pending), so the statistics match the data's resolution and
-  distribution, not the probe's. An EMA that copies the model at its first update (ModelEmaV3 updated with `step`, as timm's trainers
-  do) starts from them too. Loading a state dict that holds running statistics (a checkpoint, pretrained weights,
+  distribution, not the probe's. An EMA that copies the model at its first update (ModelEmaV3 updated with
+  `step`, as timm's trainers do) starts from them too. Loading a state dict that holds running statistics (a checkpoint, pretrained weights,
   a resume) ends it: those statistics are real. Skipped under torch.compile, torch.export, TorchScript, jit and fx
   tracing (graphs see a plain model; a compiled run keeps the creation probe's statistics).
 """
@@ -30,7 +30,9 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ['BatchNormStatsMixin', 'init_bn_running_stats_']
+__all__ = ['BN_MOMENTUM', 'BatchNormStatsMixin', 'init_bn_running_stats_']
+
+BN_MOMENTUM = 0.1  # our models' BatchNorm momentum unless bn_momentum= is given (see BatchNormStatsMixin)
 
 _STAT_NAMES = ('running_mean', 'running_var')
 
@@ -84,9 +86,15 @@ class BatchNormStatsMixin:
     nn.Module): its __init__ calls `_init_bn_stats(probe)` last, and its forward paths call
     `self._first_batch_bn_stats(x)` first (`if not torch.jit.is_scripting()`)."""
 
-    def _init_bn_stats(self, probe_shape: Optional[tuple]):
+    def _init_bn_stats(self, probe_shape: Optional[tuple], momentum: Optional[float] = None, eps: Optional[float] = None):
         """probe_shape: (batch, channels, *spatial) of the creation probe (random normal values, a fixed seed), or
-        None for no probe. Models on the meta device, and models without BatchNorm (deployed), are left alone."""
+        None for no probe. Models on the meta device, and models without BatchNorm (deployed), are left alone.
+        momentum, eps: every BatchNorm's (timm's `bn_momentum` / `bn_eps` model arguments, which timm's train.py
+        passes for --bn-momentum / --bn-eps); momentum defaults to BN_MOMENTUM, eps stays each layer's."""
+        for bn in _tracked_bns(self):
+            bn.momentum = BN_MOMENTUM if momentum is None else momentum
+            if eps is not None:
+                bn.eps = eps
         self._bn_stats_from_first_batch = False  # (not during the probe's own forward)
         self.register_load_state_dict_post_hook(_stats_loaded)
         if not _tracked_bns(self):

@@ -146,6 +146,8 @@ class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
             drop_path_rate: float = 0.,
             inference_mode: bool = False,
             inference_kernel_sizes: Optional[Sequence[Union[int, Sequence[int]]]] = None,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             device=None,
             dtype=None,
     ):
@@ -164,6 +166,10 @@ class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
                 dict(mask_init=0.1) or dict(radius=0.18).
             block_drop_rate: dropout after the first ReLU of every block (the papers' "dropout").
             in_chans, num_classes, global_pool, drop_rate, drop_path_rate: as every timm model.
+            bn_momentum, bn_eps: every BatchNorm's momentum (default timm_smpconv.layers.bn_stats.BN_MOMENTUM) and
+                eps (default each layer's, 1e-5), as timm's bn_momentum / bn_eps model arguments. BatchNorm running
+                statistics start from the network's own (a probe at creation, then the first training batch:
+                timm_smpconv.layers.bn_stats), not from 0 / 1.
             inference_mode: build the reparameterized (deployed) network directly, as
                 timm.models.reparameterize_model leaves it: one plain conv with bias per branch, no BatchNorm.
             inference_kernel_sizes: with inference_mode, the deployed kernel size of the stem and of every
@@ -250,7 +256,7 @@ class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.num_features = self.head_hidden_size = prev
         self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights()
-        self._init_bn_stats((1, in_chans, img_size, img_size))  # BatchNorm statistics from a probe at img_size
+        self._init_bn_stats((1, in_chans, img_size, img_size), bn_momentum, bn_eps)  # (layers/bn_stats.py)
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:

@@ -276,6 +276,8 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
             crop_to_support: bool = False,
             inference_mode: bool = False,
             inference_kernel_sizes: Optional[Sequence[Union[int, Sequence[int]]]] = None,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             device=None,
             dtype=None,
     ):
@@ -296,6 +298,10 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
             crop_to_support: render/convolve SMP kernels only over their support's bounding box (same
                 output; see timm_smpconv.layers.support_crop). Reparameterized, each large kernel keeps only
                 that box (a trained model's deployed kernel sizes then differ per block).
+            bn_momentum, bn_eps: every BatchNorm's momentum (default timm_smpconv.layers.bn_stats.BN_MOMENTUM) and
+                eps (default each layer's, 1e-5), as timm's bn_momentum / bn_eps model arguments. BatchNorm running
+                statistics start from the network's own (a probe at creation, then the first training batch:
+                timm_smpconv.layers.bn_stats), not from 0 / 1.
             inference_mode: build the reparameterized (deployed) network directly, as
                 timm.models.reparameterize_model leaves it: plain convs with bias, no BatchNorm, no SMP layer.
             inference_kernel_sizes: with inference_mode and crop_to_support, the deployed kernel size of every
@@ -326,7 +332,7 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.drop_rate = drop_rate
-        self.recompute = True  # set_recompute
+        self.recompute = False  # set_recompute: keep less for the backward, at a slower step (off by default)
         self.recompute_fft_spectra = False
         self.kernel_sizes = tuple(kernel_sizes)
         self.n_points = tuple(n_points)
@@ -358,7 +364,7 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.head = NormClassifierHead(
             prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, inference_mode=im, **dd)
         self.apply(self._init_weights)
-        self._init_bn_stats((1, in_chans, 128, 128))  # BatchNorm statistics from a (cheap) probe
+        self._init_bn_stats((1, in_chans, 128, 128), bn_momentum, bn_eps)  # (layers/bn_stats.py)
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:
@@ -462,12 +468,15 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
 
     @torch.jit.ignore
     def set_recompute(self, enable: bool = True, fft_spectra: bool = False):
-        """What the training forward keeps for the backward (docs/performance.md, training memory).
+        """What the training forward keeps for the backward (docs/performance.md, training memory), as timm's
+        `set_grad_checkpointing` a switch that trades step time for memory; off on a new model.
 
-        enable (default on): BatchNorm, ReLU and GELU outputs are recomputed in the backward from the conv outputs
-            kept anyway instead of being kept (`timm_smpconv.layers.recompute`). Outputs and gradients are unchanged.
-        fft_spectra (default off): the large-kernel FFT convs also keep only their input, not its float32 spectrum;
-            the backward transforms it again: less memory, a slower step on CPU.
+        enable: BatchNorm, ReLU and GELU outputs are recomputed in the backward from the conv outputs kept anyway
+            instead of being kept (`timm_smpconv.layers.recompute`): smpconv_t keeps 1.13x convnext_tiny's bytes per
+            image instead of 2.0x (fp32; 1.28x instead of 1.96x in bf16), for a slower step (benchmarks/results/
+            memory.md). Outputs and gradients are unchanged.
+        fft_spectra: with enable, the large-kernel FFT convs also keep only their input, not its float32 spectrum;
+            the backward transforms it again: less memory still, a slower step.
         """
         self.recompute = enable
         self.recompute_fft_spectra = fft_spectra

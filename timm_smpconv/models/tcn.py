@@ -142,6 +142,8 @@ class SequenceTCN(BatchNormStatsMixin, DeployableMixin, nn.Module):
             drop_path_rate: float = 0.,
             inference_mode: bool = False,
             inference_kernel_sizes: Optional[List[int]] = None,
+            bn_momentum: Optional[float] = None,
+            bn_eps: Optional[float] = None,
             device=None,
             dtype=None,
     ):
@@ -160,6 +162,10 @@ class SequenceTCN(BatchNormStatsMixin, DeployableMixin, nn.Module):
             in_chans, num_classes, drop_rate: as every timm model.
             drop_path_rate: stochastic depth on the residual branches (a timm addition, 0 by default).
             global_pool: 'last' (the classifier reads the last time step, the only pooling these models use).
+            bn_momentum, bn_eps: every BatchNorm's momentum (default timm_smpconv.layers.bn_stats.BN_MOMENTUM) and
+                eps (default each layer's, 1e-5), as timm's bn_momentum / bn_eps model arguments. BatchNorm running
+                statistics start from the network's own (a probe at creation, then the first training batch:
+                timm_smpconv.layers.bn_stats), not from 0 / 1.
             inference_mode: build the reparameterized (deployed) network directly, as
                 timm.models.reparameterize_model leaves it: one causal conv with bias per branch, no BatchNorm.
             inference_kernel_sizes: FlexTCN with inference_mode: the deployed kernel length of every block's two
@@ -224,7 +230,7 @@ class SequenceTCN(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(width, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self._init_weights()
-        self._init_bn_stats((1, in_chans, seq_len))  # BatchNorm statistics from a probe of seq_len steps
+        self._init_bn_stats((1, in_chans, seq_len), bn_momentum, bn_eps)  # (layers/bn_stats.py)
 
     @torch.no_grad()
     def _init_weights(self):

@@ -22,14 +22,16 @@ atomics; reducing the diagonals in the kernel, one block-wide sum per tap, made 
 Inputs may be NCHW or channels_last (any strides: no layout copies); accumulation is float32 (float64 for
 float64 inputs); outputs take the input's dtype.
 """
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+import json
+import os
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ['KernelLaunch', 'dwconv2d_forward', 'dwconv2d_input_grad', 'dwconv2d_weight_grad', 'forward_launch',
-           'weight_grad_launch']
+__all__ = ['KernelLaunch', 'LAUNCH_SETTINGS', 'dwconv2d_forward', 'dwconv2d_input_grad', 'dwconv2d_weight_grad',
+           'forward_launch', 'launch_key', 'set_launch_configs', 'weight_grad_launch']
 
 
 # Shapes (and, in the kernel gradient, the kernel size) and the bias flag are runtime arguments and not specialized
@@ -145,6 +147,69 @@ def _launch_options(block_w: int, win: int, arch: Optional[int]) -> Dict[str, in
     return options
 
 
+# Launch settings per pass and conv shape, found by timing on a GPU (`python benchmarks/triton_sweep.py` writes them as
+# JSON); a shape without an entry gets the rules below. Keys: `launch_key`; values: a dict of the pass's settings
+# (forward and input grad: block_h, imgs, num_warps, num_stages; kernel grad: block_m, programs, num_warps,
+# num_stages). Set with `set_launch_configs(path or dict)` or the TIMM_SMPCONV_TRITON_CONFIGS environment variable
+# (a JSON file, read when this module is first imported).
+LAUNCH_SETTINGS = {
+    'forward': ('block_h', 'imgs', 'num_warps', 'num_stages'),
+    'input_grad': ('block_h', 'imgs', 'num_warps', 'num_stages'),
+    'weight_grad': ('block_m', 'programs', 'num_warps', 'num_stages'),
+}
+_CONFIGS: Dict[str, Dict[str, int]] = {}
+
+
+def launch_key(pass_name: str, x: torch.Tensor, kh: int, kw: int) -> str:
+    """'pass:dtype:layout:CxHxW:khxkw', e.g. 'forward:bfloat16:channels_last:96x56x56:31x31' (the batch is not part
+    of the key: settings are tuned at one batch and serve every batch)."""
+    layout = 'channels_last' if x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1 else 'nchw'
+    return f'{pass_name}:{str(x.dtype).replace("torch.", "")}:{layout}:{"x".join(map(str, x.shape[1:]))}:{kh}x{kw}'
+
+
+def _check_setting(key: str, name: str, value) -> int:
+    pow2 = name in ('block_h', 'imgs', 'block_m')
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (pow2 and value & (value - 1)):
+        raise ValueError(f'Triton launch setting {key} {name}={value!r}: must be a positive int'
+                         + (' and a power of two' if pow2 else ''))
+    return value
+
+
+def set_launch_configs(configs: Union[None, str, os.PathLike, Dict[str, Dict[str, int]]]) -> Dict[str, Dict[str, int]]:
+    """Use these launch settings (a dict as `LAUNCH_SETTINGS` describes, or the path of a JSON file holding one);
+    None clears them. Returns the previous settings. Unknown passes or settings raise ValueError."""
+    global _CONFIGS
+    if configs is not None and not isinstance(configs, dict):
+        with open(configs) as f:
+            configs = json.load(f)
+    checked = {}
+    for key, settings in (configs or {}).items():
+        pass_name = key.split(':', 1)[0]
+        if pass_name not in LAUNCH_SETTINGS or not isinstance(settings, dict):
+            raise ValueError(f'Triton launch settings: bad entry {key!r}: keys are launch_key() strings of the passes '
+                             f'{sorted(LAUNCH_SETTINGS)}, values dicts of settings')
+        unknown = set(settings) - set(LAUNCH_SETTINGS[pass_name])
+        if unknown:
+            raise ValueError(f'Triton launch settings {key}: unknown {sorted(unknown)} (a {pass_name} launch takes '
+                             f'{", ".join(LAUNCH_SETTINGS[pass_name])})')
+        checked[key] = {k: _check_setting(key, k, v) for k, v in settings.items()}
+    prev, _CONFIGS = _CONFIGS, checked
+    return prev
+
+
+if os.environ.get('TIMM_SMPCONV_TRITON_CONFIGS'):
+    set_launch_configs(os.environ['TIMM_SMPCONV_TRITON_CONFIGS'])
+
+
+def _settings(pass_name: str, x: torch.Tensor, kh: int, kw: int, config: Optional[Dict[str, int]]) -> Dict[str, int]:
+    return dict(config) if config is not None else _CONFIGS.get(launch_key(pass_name, x, kh, kw), {})
+
+
+def _with_options(options: Dict[str, int], cfg: Dict[str, int]) -> Dict[str, int]:
+    options.update({k: cfg[k] for k in ('num_warps', 'num_stages') if k in cfg})
+    return options
+
+
 def _arch(x: torch.Tensor, arch: Optional[int]) -> Optional[int]:
     """The compute capability the launch is for: given (ahead-of-time compiles), else x's CUDA device's."""
     if arch is None and x.device.type == 'cuda':
@@ -177,52 +242,64 @@ class KernelLaunch(NamedTuple):
 
 
 def forward_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], y: torch.Tensor,
-                   arch: Optional[int] = None) -> KernelLaunch:
+                   arch: Optional[int] = None, pass_name: str = 'forward',
+                   config: Optional[Dict[str, int]] = None) -> KernelLaunch:
     """The launch of `dwconv2d_forward` for input x, contiguous weight (C, 1, kh, kw), bias and output y, on
-    x's device or (`arch`, e.g. 90) for that compute capability."""
+    x's device or (`arch`, e.g. 90) for that compute capability. Settings: `config`, else the tuned ones for
+    (`pass_name`, x, kernel) if any (`set_launch_configs`), else the rules: rows of the map per program up to 32,
+    images per program filling 32 rows, `_launch_options`."""
     n, c, h, w = x.shape
     kh, kw = weight.shape[-2], weight.shape[-1]
+    cfg = _settings(pass_name, x, kh, kw, config)
     block_w, win = _col_tiles(kw)
-    block_h = min(_next_pow2(h), 32)
-    imgs = max(1, 32 // block_h)
+    block_h = cfg.get('block_h', min(_next_pow2(h), 32))
+    imgs = cfg.get('imgs', max(1, 32 // block_h))
+    if imgs * block_h < 16:
+        raise ValueError(f'Triton forward launch: imgs * block_h must be at least 16 (tl.dot), got {imgs} * {block_h}')
     grid = (triton.cdiv(n, imgs) * c, triton.cdiv(h, block_h), triton.cdiv(w, block_w))
     return KernelLaunch(_dw_fwd_kernel, grid, (
         x, weight, bias if bias is not None else weight, y,
         n, c, h, w, int(bias is not None), *x.stride(), *y.stride()), dict(
         KH=kh, KW=kw, IMGS=imgs, BLOCK_H=block_h, BLOCK_W=block_w, WIN=win,
-        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win, _arch(x, arch))))
+        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
+        **_with_options(_launch_options(block_w, win, _arch(x, arch)), cfg)))
 
 
-def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None) -> torch.Tensor:
+def dwconv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, out=None, pass_name: str = 'forward') -> torch.Tensor:
     """y = F.conv2d(x, weight, bias, padding=(kh // 2, kw // 2), groups=C), written to `out` (any strides)
     or to a new tensor in x's dtype and layout. weight (C, 1, kh, kw) and x share a dtype; bias (C,) or None."""
     y = torch.empty_like(x) if out is None else out
-    forward_launch(x, weight.contiguous(), bias, y)()
+    forward_launch(x, weight.contiguous(), bias, y, pass_name=pass_name)()
     return y
 
 
 def dwconv2d_input_grad(gy: torch.Tensor, weight: torch.Tensor, out=None) -> torch.Tensor:
     """The input gradient of `dwconv2d_forward`: the forward on gy with the kernel rotated 180 degrees."""
-    return dwconv2d_forward(gy, weight.flip(-2, -1), out=out)
+    return dwconv2d_forward(gy, weight.flip(-2, -1), out=out, pass_name='input_grad')
 
 
-def weight_grad_launch(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int, arch: Optional[int] = None) -> KernelLaunch:
+def weight_grad_launch(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int, arch: Optional[int] = None,
+                       config: Optional[Dict[str, int]] = None) -> KernelLaunch:
     """The launch of `dwconv2d_weight_grad`; its output, the per-slice product tiles (splits, C, kh, BLOCK_W, WIN)
-    in float32, is args[2] (allocated here, on x's device)."""
+    in float32, is args[2] (allocated here, on x's device). Settings as `forward_launch`'s; the rules: row
+    blocks of 32, about 2048 programs."""
     n, c, h, w = x.shape
+    cfg = _settings('weight_grad', x, kh, kw, config)
     block_w, win = _col_tiles(kw)
-    block_m = 32
+    block_m = cfg.get('block_m', 32)
+    if block_m < 16:
+        raise ValueError(f'Triton kernel-grad launch: block_m must be at least 16 (tl.dot), got {block_m}')
     rows = n * h
     # enough programs to fill a large GPU (about 2048) without splitting below one row block each
-    splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(2048, c * kh)))
+    splits = max(1, min(triton.cdiv(rows, block_m), triton.cdiv(cfg.get('programs', 2048), c * kh)))
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_m) * block_m
     splits = triton.cdiv(rows, rows_per_split)
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     partial = torch.empty(splits, c, kh, block_w, win, device=x.device, dtype=acc_dtype)
     return KernelLaunch(_dw_wgrad_kernel, (c, kh, splits), (
         x, gy, partial, n, c, h, w, kh, kw, rows_per_split, *x.stride(), *gy.stride()), dict(
-        BLOCK_M=block_m, BLOCK_W=block_w, WIN=win,
-        ACC=_acc(x.dtype), PRECISION=_precision(x.dtype), **_launch_options(block_w, win, _arch(x, arch))))
+        BLOCK_M=block_m, BLOCK_W=block_w, WIN=win, ACC=_acc(x.dtype), PRECISION=_precision(x.dtype),
+        **_with_options(_launch_options(block_w, win, _arch(x, arch)), cfg)))
 
 
 def dwconv2d_weight_grad(gy: torch.Tensor, x: torch.Tensor, kh: int, kw: int) -> torch.Tensor:

@@ -1,0 +1,188 @@
+""" BatchNorm running statistics that start from the network's own (timm_smpconv.layers.bn_stats): the creation
+probe, the first training batch, loaded statistics kept, an EMA that copies the model at its first update, and graphs
+(compile, fx) that see the plain model. """
+import copy
+
+import pytest
+import timm
+import torch
+from timm.utils import ModelEmaV3
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import timm_smpconv  # noqa: F401
+from timm_smpconv.layers import bn_stats
+from timm_smpconv.layers.bn_stats import init_bn_running_stats_
+
+pytestmark = pytest.mark.usefixtures('one_thread')
+
+# one small model per family, with its input shape (batch 4)
+SMALL = {
+    'smpconv_mobile31': (dict(layers=(1, 1, 1, 1), channels=(8, 16, 16, 16), kernel_sizes=(7, 5, 5, 3), small_kernel_size=3, num_classes=5),
+                         (4, 3, 64, 64)),
+    'flexnet_16': (dict(widths=(8, 8), stem_width=8, img_size=16, num_classes=5), (4, 3, 16, 16)),
+    'smp_flexnet_16': (dict(widths=(8, 8), stem_width=8, img_size=16, num_classes=5), (4, 3, 16, 16)),
+    'ckcnn_16': (dict(widths=(8, 8), stem_width=8, img_size=16, num_classes=5), (4, 3, 16, 16)),
+    'smp_tcn': (dict(depth=2, width=8, seq_len=64, num_classes=5), (4, 1, 64)),
+}
+
+
+def _bns(model):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+
+
+def _input_stats(model, x, rng_state=None):
+    """(mean, unbiased variance) per channel of every BatchNorm's input in a training-mode forward of x, read by
+    hooks (the reference, independent of BatchNorm's own bookkeeping), on a copy of the model, dropout drawing from
+    `rng_state` (default: the current state); the global RNG is restored after."""
+    model = copy.deepcopy(model)
+    model._bn_stats_from_first_batch = False
+    stats, hooks = {}, []
+    for n, bn in _bns(model):
+        def hook(mod, inp, n=n):
+            x = inp[0].detach().transpose(0, 1).flatten(1)
+            stats[n] = (x.mean(1), x.var(1))
+        hooks.append(bn.register_forward_pre_hook(hook))
+    state = torch.random.get_rng_state()
+    if rng_state is not None:
+        torch.random.set_rng_state(rng_state)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    torch.random.set_rng_state(state)
+    return stats
+
+
+def _assert_stats(model, stats, rtol=1e-4):
+    for n, bn in _bns(model):
+        mean, var = stats[n]
+        torch.testing.assert_close(bn.running_var, var, rtol=rtol, atol=1e-7 * float(var.max()), msg=n)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=rtol, atol=1e-5 * float(var.max()) ** 0.5, msg=n)
+
+
+@pytest.mark.parametrize('name', sorted(SMALL))
+def test_creation_probe_sets_running_stats_and_nothing_else(name, monkeypatch):
+    """At creation every BatchNorm holds the statistics of its input on the fixed probe, not PyTorch's 0 / 1; the
+    parameters and the global RNG afterwards are those of a creation without the probe."""
+    kwargs, shape = SMALL[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs)
+    rng_state = torch.random.get_rng_state()  # what the probe's dropout drew from
+    after = torch.randn(3)
+    probe = torch.randn((1,) + shape[1:], generator=torch.Generator().manual_seed(0))
+    if name == 'smpconv_mobile31':
+        probe = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    fresh = copy.deepcopy(model)
+    for _, bn in _bns(fresh):
+        bn.reset_running_stats()
+    _assert_stats(model, _input_stats(fresh, probe, rng_state))
+    assert all(int(bn.num_batches_tracked) == 0 for _, bn in _bns(model))
+    assert not any(torch.allclose(bn.running_var, torch.ones_like(bn.running_var)) for _, bn in _bns(model))
+
+    monkeypatch.setattr(bn_stats, 'init_bn_running_stats_', lambda *a, **k: 0)
+    torch.manual_seed(0)
+    plain = timm.create_model(name, **kwargs)
+    assert torch.equal(torch.randn(3), after)
+    for (k, p), q in zip(model.named_parameters(), plain.parameters()):
+        assert torch.equal(p, q), k
+
+
+@pytest.mark.parametrize('name', ['smpconv_mobile31', 'smp_flexnet_16', 'smp_tcn'])
+def test_first_training_batch_sets_running_stats(name):
+    """The first training step's forward sets every BatchNorm's statistics to its batch's (then BatchNorm's own
+    momentum update of the same batch leaves them there); later steps move them by the momentum as usual."""
+    kwargs, shape = SMALL[name]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).train()
+    x = torch.randn(shape) * 3 + 1
+    expected = _input_stats(model, x)
+    model(x).sum().backward()
+    _assert_stats(model, expected)
+    assert model._bn_stats_from_first_batch is False
+    before = {n: bn.running_var.clone() for n, bn in _bns(model)}
+    x2 = torch.randn(shape)
+    second = _input_stats(model, x2)
+    model(x2).sum().backward()
+    for n, bn in _bns(model):
+        torch.testing.assert_close(bn.running_var, 0.9 * before[n] + 0.1 * second[n][1], rtol=1e-4, atol=1e-8)
+
+
+def test_forwards_without_autograd_or_in_eval_leave_it_pending():
+    """Evaluation and re-estimation (PreciseBN runs training-mode forwards without autograd) do not use it up."""
+    kwargs, shape = SMALL['smpconv_mobile31']
+    model = timm.create_model('smpconv_mobile31', **kwargs)
+    created = [bn.running_var.clone() for _, bn in _bns(model)]
+    with torch.no_grad():
+        model.eval()(torch.randn(shape))
+        model.train()
+        from timm_smpconv._fvcore import update_bn_stats
+        update_bn_stats(model, [torch.randn(shape)], num_iters=1)
+    assert model._bn_stats_from_first_batch is True
+    model.eval()(torch.randn(shape)).sum().backward()
+    assert model._bn_stats_from_first_batch is True
+    assert not all(torch.equal(a, bn.running_var) for a, (_, bn) in zip(created, _bns(model)))  # PreciseBN ran
+
+
+def test_loaded_statistics_are_kept():
+    """A state dict's statistics (a checkpoint, pretrained weights, a resume) are real ones: the first batch only moves
+    them by BatchNorm's momentum."""
+    kwargs, shape = SMALL['smpconv_mobile31']
+    model = timm.create_model('smpconv_mobile31', **kwargs)
+    sd = model.state_dict()
+    for k in sd:
+        if k.endswith('running_var'):
+            sd[k] = torch.full_like(sd[k], 7.0)
+    model.load_state_dict(sd)
+    assert model._bn_stats_from_first_batch is False
+    x = torch.randn(shape)
+    stats = _input_stats(model, x)
+    model.train()(x).sum().backward()
+    for n, bn in _bns(model):
+        torch.testing.assert_close(bn.running_var, 0.9 * 7.0 + 0.1 * stats[n][1], rtol=1e-4, atol=1e-6)
+
+
+def test_ema_updated_with_step_starts_from_the_first_batch():
+    """timm's ModelEmaV3, updated with the step as timm's train.py and timm.task do, copies the model at step 1: its
+    statistics are the first batch's, not 1.0 (nor the creation probe's)."""
+    kwargs, shape = SMALL['smpconv_mobile31']
+    torch.manual_seed(0)
+    model = timm.create_model('smpconv_mobile31', **kwargs)
+    ema = ModelEmaV3(model, decay=0.998)
+    x = torch.randn(shape) * 2
+    expected = _input_stats(model, x)
+    model.train()(x).sum().backward()
+    ema.update(model, step=1)
+    _assert_stats(ema.module, expected)
+
+
+def test_compiled_training_sees_the_plain_model():
+    """Under torch.compile (fullgraph) the first-batch step is left out of the graph: no graph break, the flag not read
+    (no recompilation when an eager call uses it up later), the creation statistics kept."""
+    kwargs, shape = SMALL['smp_tcn']
+    model = timm.create_model('smp_tcn', **kwargs).train()
+    created = [bn.running_var.clone() for _, bn in _bns(model)]
+    x = torch.randn(shape)
+    compiled = torch.compile(model, fullgraph=True, backend='eager')
+    compiled(x).sum().backward()
+    assert model._bn_stats_from_first_batch is True
+    model(x).sum().backward()  # eager: uses it up
+    assert model._bn_stats_from_first_batch is False
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+    assert not all(torch.equal(a, bn.running_var) for a, (_, bn) in zip(created, _bns(model)))
+
+
+def test_init_running_stats_restores_everything_else():
+    """The function alone: mode, momenta, other buffers and RNG as they were; returns the number of BatchNorms."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.Dropout(0.5),
+                              torch.nn.BatchNorm2d(4, momentum=None)).eval()
+    net.register_buffer('other', torch.zeros(2))
+    net[1].num_batches_tracked.fill_(5)
+    x = torch.randn(8, 3, 6, 6)
+    state = torch.random.get_rng_state()
+    assert init_bn_running_stats_(net, x) == 2
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert not net.training and not net[1].training
+    assert (net[1].momentum, net[3].momentum, int(net[1].num_batches_tracked)) == (0.3, None, 5)
+    y = net[0](x).detach().transpose(0, 1).flatten(1)
+    torch.testing.assert_close(net[1].running_var, y.var(1))
+    torch.testing.assert_close(net[1].running_mean, y.mean(1))
