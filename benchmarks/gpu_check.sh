@@ -74,20 +74,22 @@ step() {  # step NAME SECONDS OUTFILE COMMAND...: run with a time limit, output 
 }
 
 if [ $smoke = 1 ]; then
-    gpu_args=(--device cpu --smoke --models smpconv_mobile31 --no-compile)
-    tuned_models=(smpconv_mobile31)
+    unset TRITON_INTERPRET  # (the test suite's setting: only the sweep runs Triton's interpreter, on its own)
+    gpu_args=(--device cpu --smoke --models smpconv_mobile31 smp_flexnet_16 --compile-backend aot_eager)
     step tests 70 "$out/pytest.log" $py -m pytest -q --collect-only -k "triton or compile or fft" -p no:cacheprovider
 else
     gpu_args=(--models smpconv_t convnext_tiny smp_flexnet_16 flexnet_16)  # the goals' models
-    tuned_models=(smpconv_t convnext_tiny)
     step tests 70 "$out/pytest.log" $py -m pytest -q -x -k "triton or compile or fft" -p no:cacheprovider
 fi
 step gpu.py 150 "$out/gpu.log.tmp" $py benchmarks/gpu.py "${gpu_args[@]}" --out "$out/gpu.md"
 step triton_sweep 70 "$out/sweep.log.tmp" $py benchmarks/triton_sweep.py --out "$out" $([ $smoke = 1 ] && echo --smoke)
-if grep -q '"' "$out/triton_configs.json" 2> /dev/null; then  # settings found: the models again, eager, with them
+if [ $smoke = 1 ]; then  # the settings file is one the kernels take
+    TIMM_SMPCONV_TRITON_CONFIGS="$out/triton_configs.json" step triton-settings 30 "$out/gpu.log.tmp" \
+        $py -c "from timm_smpconv.ops import triton_dwconv as k; print(len(k._CONFIGS), 'settings read')"
+elif grep -q '"' "$out/triton_configs.json" 2> /dev/null; then  # settings found: the models again, eager, with them
     TIMM_SMPCONV_TRITON_CONFIGS="$out/triton_configs.json" \
-        step gpu.py-tuned 40 "$out/gpu.log.tmp" $py benchmarks/gpu.py "${gpu_args[@]}" --no-compile \
-        --models "${tuned_models[@]}" --out "$out/gpu_tuned.md"
+        step gpu.py-tuned 40 "$out/gpu.log.tmp" $py benchmarks/gpu.py --no-compile --models smpconv_t convnext_tiny \
+        --out "$out/gpu_tuned.md"
 fi
 
 # the trainer on a generated ImageFolder (random images: a run of the machinery, not of accuracy)
