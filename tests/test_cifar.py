@@ -182,3 +182,26 @@ def test_cifar_presets_train_from_the_image_folder(cifar_subset, tmp_path, prese
         top1 = float(out.stdout.split('model: top-1 ')[1].split()[0])
         if eval_size == size:
             assert top1 == reported
+
+
+def test_smp_ablations_are_kwargs_of_smp_flexnet_16():
+    """The SMPConv paper's CIFAR ablations (Tables 6-9): fixed positions / radii stay at their initial values through
+    a training step (and are left out of the optimizer), the initial spread and radius and the point count are set."""
+    import timm
+
+    from timm_smpconv import param_groups_smp
+    torch.manual_seed(0)
+    model = timm.create_model('smp_flexnet_16', img_size=16, widths=(24,), n_points=8,
+                              conv_kwargs=dict(learn_points=False, radius=0.18, point_std=0.3))
+    smp = model.stem.smp
+    assert 'learn_points=False' in repr(smp) and 'learn_radius' not in repr(smp)
+    assert smp.points.shape[1] == 8 and torch.all(smp.radius == 0.18) and 0.2 < smp.points.std() < 0.4
+    points, radius = smp.points.detach().clone(), smp.radius.detach().clone()
+    groups = param_groups_smp(model)
+    assert not any(p is smp.points for g in groups for p in g['params'])
+    opt = torch.optim.Adam(groups, lr=1e-2)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 16, 16)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    assert torch.equal(smp.points, points) and not torch.equal(smp.radius, radius)
+    fixed_r = timm.create_model('smp_flexnet_16', img_size=16, widths=(24,), conv_kwargs=dict(learn_radius=False))
+    assert not fixed_r.stem.smp.radius.requires_grad and fixed_r.stem.smp.points.requires_grad
