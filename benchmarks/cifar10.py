@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import CIFAR10_ARCHIVE, SMOKE_NOTE, bench_parser, cifar10_folder, machine_line, parse_args, write_results
+from harness import SMOKE_NOTE, bench_parser, cifar10_folder, cifar10_options, machine_line, parse_args, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ('smp_flexnet_16', 'flexnet_16', 'ckcnn_16')
@@ -199,15 +199,9 @@ def main(argv=None):
     budget.add_argument('--epochs', type=int, default=None, help='epochs per model')
     budget.add_argument('--minutes', type=float, default=None, help='about this many minutes per model')
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=MODELS, help='models to train')
-    parser.add_argument('--data', type=Path, default=CIFAR10_ARCHIVE,
-                        help='CIFAR-10: the JPEG archive or its extracted folder (default: ../shared/data/cifar10-jpeg.tar.gz)')
-    parser.add_argument('--train-per-class', type=int, default=0,
-                        help='training images per class, the first N of each (default: 0, all 5,000)')
+    cifar10_options(parser, train_per_class=0, workers=2)
     parser.add_argument('--batch-size', type=int, default=64, help='batch size (default: 64, the papers\')')
-    parser.add_argument('--workers', type=int, default=2, help='data loading processes (default: 2)')
     parser.add_argument('--amp', action='store_true', help='bf16 autocast (the trainer\'s --amp)')
-    parser.add_argument('--runs', type=Path, default=None,
-                        help='keep the run folders (checkpoints, logs) here (default: a temporary folder)')
     g = parser.add_argument_group('SMPConv paper ablations (smp_flexnet_16), Tables 6-9')
     g.add_argument('--fixed-points', action='store_true', help='point positions not learned (Table 6)')
     g.add_argument('--fixed-radius', action='store_true', help='radii not learned (Table 6)')

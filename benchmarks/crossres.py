@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import CIFAR10_ARCHIVE, SMOKE_NOTE, bench_parser, cifar10_folder, machine_line, parse_args, write_results
+from harness import SMOKE_NOTE, bench_parser, cifar10_folder, cifar10_options, machine_line, parse_args, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -217,16 +217,10 @@ def report(records, args, data_note, wall_s, command):
 
 def main(argv=None):
     parser = bench_parser(__doc__, 'crossres.md')
-    parser.add_argument('--data', type=Path, default=CIFAR10_ARCHIVE,
-                        help='CIFAR-10: the JPEG archive or its extracted folder (default: ../shared/data/cifar10-jpeg.tar.gz)')
-    parser.add_argument('--train-per-class', type=int, default=400,
-                        help='training images per class, the first N of each (default: 400, 4,000 images; 0: all)')
+    cifar10_options(parser, train_per_class=400, workers=1)
     parser.add_argument('--epochs', type=int, default=4, help='training epochs per run (default: 4)')
     parser.add_argument('--warmup-epochs', type=int, default=1, help='warm-up epochs of the cosine schedule (default: 1)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='seeds, each run with every setting')
-    parser.add_argument('--workers', type=int, default=1, help='data loading processes (default: 1)')
-    parser.add_argument('--runs', type=Path, default=None,
-                        help='keep the run folders (checkpoints, logs) here (default: a temporary folder)')
     args = parse_args(parser, argv)
     args.extra = []
     test_per_class = None

@@ -204,6 +204,17 @@ def build_workload(name: str, memory_format=None, smoke: bool = False):
     return model, x, y, opt
 
 
+def cifar10_options(parser: argparse.ArgumentParser, train_per_class: int, workers: int):
+    """The CIFAR-10 scripts' data options: --data, --train-per-class, --workers, --runs."""
+    parser.add_argument('--data', type=Path, default=CIFAR10_ARCHIVE,
+                        help='CIFAR-10: the JPEG archive or its extracted folder (default: ../shared/data/cifar10-jpeg.tar.gz)')
+    parser.add_argument('--train-per-class', type=int, default=train_per_class,
+                        help=f'training images per class, the first N of each (default: {train_per_class}; 0: all 5,000)')
+    parser.add_argument('--workers', type=int, default=workers, help=f'data loading processes (default: {workers})')
+    parser.add_argument('--runs', type=Path, default=None,
+                        help='keep the run folders (checkpoints, logs) here (default: a temporary folder)')
+
+
 def cifar10_folder(data, dest, train_per_class: int | None = None, test_per_class: int | None = None) -> Path:
     """The CIFAR-10 ImageFolder (`train/`, `test/`, one folder per class) from `data`: the JPEG archive (extracted into
     `dest`) or an extracted folder (used as it is, or linked into `dest` for a subset). `train_per_class` /
