@@ -48,6 +48,7 @@ import torch
 from harness import SMOKE_NOTE, bench_parser, cifar10_folder, cifar10_options, machine_line, parse_args, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 MODELS = ('smp_flexnet_16', 'flexnet_16', 'ckcnn_16')
 # model -> (preset, the preset's epochs and warm-up epochs)
 RECIPES = {'smp_flexnet_16': ('smp-cifar', 210, 10), 'flexnet_16': ('flexnet-cifar', 350, 5),
