@@ -269,3 +269,7 @@ def test_cifar10_options(bench):
     assert cifar10.smp_kwargs(args) == ["conv_kwargs={'learn_points': False, 'point_std': 0.2}"]
     with pytest.raises(SystemExit):
         cifar10.main(['--out', '/dev/null'])  # no budget
+    torch.set_num_threads(1)
+    epochs, img_s = cifar10.probe_epochs('flexnet_16', 10, 1000, 100, argparse.Namespace(batch_size=4, amp=False))
+    assert isinstance(epochs, int) and epochs >= 1 and img_s > 0  # --minutes: epochs from timed steps
+    assert cifar10.probe_epochs('flexnet_16', 1e-3, 1000, 100, argparse.Namespace(batch_size=4, amp=False))[0] == 1
