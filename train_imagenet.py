@@ -110,6 +110,7 @@ from timm_smpconv.data import (
     channel_stats,
     is_sequence_dataset,
     load_sequence_splits,
+    with_pad_crop,
 )
 from timm_smpconv.layers import RESIZE_MODES
 from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
@@ -153,22 +154,25 @@ PRESETS = {
         bn_recalibrate=8,
     ),
     # SMPConv paper, CIFAR-10 (Table 4): Adam with coupled L2 1e-5, lr 5e-3, 210 epochs (the model's
-    # block_drop_rate default is the paper's in-block dropout 0.1)
+    # block_drop_rate default is the paper's in-block dropout 0.1). Both CIFAR presets: the papers' augmentation
+    # (flip, random 32-px crop of the image padded by 4 px, then the resize to --img-size), validation on the test
+    # split (torch/cifar10's, or an ImageFolder's test/ with --dataset '')
     'smp-cifar': dict(
-        model='smp_flexnet_16', dataset='torch/cifar10', num_classes=10, img_size=32, batch_size=64,
+        model='smp_flexnet_16', dataset='torch/cifar10', num_classes=10, batch_size=64,
         grad_accum_steps=1, epochs=210, warmup_epochs=10, lr=5e-3, min_lr=1e-6, opt='adam', weight_decay=1e-5,
         drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
-        scale=[0.6, 1.0], model_ema=False, radius_clamp=list(RADIUS_RANGE_SMALL), no_decay_patterns=['*.points'],
-        mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD), crop_pct=1.0, bn_recalibrate=16,
+        pad_crop=[32, 4], val_split='test', model_ema=False, radius_clamp=list(RADIUS_RANGE_SMALL),
+        no_decay_patterns=['*.points'], mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD), crop_pct=1.0,
+        bn_recalibrate=16,
     ),
     # FlexConv paper, FlexNet-16 on CIFAR-10: Adam lr 0.01, no weight decay, 350 epochs (in-block dropout
     # 0.2 is the model's block_drop_rate default)
     'flexnet-cifar': dict(
-        model='flexnet_16', dataset='torch/cifar10', num_classes=10, img_size=32, batch_size=64,
+        model='flexnet_16', dataset='torch/cifar10', num_classes=10, batch_size=64,
         grad_accum_steps=1, epochs=350, warmup_epochs=5, lr=0.01, min_lr=1e-6, opt='adam', weight_decay=0.,
         drop=0., aa=None, mixup=0., cutmix=0., smoothing=0., reprob=0., drop_path=0., color_jitter=0.,
-        scale=[0.6, 1.0], model_ema=False, mean=list(IMAGENET_DEFAULT_MEAN), std=list(IMAGENET_DEFAULT_STD),
-        crop_pct=1.0, bn_recalibrate=16,
+        pad_crop=[32, 4], val_split='test', model_ema=False, mean=list(IMAGENET_DEFAULT_MEAN),
+        std=list(IMAGENET_DEFAULT_STD), crop_pct=1.0, bn_recalibrate=16,
     ),
 }
 
@@ -402,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--no-aug', action='store_true', help='no training augmentation')
     g.add_argument('--train-crop-mode', default=None,
                    help="training crop: timm's 'rrc' (random resized crop, default) or 'rkrc' / 'rkrr' (random keep-ratio)")
+    g.add_argument('--pad-crop', type=int, nargs=2, default=None, metavar=('SIZE', 'PAD'),
+                   help="the CIFAR papers' training crop instead of timm's random-resized crop (--scale, --ratio): the "
+                        "image resized to SIZE x SIZE (CIFAR's 32 x 32: unchanged), a random SIZE x SIZE window of it "
+                        "zero-padded by PAD px (torchvision's RandomCrop), then resized to --img-size where that "
+                        "differs (the CIFAR presets: 32 4; 0 0: off)")
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
                    help='random-resized-crop scale: MIN MAX')
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
@@ -824,6 +833,7 @@ def check_args(args):
     _check_task(args)
     _check_loss(args)
     _check_schedule(args)
+    _check_pad_crop(args)
 
 
 # flags that only mean something for images, with their neutral values: refused for time series when set otherwise
@@ -832,7 +842,7 @@ IMAGE_ONLY = dict(
     grayscale_prob=None, gaussian_blur_prob=None, scale=None, ratio=None, train_crop_mode=None, mixup=0., cutmix=0.,
     cutmix_minmax=None, mixup_off_epoch=0, aug_splits=0, jsd_loss=False, resplit=False, split_bn=False,
     train_img_sizes=None, img_size=None, input_size=None, crop_pct=None, interpolation='', train_interpolation='',
-    input_img_mode=None, channels_last=False, save_images=False, class_map='',
+    input_img_mode=None, channels_last=False, save_images=False, class_map='', pad_crop=None,
 )
 
 
@@ -1002,6 +1012,22 @@ def _check_schedule(args):
                                 '--warmup-epochs)')
 
 
+def _check_pad_crop(args):
+    if not args.pad_crop or not args.pad_crop[0]:  # --pad-crop 0 0: off
+        return
+    size, pad = args.pad_crop
+    if size < 1 or pad < 0:
+        raise TrainingError(f'--pad-crop takes SIZE >= 1 and PAD >= 0, got {size} {pad}')
+    crop_flags = _set_away_from_default(args, ('scale', 'ratio', 'train_crop_mode'))
+    if crop_flags:
+        raise TrainingError(f'--pad-crop {size} {pad} replaces the random-resized crop that --{crop_flags[0].replace("_", "-")} '
+                            f'shapes: give one or the other (--pad-crop 0 0 turns the padded crop off, e.g. after a '
+                            f'CIFAR preset)')
+    if args.train_img_sizes:
+        raise TrainingError('--pad-crop does not combine with --train-img-sizes (the scheduled loader builds its own '
+                            'crop per size)')
+
+
 def lr_from_base(lr_base, global_batch_size, lr_base_size=256, lr_base_scale='', opt=''):
     """timm train.py's rule: (lr, scaling used) for a base lr stated at `lr_base_size` images per optimizer step.
 
@@ -1109,6 +1135,8 @@ def _create_model(name, what, **kwargs):
 
 def create_training_model(args, num_classes):
     kwargs = dict(args.model_kwargs)
+    if _base_name(args.model) in timm.list_models(module='flexnet'):
+        _set_model_img_size(args, kwargs)
     if args.kernel_sizes:
         kwargs['kernel_sizes'] = tuple(args.kernel_sizes)
     if args.kernel_resize:
@@ -1147,6 +1175,27 @@ def create_training_model(args, num_classes):
         except (AttributeError, NotImplementedError, AssertionError) as e:
             raise TrainingError(f'{args.model} does not support --grad-checkpointing: {e}') from e
     return model
+
+
+def _set_model_img_size(args, kwargs):
+    """FlexNet / CKCNN / SMP FlexNet are built for the resolution they run at (their kernels' horizon is img_size + 1):
+    --img-size / --input-size set the model's img_size, as timm's img_size kwarg does for the models that depend
+    on it; a --model-kwargs img_size alone sets the data's size too."""
+    given = kwargs.get('img_size')
+    if args.input_size:
+        size, flag = tuple(args.input_size[1:]), f'--input-size {" ".join(map(str, args.input_size))}'
+    elif args.img_size:
+        size, flag = (args.img_size,) * 2, f'--img-size {args.img_size}'
+    else:
+        if isinstance(given, int):
+            args.img_size = given
+        elif isinstance(given, (list, tuple)) and len(given) == 2 and given[0] == given[1]:
+            args.img_size = given[0]
+        return
+    if given is not None and (tuple(given) if isinstance(given, (list, tuple)) else (given,) * 2) != size:
+        raise TrainingError(f'{flag} and --model-kwargs img_size={given} disagree: {args.model} is built for the '
+                            f'resolution it runs at (its kernels\' horizon is img_size + 1); give one of them')
+    kwargs['img_size'] = size[0] if size[0] == size[1] else size
 
 
 def _load_weights(model, path, use_ema):
@@ -1713,6 +1762,13 @@ def setup_loaders(state):
             **scheduled)
     except (ValueError, TypeError, AssertionError) as e:
         raise TrainingError(f'could not build the training loader: {e}') from e
+    if args.pad_crop and args.pad_crop[0] and not args.no_aug:
+        # the CIFAR papers' crop in place of timm's random-resized crop, in the transform create_loader set
+        holder = dataset_train.dataset if isinstance(dataset_train, AugMixDataset) else dataset_train
+        try:
+            holder.transform = with_pad_crop(holder.transform, *args.pad_crop)
+        except ValueError as e:
+            raise TrainingError(f'--pad-crop: {e}') from e
     state.loader_eval = create_eval_loader(state.dataset_eval, data_config, args, state.device, img_dtype)
     if len(state.loader_train) == 0:
         raise TrainingError(f'{len(state.dataset_train)} training images give no full batch of {args.batch_size}')

@@ -6,7 +6,8 @@ normalise, and what re-estimating them (train_imagenet.py --bn-recalibrate) cost
 Part 1, the lag. Short runs of the presets with --bn-recalibrate 0 (3 epochs; validation skipped, it is not
 what is measured): `digits`, `seq-digits`, and the models and recipes of the two CIFAR presets (`smp-cifar`,
 `flexnet-cifar`) on the built-in digits at 32 px (CIFAR-10 cannot be downloaded here; 2 epochs of 8 batches of
-16 and an EMA, to keep smp_flexnet_16's 20 GFLOPs an image affordable on a CPU). At the end of epoch 0 and of
+16 and an EMA, to keep smp_flexnet_16's 20 GFLOPs an image affordable on a CPU; timm's random-resized crop, scale
+0.6-1, with which bn_stats.md was measured, in place of the presets' padded CIFAR crop). At the end of epoch 0 and of
 the last epoch, for every BatchNorm of the model and of its EMA: the factor by which eval mode scales its output relative to training,
 sqrt((v + eps) / (r + eps)) per channel, with r its running variance and v the variance its input has on the
 training data (fvcore's PreciseBN estimate over 8 training batches, train mode, weights unchanged). 1 is
@@ -40,9 +41,11 @@ PRESETS = (  # (label, train_imagenet.py arguments of the short run)
     ('digits', ['--preset', 'digits', '--epochs', '3']),
     ('seq-digits', ['--preset', 'seq-digits', '--epochs', '3']),
     ('smp-cifar (smp_flexnet_16) on digits', ['--preset', 'smp-cifar', '--dataset', '', '--epochs', '2',
-                                              '--max-train-batches', '8', '--batch-size', '16', '--model-ema']),
+                                              '--max-train-batches', '8', '--batch-size', '16', '--model-ema',
+                                              '--pad-crop', '0', '0', '--scale', '0.6', '1']),
     ('flexnet-cifar (flexnet_16) on digits', ['--preset', 'flexnet-cifar', '--dataset', '', '--epochs', '2',
-                                              '--max-train-batches', '8', '--batch-size', '16', '--model-ema']),
+                                              '--max-train-batches', '8', '--batch-size', '16', '--model-ema',
+                                              '--pad-crop', '0', '0', '--scale', '0.6', '1']),
 )
 FIXES = (  # (label, extra arguments, warm start)
     ('none', ['--bn-recalibrate', '0'], False),

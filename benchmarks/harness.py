@@ -28,6 +28,10 @@ import torch.nn.functional as F
 import torch.utils.benchmark as torch_benchmark
 
 RESULTS = Path(__file__).resolve().parent / 'results'
+# CIFAR-10 as an ImageFolder of JPEGs (cifar10/train/<class>/NNNN.jpg, cifar10/test/...: the official split, in the
+# original order; about quality 75, so accuracies sit a little below the lossless original's). It sits beside the
+# repository for developers and CI; a user's clone does not have it (benchmarks/cifar10.py --data takes their copy)
+CIFAR10_ARCHIVE = Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'cifar10-jpeg.tar.gz'
 SMOKE_NOTE = ' (smoke run: tiny sizes, not a measurement)'
 CIFAR_MODELS = ('smp_flexnet_16', 'flexnet_16')
 
@@ -197,3 +201,51 @@ def build_workload(name: str, memory_format=None, smoke: bool = False):
         x = x.contiguous(memory_format=memory_format)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     return model, x, y, opt
+
+
+def cifar10_options(parser: argparse.ArgumentParser, train_per_class: int, workers: int):
+    """The CIFAR-10 scripts' data options: --data, --train-per-class, --workers, --runs."""
+    parser.add_argument('--data', type=Path, default=CIFAR10_ARCHIVE,
+                        help='CIFAR-10: the JPEG archive or its extracted folder (default: ../shared/data/cifar10-jpeg.tar.gz)')
+    parser.add_argument('--train-per-class', type=int, default=train_per_class,
+                        help=f'training images per class, the first N of each (default: {train_per_class}; 0: all 5,000)')
+    parser.add_argument('--workers', type=int, default=workers, help=f'data loading processes (default: {workers})')
+    parser.add_argument('--runs', type=Path, default=None,
+                        help='keep the run folders (checkpoints, logs) here (default: a temporary folder)')
+
+
+def cifar10_folder(data, dest, train_per_class: int | None = None, test_per_class: int | None = None) -> Path:
+    """The CIFAR-10 ImageFolder (`train/`, `test/`, one folder per class) from `data`: the JPEG archive (extracted into
+    `dest`) or an extracted folder (used as it is, or linked into `dest` for a subset). `train_per_class` /
+    `test_per_class` keep the first N images of each class (their original order); None keeps all. Returns the
+    folder to pass as --data-dir."""
+    import tarfile
+    data, dest = Path(data), Path(dest)
+    limits = {'train': train_per_class, 'test': test_per_class}
+
+    def keep(split, name):  # name: NNNN.jpg
+        return limits.get(split, 0) is None or int(Path(name).stem) < limits[split]
+
+    if data.is_dir():
+        root = data / 'cifar10' if (data / 'cifar10' / 'train').is_dir() else data
+        if train_per_class is None and test_per_class is None:
+            return root
+        out = dest / 'cifar10'
+        for split in limits:
+            for cls in sorted(p for p in (root / split).iterdir() if p.is_dir()):
+                (out / split / cls.name).mkdir(parents=True, exist_ok=True)
+                for img in cls.iterdir():
+                    if keep(split, img.name):
+                        (out / split / cls.name / img.name).symlink_to(img.resolve())
+        return out
+    if not data.is_file():
+        raise FileNotFoundError(f'CIFAR-10 data not found: {data} (the JPEG archive cifar10-jpeg.tar.gz or its '
+                                f'extracted folder)')
+    with tarfile.open(data) as tar:
+        members = []
+        for m in tar:
+            parts = Path(m.name).parts  # cifar10/<split>/<class>/NNNN.jpg
+            if m.isfile() and len(parts) == 4 and parts[0] == 'cifar10' and keep(parts[1], parts[3]):
+                members.append(m)
+        tar.extractall(dest, members=members, filter='data')
+    return dest / 'cifar10'

@@ -2,6 +2,7 @@
 (benchmarks/run.py) from given measurements, the shared timers and options, and every script run end to end
 at smoke size, writing results files shaped like the committed ones in benchmarks/results/. The measurements
 themselves run with `python benchmarks/<script>.py`. """
+import argparse
 import importlib.util
 import json
 import os
@@ -232,3 +233,58 @@ def test_gpu_check_smoke_run(tmp_path):
     assert len(layer) == 2 and all(float(line.split(' | ')[3]) > 0 and float(line.split(' | ')[4]) > 0 for line in layer)
     assert '| smp_flexnet_16 / flexnet_16 training throughput, eager | - |' in text  # flexnet_16 not run
     assert 'Device: ' in text and "conv impl 'auto'" in text
+
+
+# ---- the papers' CIFAR-10 experiments (benchmarks/crossres.py, benchmarks/cifar10.py) at smoke size, on a subset of
+# the real data (skipped, naming the file, where ../shared/data is absent)
+
+@pytest.fixture
+def cifar_archive(bench):
+    archive = bench('harness').CIFAR10_ARCHIVE
+    if not archive.is_file():
+        pytest.skip(f'{archive} is absent (the CIFAR-10 JPEG archive beside the repository)')
+    return archive
+
+
+def test_crossres_smoke_run(bench, cifar_archive, tmp_path):
+    """Three settings trained at 16 px through the trainer, each checkpoint reloaded at 16 and 32 px (the reloaded
+    16-px top-1 equal to the run's, the 32-px model equal to retarget_resolution's: the script raises otherwise)."""
+    out = tmp_path / 'crossres.md'
+    bench('crossres').main(['--smoke', '--threads', '1', '--out', str(out)])
+    text = out.read_text()
+    assert text.splitlines()[0].endswith(SMOKE_NOTE) and re.search(r'\b1 threads\b', text)
+    runs, summary = _tables(text)
+    assert [r[0] for r in runs[1]] == ['none', 'gabor', 'gabor+mask'] and [r[0] for r in summary[1]] == \
+        ['none', 'gabor', 'gabor+mask']
+    for cells in runs[1]:
+        top16, top32, change = (float(c.rstrip('%')) for c in cells[2:5])
+        assert abs(top32 - top16 - change) < 0.02 and cells[6] == '17' and float(cells[8]) <= 1e-4
+    assert summary[1][0][3:] == ['FlexNet-16 w/o reg.', '86.4 +- 0.4', '-34.4 +- 14.3']
+    assert re.search(r'the claim (holds|does not hold|is not tested) at this budget', text)
+
+
+def test_cifar10_smoke_run(bench, cifar_archive, tmp_path):
+    """The three models through the trainer (subprocesses), test top-1 per epoch and training images/s."""
+    out = tmp_path / 'cifar10.md'
+    bench('cifar10').main(['--smoke', '--threads', '1', '--out', str(out), '--fixed-radius', '--n-points', '8'])
+    text = out.read_text()
+    assert text.splitlines()[0].endswith(SMOKE_NOTE) and 'Device: CPU.' in text
+    assert "`--model-kwargs n_points=8 conv_kwargs={'learn_radius': False}`" in text
+    (header, rows), = _tables(text)
+    assert [r[0] for r in rows] == ['smp_flexnet_16', 'flexnet_16', 'ckcnn_16']
+    assert all(float(r[5].replace(',', '')) > 0 for r in rows) and [r[4] for r in rows] == ['93.0', '92.2', '72.1']
+    assert re.search(r'smp_flexnet_16 / flexnet_16: \d+\.\d\dx', text)
+
+
+def test_cifar10_options(bench):
+    cifar10 = bench('cifar10')
+    assert [cifar10.warmup_epochs('smp_flexnet_16', e) for e in (1, 2, 30, 210)] == [0, 1, 1, 10]
+    assert [cifar10.warmup_epochs('flexnet_16', e) for e in (30, 350)] == [1, 5]
+    args = argparse.Namespace(fixed_points=True, fixed_radius=False, point_std=0.2, radius=None, n_points=None)
+    assert cifar10.smp_kwargs(args) == ["conv_kwargs={'learn_points': False, 'point_std': 0.2}"]
+    with pytest.raises(SystemExit):
+        cifar10.main(['--out', '/dev/null'])  # no budget
+    torch.set_num_threads(1)
+    epochs, img_s = cifar10.probe_epochs('flexnet_16', 10, 1000, 100, argparse.Namespace(batch_size=4, amp=False))
+    assert isinstance(epochs, int) and epochs >= 1 and img_s > 0  # --minutes: epochs from timed steps
+    assert cifar10.probe_epochs('flexnet_16', 1e-3, 1000, 100, argparse.Namespace(batch_size=4, amp=False))[0] == 1

@@ -80,6 +80,9 @@ def _strip_optional_marks(tokens):
     """`[--reparam]`, `[--checkpoint PATH]`, `[--layers ...]`: the usage notation for optional parts."""
     out = []
     for tok in tokens:
+        if not tok:
+            out.append(tok)  # an empty argument, e.g. --dataset ''
+            continue
         tok = tok.lstrip('[').rstrip(']')
         if tok and tok != '...':
             out.append(tok)

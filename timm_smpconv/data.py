@@ -19,7 +19,8 @@ from PIL import Image
 
 __all__ = ['DigitsDataset', 'DIGITS_MEAN', 'DIGITS_STD', 'DIGITS_NUM_CLASSES', 'DigitPairsDataset',
            'DIGIT_PAIRS_MEAN', 'DIGIT_PAIRS_STD', 'SequenceDataset',
-           'load_sequence_splits', 'is_sequence_dataset', 'channel_stats', 'allow_zero_bit_posterize']
+           'load_sequence_splits', 'is_sequence_dataset', 'channel_stats', 'allow_zero_bit_posterize',
+           'with_pad_crop']
 
 DIGITS_NUM_CLASSES = 10
 # per-channel statistics of the training split after scaling to [0, 1] (grey replicated to RGB)
@@ -273,3 +274,34 @@ class SequenceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.data[index], self.targets[index]
+
+
+def with_pad_crop(transform, size: int, padding: int):
+    """timm's training transform with its random-resized crop replaced by the CIFAR papers' crop.
+
+    `transform` is the torchvision Compose that timm's `create_transform(is_training=True)` builds (as
+    `create_loader` sets it on the dataset). Its `RandomResizedCropAndInterpolation` becomes: a `Resize` to
+    size x size (which leaves images of that size, CIFAR's 32 x 32, untouched), torchvision's
+    `RandomCrop(size, padding=padding)` (a random size x size window of the image zero-padded by `padding` pixels on
+    each side: the papers' `RandomCrop(32, padding=4)`), and a `Resize` to the output size the random-resized crop
+    had, where that differs from `size` (the FlexConv paper's 16-px source resolution: crop at 32, then resize to
+    16), both with its interpolation. timm's flips, auto-augment, colour jitter, tensor conversion, normalisation and
+    random erasing stay as they were.
+    """
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision import transforms
+    ops, found = [], False
+    for t in transform.transforms:
+        if not isinstance(t, RandomResizedCropAndInterpolation):
+            ops.append(t)
+            continue
+        if isinstance(t.interpolation, (list, tuple)):
+            raise ValueError("the resizes around the padded crop need one interpolation, not 'random'")
+        found = True
+        ops += [transforms.Resize((size, size), interpolation=t.interpolation),
+                transforms.RandomCrop(size, padding=padding)]
+        if tuple(t.size) != (size, size):
+            ops.append(transforms.Resize(t.size, interpolation=t.interpolation))
+    if not found:
+        raise ValueError('the training transform has no random-resized crop to replace')
+    return transforms.Compose(ops)

@@ -111,6 +111,8 @@ class _SMPConvNd(nn.Module):
             weight_std: float = 0.02,
             resize_mode: str = 'stretch',
             crop_to_support: bool = False,
+            learn_points: bool = True,
+            learn_radius: bool = True,
             device=None,
             dtype=None,
     ):
@@ -131,6 +133,9 @@ class _SMPConvNd(nn.Module):
                 'extend' or 'none' (see `resize_smp_params`).
             crop_to_support: (2D) render and convolve only over the odd, centred bounding box of the
                 points' supports: the same output, a smaller kernel (one host sync per forward).
+            learn_points, learn_radius: False keeps the point positions / radii at their initial values
+                (parameters without gradient, which optimizers built from the trainable parameters leave out:
+                the SMPConv paper's Table 6 ablation).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
@@ -171,6 +176,8 @@ class _SMPConvNd(nn.Module):
         self.radius = nn.Parameter(torch.empty(num_f, n_points, **dd))
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels // groups, n_points, **dd))
         self.bias = nn.Parameter(torch.empty(out_channels, **dd)) if bias else None
+        self.points.requires_grad_(learn_points)
+        self.radius.requires_grad_(learn_radius)
         # the kernel size the parameters are calibrated for, saved with them so that a state dict
         # loaded into a layer of another size is resized (see _load_from_state_dict)
         self.register_buffer('kernel_size_record', torch.tensor(kernel_size, device=device, dtype=torch.long))
@@ -200,6 +207,10 @@ class _SMPConvNd(nn.Module):
             s += ', bias=False'
         if self.render_grid is not None:
             s += ', render_grid=stored'
+        if not self.points.requires_grad:
+            s += ', learn_points=False'
+        if not self.radius.requires_grad:
+            s += ', learn_radius=False'
         return s
 
     @torch.no_grad()
@@ -430,8 +441,8 @@ class _SMPLargeKernelNd(nn.Module):
             smp_bias: give the SMP conv a bias (the authors' sequence models with conv.bias=True have one;
                 the BN after it makes it redundant, but it is their parameter count and checkpoint layout).
             bn_eps: eps of both BatchNorms.
-            **smp_kwargs: n_points, shared_points, normalize, point_std, radius, weight_std of the
-                SMP conv (which has no bias: the BN follows it).
+            **smp_kwargs: n_points, shared_points, normalize, point_std, radius, weight_std, learn_points,
+                learn_radius of the SMP conv (which has no bias: the BN follows it).
         """
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
