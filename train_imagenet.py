@@ -315,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--fast-norm', action='store_true', help="timm's fast (fused, low-precision) norm layers")
     g.add_argument('--grad-checkpointing', action='store_true',
                    help='gradient checkpointing (model.set_grad_checkpointing): less memory, more compute')
+    g.add_argument('--recompute', nargs='?', const='pointwise', default=None, choices=['pointwise', 'lean'],
+                   help="ours: keep less for the backward (model.set_recompute): 'pointwise' recomputes BatchNorm and "
+                        "activation outputs from the conv outputs (smpconv_t keeps 1.13x convnext_tiny's bytes instead "
+                        "of 2.0x), 'lean' also the FFT convs' input spectra; a slower step (docs/performance.md)")
     g.add_argument('--model-dtype', default=None, choices=['float32', 'float16', 'bfloat16'],
                    help='dtype of the model parameters and inputs, for training without --amp (default: float32)')
     g.add_argument('--bn-recalibrate', type=int, default=32, metavar='N',
@@ -1174,6 +1178,10 @@ def create_training_model(args, num_classes):
             model.set_grad_checkpointing(enable=True)
         except (AttributeError, NotImplementedError, AssertionError) as e:
             raise TrainingError(f'{args.model} does not support --grad-checkpointing: {e}') from e
+    if args.recompute:
+        if not hasattr(model, 'set_recompute'):
+            raise TrainingError(f'--recompute: {args.model} has no set_recompute (our SMPConv and FlexNet models do)')
+        model.set_recompute(True, fft_spectra=args.recompute == 'lean')
     return model
 
 

@@ -70,7 +70,7 @@ def test_creation_probe_sets_running_stats_and_nothing_else(name, monkeypatch):
     after = torch.randn(3)
     probe = torch.randn((1,) + shape[1:], generator=torch.Generator().manual_seed(0))
     if name == 'smpconv_mobile31':
-        probe = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+        probe = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     fresh = copy.deepcopy(model)
     for _, bn in _bns(fresh):
         bn.reset_running_stats()

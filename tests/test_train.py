@@ -412,3 +412,19 @@ def test_sequential_mnist_flags_on_a_grey_image_folder(tmp_path):
     state = load_ckpt(tmp_path / 'smnist' / 'last.pth.tar')['state_dict']
     assert state['blocks.0.conv1.smp.weight'].shape == (30, 1, 30)  # one input channel
     assert int(state['blocks.0.conv1.smp.kernel_size_record']) == 784
+
+
+@pytest.mark.parametrize('value,expected', [(None, (False, False)), ('pointwise', (True, False)), ('lean', (True, True))])
+def test_recompute_flag_sets_the_models_memory_saving(monkeypatch, tmp_path, value, expected):
+    """--recompute [pointwise|lean] turns on the model's set_recompute (off by default: the faster step)."""
+    from helpers import built_trainer_state
+    argv = ['--epochs', '1', '--output', str(tmp_path)] + (['--recompute'] if value == 'pointwise' else [])
+    argv += ['--recompute', 'lean'] if value == 'lean' else []
+    state = built_trainer_state(monkeypatch, argv)
+    assert (state.model.recompute, state.model.recompute_fft_spectra) == expected
+
+
+def test_recompute_flag_refused_for_a_model_without_it():
+    r = run_main(['--model', 'resnet18', '--recompute', '--epochs', '1'])
+    assert r.returncode == 2
+    assert r.stderr.strip() == 'train_imagenet.py: error: --recompute: resnet18 has no set_recompute (our SMPConv and FlexNet models do)'

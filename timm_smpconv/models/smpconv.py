@@ -364,7 +364,7 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.head = NormClassifierHead(
             prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, inference_mode=im, **dd)
         self.apply(self._init_weights)
-        self._init_bn_stats((1, in_chans, 128, 128), bn_momentum, bn_eps)  # (layers/bn_stats.py)
+        self._init_bn_stats((1, in_chans, 224, 224), bn_momentum, bn_eps)  # (layers/bn_stats.py)
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:
