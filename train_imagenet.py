@@ -93,6 +93,7 @@ from timm_smpconv.data import (
     load_sequence_splits,
 )
 from timm_smpconv.layers import RESIZE_MODES
+from timm_smpconv.models import read_checkpoint, refused_pickle
 from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
 from timm_smpconv.regularizers import ALIASING_TARGETS
 from timm_smpconv.timm_train_args import TIMM_TRAIN_OPTIONS, TIMM_TRAIN_VERSION, timm_defaults
@@ -828,6 +829,7 @@ def _create_model(name, what, **kwargs):
     except TrainingError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, TypeError, AssertionError) as e:
+        _raise_unsafe_checkpoint(kwargs.get('pretrained_cfg_overlay', {}).get('file'), e)
         raise TrainingError(f'could not create {what} {name}: {e}') from e
 
 
@@ -878,19 +880,24 @@ def _load_weights(model, path, use_ema):
     try:
         load_checkpoint(model, path, use_ema=use_ema)
     except Exception as e:
+        _raise_unsafe_checkpoint(path, e)
         raise TrainingError(f'could not load checkpoint {path!r}: {e}') from e
+
+
+def _raise_unsafe_checkpoint(path, e):
+    """A file torch's safe loader refused (pickled objects that can run code): one message on every route, naming
+    the file (timm_smpconv's UnsafeCheckpointError), not torch's or timm's, which advise weights_only=False."""
+    unsafe = refused_pickle(path, e)
+    if unsafe is not None:
+        raise TrainingError(str(unsafe)) from None
 
 
 def _read_checkpoint(path, what='checkpoint'):
     """A checkpoint file as a dict, loaded safely (weights_only; a run's stored args allowed)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's saver stores the run's args
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = read_checkpoint(path)
     except Exception as e:
-        if 'Weights only load failed' in str(e):  # torch's safe loader refused it, as the model routes say
-            raise TrainingError(f'{what} {path!r} holds pickled Python objects (other than tensors and a run\'s '
-                                f'args) that could run code when loaded, so torch\'s safe loader refused it; if you '
-                                f'trust the file, re-save its tensors (torch.save(state_dict)) and use that') from e
+        _raise_unsafe_checkpoint(path, e)
         raise TrainingError(f'could not read {what} {path!r} (corrupt or not a checkpoint): {e}') from e
     if not isinstance(ckpt, dict):
         raise TrainingError(f'{what} {path!r} holds a {type(ckpt).__name__}, not a state dict')
@@ -1256,6 +1263,7 @@ def resume(state):
             if state.model_ema is not None:
                 load_task_ema_checkpoint(state.task, state.resume_path)
         except Exception as e:
+            _raise_unsafe_checkpoint(state.resume_path, e)
             raise TrainingError(f'could not resume from {state.resume_path!r}: {e}') from e
         _logger.info(f'Resumed from {state.resume_path} at epoch {resume_epoch}')
     state.start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)

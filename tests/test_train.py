@@ -241,7 +241,7 @@ def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
         'odd_batch_mixup': (['--batch-size', '7', '--mixup', '0.8'], 'even --batch-size, got 7'),
         'no_checkpoint_for_eval': (['--eval-only'], '--eval-only needs --checkpoint'),
         'unsafe_eval_checkpoint': (TINY + ['--eval-only', '--checkpoint', str(tmp_path / 'unsafe.pth.tar')],
-                                   "torch's safe loader refused it"),
+                                   'holds pickled Python objects (types.SimpleNamespace) that can execute code'),
     }[case]
     torch.save({'state_dict': {}, 'extra': types.SimpleNamespace(a=1)}, tmp_path / 'unsafe.pth.tar')
     (tmp_path / 'empty').mkdir()

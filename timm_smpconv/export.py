@@ -30,6 +30,8 @@ import torch.nn as nn
 from timm.models import save_for_hf
 from timm.utils import reparameterize_model
 
+from .models._builder import _FILTERS, UnsafeCheckpointError, read_checkpoint
+
 __all__ = ['ExportError', 'export_checkpoint', 'main']
 
 # the training arguments (train_imagenet.py flags) that say how the model was created
@@ -45,11 +47,9 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ExportError(f'checkpoint {path!r} not found')
     try:
-        if path.endswith('.safetensors'):
-            import safetensors.torch
-            return safetensors.torch.load_file(path, device='cpu')
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = read_checkpoint(path)
+    except UnsafeCheckpointError as e:
+        raise ExportError(str(e)) from None
     except Exception as e:
         raise ExportError(f'could not read checkpoint {path!r} ({type(e).__name__}: {e})') from e
     if not isinstance(ckpt, dict):
@@ -102,7 +102,6 @@ def creation_kwargs(stored: Dict[str, Any], model: Optional[str] = None, overrid
 
 
 def _filter_fn(model: nn.Module):
-    from .models._builder import _FILTERS
     fn = _FILTERS.get(type(model))
     if fn is None:
         raise ExportError(f'{type(model).__name__} is not a timm_smpconv model: export deploys the models this package '
