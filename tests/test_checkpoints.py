@@ -387,7 +387,6 @@ def test_unsafe_checkpoint_gets_one_message_on_every_route(tmp_path, capsys):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import train_imagenet
-
     from timm_smpconv.export import main as export_main
     from timm_smpconv.models import UnsafeCheckpointError
 

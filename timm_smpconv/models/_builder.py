@@ -3,24 +3,29 @@ import argparse
 import os
 import pickle
 import re
-from typing import Any, Callable, Dict, Optional, Set, Type
+from typing import Any, Callable, Dict, List, Optional, Set, Type
 
 import timm.models._factory as _timm_factory
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, get_pretrained_cfg, load_checkpoint, load_state_dict
+from timm.models import build_model_with_cfg, get_pretrained_cfg, list_models, load_checkpoint, load_state_dict, model_entrypoint
 
 from ..layers.flexconv import FlexConv2d
 
 __all__ = [
     'UnsafeCheckpointError', 'build_model_naming_file_errors', 'check_state_dict_keys', 'flexconv_from_authors',
-    'load_checkpoint_naming_errors', 'no_decay_patterns', 'points_from_authors', 'read_checkpoint', 'refused_pickle',
-    'saved_kernel_size', 'unwrap_checkpoint',
+    'load_checkpoint_naming_errors', 'no_decay_patterns', 'package_models', 'points_from_authors', 'read_checkpoint',
+    'refused_pickle', 'saved_kernel_size', 'unwrap_checkpoint',
 ]
 
 # our model classes -> their checkpoint filter (convert the authors' layouts, check the keys), registered by
 # build_model_naming_file_errors: the checkpoint_path= route applies the same filter as pretrained=True
 _FILTERS: Dict[type, Callable] = {}
+
+
+def package_models() -> List[str]:
+    """Every model this package registers with timm, all families (SMPConv, FlexNet / CKCNN, the sequence models)."""
+    return [n for n in list_models() if model_entrypoint(n).__module__.startswith('timm_smpconv.')]
 
 
 def _model_name(architecture: str, tag: Optional[str]) -> str:
