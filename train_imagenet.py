@@ -93,7 +93,7 @@ from timm_smpconv.data import (
     load_sequence_splits,
 )
 from timm_smpconv.layers import RESIZE_MODES
-from timm_smpconv.models import package_models, read_checkpoint, refused_pickle
+from timm_smpconv.models import read_checkpoint, refused_pickle, unknown_model_message
 from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
 from timm_smpconv.regularizers import ALIASING_TARGETS
 from timm_smpconv.timm_train_args import TIMM_TRAIN_OPTIONS, TIMM_TRAIN_VERSION, timm_defaults
@@ -629,7 +629,7 @@ def check_args(args):
                             f'{args.dataset or "a folder dataset"} is map-style and would ignore it')
     for name in (args.model, args.kd_model_name):
         if name and ':' not in name and not timm.is_model(_base_name(name)):
-            raise TrainingError(f'unknown model {name!r}; ours: {", ".join(package_models())} (or any timm model)')
+            raise TrainingError(unknown_model_message(name))
     for path in (args.resume, args.pretrained_path, args.initial_checkpoint, args.checkpoint, args.kd_checkpoint):
         if path and not os.path.isfile(path):
             raise TrainingError(f'checkpoint {path!r} not found')

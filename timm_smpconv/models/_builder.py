@@ -5,6 +5,7 @@ import pickle
 import re
 from typing import Any, Callable, Dict, List, Optional, Set, Type
 
+import timm
 import timm.models._factory as _timm_factory
 import torch
 import torch.nn as nn
@@ -13,9 +14,10 @@ from timm.models import build_model_with_cfg, get_pretrained_cfg, list_models, l
 from ..layers.flexconv import FlexConv2d
 
 __all__ = [
-    'UnsafeCheckpointError', 'build_model_naming_file_errors', 'check_state_dict_keys', 'flexconv_from_authors',
-    'load_checkpoint_naming_errors', 'no_decay_patterns', 'package_models', 'points_from_authors', 'read_checkpoint',
-    'refused_pickle', 'saved_kernel_size', 'unwrap_checkpoint',
+    'UnsafeCheckpointError', 'build_model_naming_file_errors', 'check_state_dict_keys', 'create_model_or_exit',
+    'flexconv_from_authors', 'load_checkpoint_naming_errors', 'no_decay_patterns', 'package_models',
+    'points_from_authors', 'read_checkpoint', 'refused_pickle', 'saved_kernel_size', 'unknown_model_message',
+    'unwrap_checkpoint',
 ]
 
 # our model classes -> their checkpoint filter (convert the authors' layouts, check the keys), registered by
@@ -26,6 +28,22 @@ _FILTERS: Dict[type, Callable] = {}
 def package_models() -> List[str]:
     """Every model this package registers with timm, all families (SMPConv, FlexNet / CKCNN, the sequence models)."""
     return [n for n in list_models() if model_entrypoint(n).__module__.startswith('timm_smpconv.')]
+
+
+def unknown_model_message(name: str) -> str:
+    """The error for a model name timm does not know, offering ours."""
+    return f'unknown model {name!r}; ours: {", ".join(package_models())} (or any timm model)'
+
+
+def create_model_or_exit(parser, name: str, **kwargs) -> nn.Module:
+    """`timm.create_model(name, **kwargs)` for a command-line tool: an unknown name or a failed creation ends the
+    program with one line naming the problem (`PROG: error: ...`, exit code 2), not a traceback."""
+    if ':' not in name and not timm.is_model(name):
+        parser.exit(2, f'{parser.prog}: error: {unknown_model_message(name)}\n')
+    try:
+        return timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, TypeError, OSError) as e:
+        parser.exit(2, f'{parser.prog}: error: could not create {name}: {e}\n')
 
 
 def _model_name(architecture: str, tag: Optional[str]) -> str:
