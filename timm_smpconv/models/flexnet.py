@@ -46,7 +46,7 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get
 from timm.models import adapt_input_conv, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .._validate import check_choice, square_size
+from .._validate import check_choice, check_image_input, square_size
 from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
 from ..layers.kernel_bank import batched_kernels
 from ..layers.recompute import activation, recompute_activation, recompute_dropout, recompute_scope, recompute_sum
@@ -63,6 +63,9 @@ from ._builder import (
 from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, deployed_first_conv, parse_kernel_sizes, require_deploy_sizes
 
 __all__ = ['FlexNet']
+
+# torch.fx records the input check as one call instead of tracing its shape logic
+torch.fx.wrap('check_image_input')
 
 CONV_TYPES = ('flexconv', 'ckconv', 'smp')
 # SMP points per kernel of SMP FlexNet-16 (SMPConv paper, CIFAR-10)
@@ -320,6 +323,7 @@ class FlexNet(DeployableMixin, nn.Module):
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        check_image_input(x, self.in_chans, 'FlexNet')
         x = self.stem_act(self.stem(x))
         if torch.jit.is_scripting() or not stop_early:
             blocks = self.blocks
@@ -353,6 +357,7 @@ class FlexNet(DeployableMixin, nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, 'FlexNet')
         if torch.jit.is_scripting():
             return self.blocks(self.stem_act(self.stem(x)))
         if self.grad_checkpointing:

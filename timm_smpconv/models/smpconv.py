@@ -31,13 +31,16 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .._validate import check_choice
+from .._validate import check_choice, check_image_input
 from ..layers import RESIZE_MODES, ConvBN, SMPLargeKernel2d, default_n_points, fold_preceding_bn
 from ..layers.recompute import activation, recompute_activation, recompute_batch_norm, recompute_scope
 from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
 from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, parse_kernel_sizes, require_deploy_sizes
 
 __all__ = ['SMPConvNet']
+
+# torch.fx records the input check as one call instead of tracing its shape logic
+torch.fx.wrap('check_image_input')
 
 
 def _pre_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -424,6 +427,7 @@ class SMPConvNet(DeployableMixin, nn.Module):
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        check_image_input(x, self.in_chans, 'SMPConvNet')
         x = self.stem(x)
         last_idx = len(self.stages) - 1
         if torch.jit.is_scripting() or not stop_early:
@@ -469,6 +473,7 @@ class SMPConvNet(DeployableMixin, nn.Module):
         self.recompute_fft_spectra = fft_spectra
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, 'SMPConvNet')
         if torch.jit.is_scripting() or not self.recompute or torch.compiler.is_compiling():
             return self.stages(self.stem(x))  # (compiled: Inductor decides what to recompute)
         return self._forward_features_recompute(x)
