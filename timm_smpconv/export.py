@@ -30,7 +30,7 @@ import torch.nn as nn
 from timm.models import save_for_hf
 from timm.utils import reparameterize_model
 
-from .models._builder import _FILTERS, UnsafeCheckpointError, read_checkpoint
+from .models._builder import _FILTERS, UnsafeCheckpointError, check_state_dict_keys, read_checkpoint
 
 __all__ = ['ExportError', 'export_checkpoint', 'main']
 
@@ -170,9 +170,12 @@ def export_checkpoint(
     if trained.inference_mode:
         raise ExportError('the model was created with inference_mode=True: export takes a training checkpoint')
     try:
-        trained.load_state_dict(_filter_fn(trained)(dict(weights), trained))
+        state_dict = _filter_fn(trained)(dict(weights), trained)  # the authors' layouts converted
+        check_state_dict_keys(state_dict, trained, adaptable=False)  # the classifier too: export adapts nothing
+        trained.load_state_dict(state_dict)
     except (RuntimeError, ValueError) as e:
-        raise ExportError(f'the checkpoint does not fit {name} created with {kwargs}: {e}') from e
+        fix = f': pass --num-classes {e.num_classes}' if getattr(e, 'num_classes', None) else ''
+        raise ExportError(f'the checkpoint does not fit {name} created with {kwargs}: {e}{fix}') from e
     trained.eval()
     deployed = reparameterize_model(trained)
     if img_size:

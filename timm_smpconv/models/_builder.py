@@ -14,7 +14,7 @@ from timm.models import build_model_with_cfg, get_pretrained_cfg, list_models, l
 from ..layers.flexconv import FlexConv2d
 
 __all__ = [
-    'UnsafeCheckpointError', 'build_model_naming_file_errors', 'check_state_dict_keys', 'create_model_or_exit',
+    'CheckpointMismatchError', 'UnsafeCheckpointError', 'build_model_naming_file_errors', 'check_state_dict_keys', 'create_model_or_exit',
     'flexconv_from_authors', 'load_checkpoint_naming_errors', 'no_decay_patterns', 'package_models',
     'points_from_authors', 'read_checkpoint', 'refused_pickle', 'saved_kernel_size', 'unknown_model_message',
     'unwrap_checkpoint',
@@ -204,8 +204,18 @@ def unwrap_checkpoint(state_dict: Dict) -> Dict:
     return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys do not fit the model (the message names them). `num_classes`: the class count of the
+    checkpoint's classifier where it differs from the model's (the fix is to create the model with it), else None."""
+
+    def __init__(self, message: str, num_classes: Optional[int] = None):
+        super().__init__(message)
+        self.num_classes = num_classes
+
+
 def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, adaptable: bool = True):
-    """Raise ValueError naming missing, unexpected and mis-shaped keys.
+    """Raise CheckpointMismatchError (a ValueError) naming missing, unexpected and mis-shaped keys, and the
+    checkpoint's class count where its classifier does not fit.
 
     adaptable=True (the pretrained route, where timm adapts the classifier and the first conv after this filter):
     the file's classifier gives the class count its weights have, recorded as the pretrained cfg's num_classes,
@@ -239,8 +249,15 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module,
         if items:
             more = f' (+{len(items) - 10} more)' if len(items) > 10 else ''
             problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
+    file_head, own_head = state_dict.get(head + '.weight'), own.get(head + '.weight')
+    num_classes = None
+    if (head + '.weight' not in exempt and isinstance(file_head, torch.Tensor) and own_head is not None
+            and file_head.ndim >= 1 and file_head.shape[0] != own_head.shape[0]):
+        num_classes = int(file_head.shape[0])
+        problems.append(f'the checkpoint\'s classifier has {num_classes} classes, the model {own_head.shape[0]}')
     if problems:
-        raise ValueError(f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems))
+        raise CheckpointMismatchError(
+            f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems), num_classes=num_classes)
 
 
 def saved_kernel_size(v: torch.Tensor, layer: Optional[nn.Module]) -> torch.Tensor:
