@@ -311,6 +311,25 @@ def test_help_documents_every_flag():
         assert flag in names, flag
 
 
+@pytest.mark.parametrize('cores, local_ranks, workers', [(2, None, 2), (2, '2', 1), (1, None, 1), (16, None, 4),
+                                                      (16, '8', 2)])
+def test_workers_default_fits_the_cores_of_each_rank(monkeypatch, cores, local_ranks, workers):
+    """timm's 4 loader processes per rank, fewer where the ranks share fewer cores: torch's own check of a loader
+    (the warning every run on a 2-core machine gave with 4) has nothing to say; --workers still wins."""
+    import warnings
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)), raising=False)
+    if local_ranks:
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', local_ranks)
+    else:
+        monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    args = train_imagenet.parse_args(['--data-dir', '/some/imagenet'])
+    assert args.workers == workers
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        torch.utils.data.DataLoader(range(4), num_workers=args.workers).check_worker_number_rationality()
+    assert train_imagenet.parse_args(['--data-dir', '/some/imagenet', '-j', '6']).workers == 6
+
+
 def test_defaults_are_the_papers_imagenet_recipe_and_digits_without_data():
     a = train_imagenet.parse_args(['--data-dir', '/some/imagenet'])
     assert (a.model, a.epochs, a.opt, a.lr, a.weight_decay, a.warmup_epochs, a.min_lr) == \

@@ -258,6 +258,24 @@ def test_other_model_on_the_builtin_data_trains_without_the_presets_kwargs(tmp_p
     assert code == 2 and "could not create model convnext_atto: " in out and 'n_points' in out
 
 
+def test_each_preset_banner_names_the_paper_of_its_recipe():
+    assert set(train_imagenet.PRESET_SOURCES) == set(train_imagenet.PRESETS)
+    for preset, source in (('flexnet-cifar', "the FlexConv paper's CIFAR-10 recipe for FlexNet-16"),
+                           ('smp-cifar', "the SMPConv paper's CIFAR-10 recipe for SMP FlexNet-16"),
+                           ('imagenet', "the SMPConv paper's ImageNet recipe for SMPConv-T")):
+        args = train_imagenet.parse_args(['--preset', preset])
+        args.rank = 0
+        log = io.StringIO()
+        handler = logging.StreamHandler(log)
+        train_imagenet._logger.addHandler(handler)
+        try:
+            train_imagenet.log_defaults(args)
+        finally:
+            train_imagenet._logger.removeHandler(handler)
+        first = log.getvalue().splitlines()[0]
+        assert first.startswith(f"Recipe: preset '{preset}' ({source}, not timm's defaults); "), first
+
+
 def test_variable_resolution_augmix_split_bn_and_save_images(tmp_path):
     code, out = run_main(TINY_RUN + ['--output', str(tmp_path), '--experiment', 'vr', '--train-img-sizes', '24', '32',
                                      '--train-batch-sizes', '8', '4', '--variable-batch-loss-scale', 'linear',
