@@ -848,7 +848,7 @@ def _create_model(name, what, **kwargs):
     except TrainingError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, TypeError, AssertionError) as e:
-        _raise_unsafe_checkpoint(kwargs.get('pretrained_cfg_overlay', {}).get('file'), e)
+        _raise_unsafe_checkpoint((kwargs.get('pretrained_cfg_overlay') or {}).get('file') or name, e)
         raise TrainingError(f'could not create {what} {name}: {e}') from e
 
 

@@ -412,6 +412,15 @@ def test_unsafe_checkpoint_gets_one_message_on_every_route(tmp_path, capsys):
         with pytest.raises(UnsafeCheckpointError) as err:
             timm.create_model('smpconv_mobile31', **kwargs)
         check(''.join(traceback.format_exception(err.value)))  # torch's message is not in the traceback either
+    # a local-dir: (or hf-hub:) folder whose weights file pickles code
+    from timm.models import save_for_hf
+    save_for_hf(src, tmp_path / 'hf', safe_serialization=False)
+    torch.save({'extra': Payload(), **src.state_dict()}, tmp_path / 'hf' / 'pytorch_model.bin')
+    with pytest.raises(UnsafeCheckpointError) as err:
+        timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True)
+    text = ''.join(traceback.format_exception(err.value))
+    assert f"checkpoint '{tmp_path / 'hf'}' was not loaded: it holds pickled Python objects" in text
+    assert 'weights_only' not in text
     with pytest.raises(SystemExit) as exc:
         export_main(['--checkpoint', str(unsafe), '--out', str(tmp_path / 'out'), '--model', 'smpconv_mobile31'])
     assert exc.value.code == 2

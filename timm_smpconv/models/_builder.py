@@ -158,8 +158,13 @@ def build_model_naming_file_errors(
     except (ValueError, TypeError):
         raise
     except Exception as e:
-        if not pretrained or not source:
+        if not pretrained:
             raise
+        if not source:  # the cfg's own weights (local-dir:, hf-hub:, a url): refused pickles get our message too
+            unsafe = refused_pickle(cfg_source or name, e)
+            if unsafe is None:
+                raise
+            raise unsafe from None
         _raise_file_error(name, source, e)
 
 
