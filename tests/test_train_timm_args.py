@@ -3,6 +3,7 @@ timm_smpconv/timm_train_args.py) is accepted with timm's nargs and type, and eit
 with its reason; timm's --model-kwargs parsing; the defaults that differ from timm's are said out loud. """
 import io
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -219,7 +220,10 @@ def types_state(args, tmp_path):
     return state
 
 
-def test_run_lists_the_values_that_differ_from_timms_defaults_and_the_table_in_the_docs():
+def test_run_lists_the_values_that_differ_from_timms_defaults_and_the_table_in_the_docs(monkeypatch):
+    # the docs' table is a GPU node's: at least 4 cores per rank, so --workers is timm's 4 (fewer cores: fewer)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
     diffs = {flag: (ours, theirs) for flag, ours, theirs in train_imagenet.timm_differences(
         train_imagenet.parse_args(['--data-dir', '/d', '--device', 'cuda']))}
     assert diffs['--opt'] == ('adamw', 'sgd') and diffs['--drop-path'] == (0.1, None)
