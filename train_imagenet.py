@@ -113,6 +113,7 @@ from timm_smpconv.data import (
     with_pad_crop,
 )
 from timm_smpconv.layers import RESIZE_MODES
+from timm_smpconv.models import read_checkpoint, refused_pickle, unknown_model_message
 from timm_smpconv.optim import RADIUS_LR_SCALE, RADIUS_RANGE_IMAGENET, RADIUS_RANGE_SMALL
 from timm_smpconv.regularizers import ALIASING_TARGETS
 from timm_smpconv.timm_train_args import TIMM_TRAIN_OPTIONS, TIMM_TRAIN_VERSION, timm_defaults
@@ -175,6 +176,15 @@ PRESETS = {
         std=list(IMAGENET_DEFAULT_STD), crop_pct=1.0, bn_recalibrate=16,
     ),
 }
+# where each preset's recipe comes from: the run's first line names it
+PRESET_SOURCES = {
+    'imagenet': "the SMPConv paper's ImageNet recipe for SMPConv-T",
+    'digits': "a short CPU run on the built-in digits, after the SMPConv paper's ImageNet recipe",
+    'seq-digits': "the SMPConv paper's sequence recipe, on the built-in digits",
+    'sequence': "the SMPConv paper's sequence recipe",
+    'smp-cifar': "the SMPConv paper's CIFAR-10 recipe for SMP FlexNet-16",
+    'flexnet-cifar': "the FlexConv paper's CIFAR-10 recipe for FlexNet-16",
+}
 
 # timm train.py options that cannot apply here: dest -> the one-line reason a run that sets them is refused
 REFUSED = {
@@ -218,6 +228,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if '(default:' in (action.help or ''):
             return action.help
         return super()._get_help_string(action)
+
+
+def default_workers() -> int:
+    """--workers default: timm's 4 DataLoader processes per rank, fewer where this node's ranks share fewer CPU
+    cores (the cores this process may run on, split between the LOCAL_WORLD_SIZE ranks torchrun starts here), so
+    that no loader has more workers than torch suggests for the machine; at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, min(4, cores // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -265,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="let a Hugging Face dataset run code from its repository")
     g.add_argument('--epoch-repeats', type=float, default=0.,
                    help='times an iterable dataset (wds/, tfds/, hfids/) is repeated per epoch (0: once)')
-    g.add_argument('--workers', '-j', type=int, default=4, help='data loading processes per rank')
+    g.add_argument('--workers', '-j', type=int, default=default_workers(),
+                   help="data loading processes per rank (default: timm's 4, fewer where the ranks on this machine "
+                        "share fewer CPU cores)")
     g.add_argument('--worker-seeding', default='all', help="loader worker seeding ('all' or 'part'), as timm's")
     g.add_argument('--use-multi-epochs-loader', action='store_true',
                    help="timm's MultiEpochsDataLoader (keeps workers across epochs)")
@@ -799,7 +819,7 @@ def check_args(args):
                             f'{args.dataset or "a folder dataset"} is map-style and would ignore it')
     for name in (args.model, args.kd_model_name):
         if name and ':' not in name and not timm.is_model(_base_name(name)):
-            raise TrainingError(f'unknown model {name!r}; ours: {", ".join(timm.list_models(module="smpconv"))}')
+            raise TrainingError(unknown_model_message(name))
     if args.auto_resume and args.resume != 'auto':
         raise TrainingError(f'--auto-resume is --resume auto; it does not combine with --resume {args.resume}')
     for path in (args.resume, args.pretrained_path, args.initial_checkpoint, args.checkpoint, args.kd_checkpoint):
@@ -1134,6 +1154,7 @@ def _create_model(name, what, **kwargs):
     except TrainingError:
         raise
     except (RuntimeError, ValueError, KeyError, OSError, TypeError, AssertionError) as e:
+        _raise_unsafe_checkpoint((kwargs.get('pretrained_cfg_overlay') or {}).get('file') or name, e)
         raise TrainingError(f'could not create {what} {name}: {e}') from e
 
 
@@ -1211,19 +1232,24 @@ def _load_weights(model, path, use_ema):
     try:
         load_checkpoint(model, path, use_ema=use_ema)
     except Exception as e:
+        _raise_unsafe_checkpoint(path, e)
         raise TrainingError(f'could not load checkpoint {path!r}: {e}') from e
+
+
+def _raise_unsafe_checkpoint(path, e):
+    """A file torch's safe loader refused (pickled objects that can run code): one message on every route, naming
+    the file (timm_smpconv's UnsafeCheckpointError), not torch's or timm's, which advise weights_only=False."""
+    unsafe = refused_pickle(path, e)
+    if unsafe is not None:
+        raise TrainingError(str(unsafe)) from None
 
 
 def _read_checkpoint(path, what='checkpoint'):
     """A checkpoint file as a dict, loaded safely (weights_only; a run's stored args allowed)."""
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # timm's saver stores the run's args
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = read_checkpoint(path)
     except Exception as e:
-        if 'Weights only load failed' in str(e):  # torch's safe loader refused it, as the model routes say
-            raise TrainingError(f'{what} {path!r} holds pickled Python objects (other than tensors and a run\'s '
-                                f'args) that could run code when loaded, so torch\'s safe loader refused it; if you '
-                                f'trust the file, re-save its tensors (torch.save(state_dict)) and use that') from e
+        _raise_unsafe_checkpoint(path, e)
         raise TrainingError(f'could not read {what} {path!r} (corrupt or not a checkpoint): {e}') from e
     if not isinstance(ckpt, dict):
         raise TrainingError(f'{what} {path!r} holds a {type(ckpt).__name__}, not a state dict')
@@ -1449,6 +1475,26 @@ def sequence_loader(dataset, args, training):
         pin_memory=args.pin_mem)
 
 
+def fit_sequence_batch(args, num_series):
+    """Training batches are full (drop_last). A training split with fewer series per rank than the preset's batch
+    (the small UEA / UCR archives: BasicMotions has 40 series, the sequence preset's batch is the paper's 64 for
+    CharacterTrajectories' 1,422) trains at the largest power of two that gives four batches per rank an epoch (at
+    least 1), and the run says so; a batch the user chose (other than the preset's), or one that sets the lr through
+    --lr-base, is kept, and if it gives no full batch the error names the -b that fits."""
+    per_rank = math.ceil(num_series / args.world_size)
+    if per_rank >= args.batch_size:
+        return
+    fit = 2 ** int(math.log2(max(1, per_rank // 4)))
+    where = f'{num_series} training series' + (f' ({per_rank} per rank)' if args.world_size > 1 else '')
+    if args.batch_size != PRESETS[args.preset].get('batch_size') or args.lr_base is not None:
+        raise TrainingError(f'{where} give no full batch of {args.batch_size}: pass a smaller -b/--batch-size, '
+                            f'e.g. -b {fit} (four batches an epoch)')
+    if args.rank == 0:
+        _logger.info(f"Batch size {fit}: {where} give no full batch of the preset's {args.batch_size} (four batches "
+                     f'an epoch at {fit}; -b sets it)')
+    args.batch_size = fit
+
+
 @dataclass
 class TrainState:
     """What the set-up steps of run() build, in their order, and the epoch loop uses."""
@@ -1539,7 +1585,7 @@ def setup_device(args):
 def log_defaults(args):
     """The run's first lines: the recipe, and each value that differs from timm's train.py default."""
     diffs = timm_differences(args)
-    _logger.info(f"Recipe: preset '{args.preset}' (the SMPConv paper's, not timm's defaults); {len(diffs)} values "
+    _logger.info(f"Recipe: preset '{args.preset}' ({PRESET_SOURCES[args.preset]}, not timm's defaults); {len(diffs)} values "
                  f"differ from timm {TIMM_TRAIN_VERSION} train.py's defaults:")
     for flag, ours, theirs in diffs:
         _logger.info(f'  {flag} {ours!r} (timm: {theirs!r})')
@@ -1696,6 +1742,7 @@ def resume(state):
             if state.model_ema is not None:
                 load_task_ema_checkpoint(state.task, state.resume_path)
         except Exception as e:
+            _raise_unsafe_checkpoint(state.resume_path, e)
             raise TrainingError(f'could not resume from {state.resume_path!r}: {e}') from e
         _logger.info(f'Resumed from {state.resume_path} at epoch {resume_epoch}')
     state.start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
@@ -1721,10 +1768,9 @@ def setup_loaders(state):
     args, data_config = state.args, state.data_config
     dataset_train = state.dataset_train
     if isinstance(dataset_train, SequenceDataset):
+        fit_sequence_batch(args, len(dataset_train))
         state.loader_train = sequence_loader(dataset_train, args, training=True)
         state.loader_eval = sequence_loader(state.dataset_eval, args, training=False)
-        if len(state.loader_train) == 0:
-            raise TrainingError(f'{len(dataset_train)} training series give no full batch of {args.batch_size}')
         return
     if _mixup_active(args):
         mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,

@@ -5,7 +5,9 @@ wall time of the `sequence` preset's SMP-TCN.
 
 Each archive is trained from scratch with the command in the table (its --data-dir is aeon's own data folder)
 and writes benchmarks/results/timeseries.md: the best and the final validation (the archive's TEST split)
-top-1, chance level, and the wall time of the run. A smoke run trains one epoch of two batches.
+top-1, chance level, the wall time of the run (and per epoch), and the machine's load average (1 min) when the
+run started and ended: wall times are only what a run takes alone where the load stayed below the core count.
+A smoke run trains one epoch of two batches.
 """
 import contextlib
 import csv
@@ -41,23 +43,27 @@ def main(argv=None):
     lines += ['Command: `python train_imagenet.py --dataset ts/NAME --data-dir AEON_DATA FLAGS` (the `sequence` preset: '
               '`smp_tcn` at the data\'s length, Adam, coupled weight decay 1e-5, cosine; AEON_DATA is aeon\'s '
               '`datasets/data` folder). Validation is the archive\'s TEST split.', '',
-              '| archive | data | flags | best val top-1 (epoch) | final | chance | wall time |',
-              '|---|---|---|---|---|---|---|']
+              '| archive | data | flags | best val top-1 (epoch) | final | chance | wall time | per epoch | load avg start / end |',
+              '|---|---|---|---|---|---|---|---|---|']
     for name, what, chance, flags in RUNS:
         smoke = ['--epochs', '1', '--max-train-batches', '2'] if args.smoke else []
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+            load_start = os.getloadavg()[0]
             t0 = time.perf_counter()
             train_imagenet.main(['--dataset', f'ts/{name}', '--data-dir', data, '--output', tmp, '--experiment', 'r']
                                 + flags + smoke)
             wall = time.perf_counter() - t0
+            load_end = os.getloadavg()[0]
             with open(Path(tmp) / 'r' / 'summary.csv') as f:
                 rows = list(csv.DictReader(f))
         best = max(rows, key=lambda r: float(r['eval_top1']))
         lines.append(f'| {name} | {what} | `{" ".join(flags)}` | {float(best["eval_top1"]):.2f}% ({best["epoch"]}) | '
-                     f'{float(rows[-1]["eval_top1"]):.2f}% | {chance:.1f}% | {wall:.0f} s |')
+                     f'{float(rows[-1]["eval_top1"]):.2f}% | {chance:.1f}% | {wall:.0f} s | {wall / len(rows):.2f} s | '
+                     f'{load_start:.1f} / {load_end:.1f} |')
         print(lines[-1], flush=True)
-    lines += ['', f'Load average (1 min) at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times grow with '
-              f'other jobs on the machine).']
+    lines += ['', f'Load average (1 min): per run above, {os.getloadavg()[0]:.1f} at the end, on {os.cpu_count()} cores; '
+              f'{args.threads} torch threads. Wall times grow with other jobs on the machine: they are a run\'s own '
+              f'where the load stayed at or below the threads used.']
     write_results(args.out, lines)
     print('\n'.join(lines))
 

@@ -190,6 +190,20 @@ def test_script_smoke_run(bench, tmp_path, script, committed, extra, rows, timin
         assert tables[0][1][0][0] == '1'  # one epoch
 
 
+def test_digits_spread_smoke_run(bench, tmp_path):
+    """The figures docs/training.md quotes for `python train_imagenet.py --epochs 3` (seeds x thread counts) and
+    the check of tests/test_bn_recalibrate.py, at smoke size: one seed, one thread count."""
+    out = tmp_path / 'digits_spread.md'
+    bench('digits_spread').main(['--smoke', '--threads-list', '1', '--seeds', '0', '--out', str(out)])
+    text = out.read_text()
+    assert text.splitlines()[0].endswith(SMOKE_NOTE)
+    assert _structure(text) == _structure((BENCH / 'results' / 'digits_spread.md').read_text())
+    tables = _tables(text)
+    assert [len(r) for _, r in tables] == [1, 1, 1]
+    assert tables[0][1][0][:2] == ['1', '0'] and all(0 <= float(c) <= 100 for c in tables[0][1][0][2:])
+    assert re.search(r'Largest gap: \d+\.\d\d points', text)
+
+
 def test_run_pair_worker_smoke(bench):
     """A ratio run of two ImageNet models at smoke size: training-step and batch-1 latency ratios."""
     run = bench('run')

@@ -6,6 +6,8 @@ compare our model's logits with an independent functional evaluation of the same
 renders kernels the way the authors' code does.
 """
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -15,6 +17,7 @@ from helpers import random_bn_entries
 from safetensors.torch import save_file
 
 import timm_smpconv  # noqa: F401
+from timm_smpconv.models._builder import CheckpointMismatchError
 
 # smpconv_mobile31: layers, channels, kernel sizes, points divisor, ffn ratio
 CFG = dict(layers=(2, 2, 2, 2), channels=(64, 128, 256, 320), kernels=(31, 29, 27, 13), div=8, ffn=2)
@@ -370,26 +373,69 @@ def test_pretrained_without_weights_says_how_to_load_a_file():
     assert 'corrupt' not in str(err.value)
 
 
-def test_missing_and_unsafe_weights_files_say_what_happened(tmp_path):
+def test_missing_weights_file_is_named(tmp_path):
     missing = tmp_path / 'nowhere' / 'w.pth'
     with pytest.raises(FileNotFoundError, match=f'not found: {missing}'):
         timm.create_model('smpconv_mobile31', pretrained=True, pretrained_cfg_overlay=dict(file=str(missing)))
 
-    class Payload:  # an arbitrary pickled object: torch's weights_only loader refuses such files
+
+def test_unsafe_checkpoint_gets_one_message_on_every_route(tmp_path, capsys):
+    """A file with a pickled object that runs code when unpickled is refused on every route that reads a
+    checkpoint, with the same message: it names the file and says why it was not loaded, never advises turning the
+    safe loader off (torch's and timm's own messages say to retry with weights_only=False), and the object never
+    runs."""
+    import traceback
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import train_imagenet
+    from timm_smpconv.export import main as export_main
+    from timm_smpconv.models import UnsafeCheckpointError
+
+    ran = tmp_path / 'payload_ran'
+
+    class Payload:  # unpickling it creates a file: the sign that the file's code ran
         def __reduce__(self):
-            return (print, ('loaded',))
+            return (open, (str(ran), 'w'))
 
     unsafe = tmp_path / 'unsafe.pth'
     src = timm.create_model('smpconv_mobile31')
-    torch.save({'model': src.state_dict(), 'extra': Payload()}, unsafe)
-    with pytest.raises(RuntimeError, match=r'safe loader refused the file.*If you trust it') as err:
-        timm.create_model('smpconv_mobile31', pretrained=True, pretrained_cfg_overlay=dict(file=str(unsafe)))
-    assert 'corrupt' not in str(err.value)
-    # the recipe the message gives works for a trusted file
-    from timm_smpconv.models.smpconv import checkpoint_filter_fn
-    model = timm.create_model('smpconv_mobile31')
-    model.load_state_dict(checkpoint_filter_fn(torch.load(unsafe, weights_only=False), model))
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), src.state_dict().values()))
+    torch.save({'state_dict': src.state_dict(), 'extra': Payload()}, unsafe)
+    message = (f"checkpoint '{unsafe}' was not loaded: it holds pickled Python objects (io.open) that can "
+               f"execute code when unpickled")
+
+    def check(text):
+        assert message in text, text
+        assert text.count('was not loaded') == 1, text
+        assert 'weights_only' not in text and 'trust' not in text, text
+
+    for kwargs in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(unsafe))), dict(checkpoint_path=str(unsafe))):
+        with pytest.raises(UnsafeCheckpointError) as err:
+            timm.create_model('smpconv_mobile31', **kwargs)
+        check(''.join(traceback.format_exception(err.value)))  # torch's message is not in the traceback either
+    # a local-dir: (or hf-hub:) folder whose weights file pickles code
+    from timm.models import save_for_hf
+    save_for_hf(src, tmp_path / 'hf', safe_serialization=False)
+    torch.save({'extra': Payload(), **src.state_dict()}, tmp_path / 'hf' / 'pytorch_model.bin')
+    with pytest.raises(UnsafeCheckpointError) as err:
+        timm.create_model(f'local-dir:{tmp_path / "hf"}', pretrained=True)
+    text = ''.join(traceback.format_exception(err.value))
+    assert f"checkpoint '{tmp_path / 'hf'}' was not loaded: it holds pickled Python objects" in text
+    assert 'weights_only' not in text
+    with pytest.raises(SystemExit) as exc:
+        export_main(['--checkpoint', str(unsafe), '--out', str(tmp_path / 'out'), '--model', 'smpconv_mobile31'])
+    assert exc.value.code == 2
+    check(capsys.readouterr().err)
+    base = ['--model', 'smpconv_mobile31', '--img-size', '32', '--workers', '0', '--device', 'cpu',
+            '--output', str(tmp_path / 'runs')]
+    for route in (['--resume'], ['--initial-checkpoint'], ['--pretrained-path'], ['--eval-only', '--checkpoint'],
+                  ['--kd-model-name', 'smpconv_mobile31', '--kd-checkpoint']):
+        with pytest.raises(SystemExit) as exc:
+            train_imagenet.main(base + route + [str(unsafe)])
+        assert exc.value.code == 2, route
+        out = capsys.readouterr()
+        check(out.err)
+        assert 'weights_only' not in out.out
+    assert not ran.exists()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -443,7 +489,7 @@ def test_both_loading_routes_give_the_same_errors(tmp_path, name):
     other = tmp_path / 'other.pth'
     torch.save(timm.create_model(other_name, **FAMILIES[other_name][0]).state_dict(), other)
     a, b = _both_routes(name, other, **small)
-    assert type(a) is type(b) is ValueError and str(a) == str(b)
+    assert type(a) is type(b) is CheckpointMismatchError and str(a) == str(b)  # a ValueError
     assert f'checkpoint does not fit the {type(src).__name__}' in str(a) and 'missing keys' in str(a)
     # a file that is not there
     a, b = _both_routes(name, tmp_path / 'nowhere.pth', **small)

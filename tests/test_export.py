@@ -111,7 +111,12 @@ def test_export_bad_input_is_named(trainer_checkpoint, tmp_path, capsys):
     plain = tmp_path / 'plain.pth'
     torch.save(raw.state_dict(), plain)
     fails(['--checkpoint', str(plain), '--out', str(tmp_path / 'b')], 'pass --model NAME')
-    fails(['--checkpoint', str(path), '--out', str(tmp_path / 'c'), '--num-classes', '5'], 'does not fit smpconv_mobile31')
+    fails(['--checkpoint', str(path), '--out', str(tmp_path / 'c'), '--num-classes', '5'],
+          "does not fit smpconv_mobile31 created with {'kernel_sizes': [9, 7, 5, 5]")
+    # a plain state dict does not say its class count: the error gives the flag, read from the classifier's shape
+    fails(['--checkpoint', str(plain), '--out', str(tmp_path / 'b'), '--model', 'smpconv_mobile31'] + TINY[-6:],
+          "head.fc.weight: checkpoint (3, 40) vs model (1000, 40), head.fc.bias: checkpoint (3,) vs model (1000,); the "
+          "checkpoint's classifier has 3 classes, the model 1000: pass --num-classes 3\n")
     (tmp_path / 'd').mkdir()
     (tmp_path / 'd' / 'x.txt').write_text('keep me')
     fails(['--checkpoint', str(path), '--out', str(tmp_path / 'd')], 'exists and is not an empty folder')

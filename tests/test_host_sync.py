@@ -9,7 +9,7 @@ from helpers import HostSyncs
 from timm.utils import reparameterize_model
 
 from timm_smpconv.layers import FlexConv2d, SMPConv2d
-from timm_smpconv.triton_aot import package_models
+from timm_smpconv.models import package_models
 
 MODELS = package_models()
 

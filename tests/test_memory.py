@@ -78,6 +78,20 @@ def test_recompute_keeps_outputs_and_gradients_and_keeps_less(name, kwargs, size
     assert kept['lean'] < kept['pointwise'] < kept['plain'], kept
 
 
+def test_recompute_keeps_a_float64_model_in_float64():
+    """The recomputed BatchNorm outputs are computed in the model's precision (float32 for half precision, as
+    PyTorch's BN kernels do): a float64 model's gradients equal the plain ones to float64 rounding (a float32 recipe
+    put 1e-7 into them)."""
+    torch.manual_seed(0)
+    model = timm.create_model('smpconv_mobile31', layers=(1, 1, 1, 1)).train().double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    out0, grads0 = _step(model, x, 'plain')
+    out, grads = _step(model, x, 'pointwise')
+    assert torch.equal(out, out0)
+    for n, g in grads.items():
+        assert (g - grads0[n]).abs().max() <= 1e-12 * grads0[n].abs().max(), n
+
+
 def test_recompute_steps_aside_for_checkpointing_and_other_hooks():
     """Inside gradient checkpointing or another saved-tensor hook (here save_on_cpu) the model computes and keeps
     exactly as without recompute: the checkpoint's recomputation must see the same ops."""

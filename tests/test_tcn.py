@@ -393,9 +393,9 @@ def test_permutation_is_fixed_stored_and_tied_to_the_length():
 
 
 @pytest.mark.parametrize('x,match', [
-    (torch.randn(2, 2, 64), r'expects \(B, 3, L\) sequences'),
+    (torch.randn(2, 2, 64), r'expects \(N, 3, L\) sequences'),
     (torch.randn(2, 3, 0), 'empty'),
-    (torch.randn(3, 64), r'expects \(B, 3, L\)'),
+    (torch.randn(3, 64), r'expects \(N, 3, L\)'),
 ])
 def test_bad_input_raises(x, match):
     model = timm.create_model('smp_tcn.digits')

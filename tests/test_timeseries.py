@@ -95,6 +95,21 @@ def test_shipped_uea_ucr_archives_train_above_chance(name, chance, margin, tmp_p
     assert best >= chance + margin, (name, best)
 
 
+def test_small_archive_trains_at_a_batch_that_fits(tmp_path):
+    """BasicMotions has 40 training series, fewer than the sequence preset's batch of 64 (the paper's, for
+    CharacterTrajectories' 1,422): the run trains at 8 (four full batches an epoch) and says so; a -b the user
+    chose that gives no full batch is an error naming the -b that fits."""
+    common = SMALL + ['--dataset', 'ts/BasicMotions', '--data-dir', aeon_data(), '--epochs', '1', '--warmup-epochs', '0',
+                      '--output', str(tmp_path)]
+    code, log = run_main(common + ['--experiment', 'fit'])
+    assert code == 0, log[-3000:]
+    assert "Batch size 8: 40 training series give no full batch of the preset's 64 (four batches an epoch at 8; " \
+           "-b sets it)" in log
+    assert load(tmp_path / 'fit' / 'last.pth.tar')['args'].batch_size == 8  # the run's record: what it trained with
+    code, log = run_main(common + ['--experiment', 'b48', '-b', '48'])
+    assert code == 2 and '40 training series give no full batch of 48: pass a smaller -b/--batch-size, e.g. -b 8' in log
+
+
 def test_unequal_lengths_are_padded_at_the_front():
     """JapaneseVowels (12 channels, 7 to 29 steps): every series ends at the last step, padded before with zeros
     (the channel mean after normalisation)."""

@@ -21,9 +21,10 @@ from helpers import check_timm_model_contract, fx_model
 from timm.layers import set_scriptable
 
 import timm_smpconv  # noqa: F401  (registers the models)
+from timm_smpconv.models import package_models
 from timm_smpconv.ops import conv_impl
 
-REGISTERED = sorted(n for family in ('smpconv', 'flexnet', 'tcn') for n in timm.list_models(module=family))
+REGISTERED = sorted(package_models())
 # one small model per model class and conv type (at least 3 feature levels, as timm's feature test wants), and
 # its input shape; the sequence models read 16 steps of their tag's channels
 SMALL = {
@@ -52,6 +53,25 @@ def test_every_registered_model_is_covered():
 def test_deployed_default_cfg_contract(name):
     """timm's test_model_default_cfgs for the deployed form of every registered model, at its full size."""
     check_timm_model_contract(name, inference_mode=True)
+
+
+@pytest.mark.parametrize('deployed', [False, True], ids=['train', 'deploy'])
+@pytest.mark.parametrize('name', sorted(SMALL))
+def test_wrong_input_shape_is_one_error_for_every_family(name, deployed):
+    """Every family refuses an input of the wrong channel count (or rank) before its first layer with the same
+    ValueError naming the shape it expects, in every entry point (not torch's conv error from inside the stem)."""
+    kwargs, shape = SMALL[name]
+    model = timm.create_model(name, device='meta', inference_mode=deployed, **kwargs)
+    c = shape[0]
+    what = f'(N, {c}, L) sequences or (N, {c}, H, W) images' if len(shape) == 2 else f'(N, {c}, H, W) images'
+    bad = [(2, c + 2) + shape[1:]] + ([(2, c, shape[1])] if len(shape) == 3 else [])
+    for size in bad:
+        x = torch.empty(size, device='meta')
+        message = f'{type(model).__name__} expects {what}, got shape {list(size)}'
+        for entry in (model, model.forward_features, model.forward_intermediates):
+            with pytest.raises(ValueError) as err:
+                entry(x)
+            assert str(err.value) == message
 
 
 def _out(y):

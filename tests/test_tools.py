@@ -43,6 +43,23 @@ def test_flops_cli(capsys):
     assert f'{counts["params"]:,}' in out
 
 
+@pytest.mark.parametrize('tool', [flops, visualize])
+def test_tool_cli_names_itself_and_a_bad_model_in_one_line(tool, capsys):
+    prog = f'python -m {tool.__name__}'
+    with pytest.raises(SystemExit) as exc:
+        tool.main(['--help'])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.startswith(f'usage: {prog} ')
+    for argv, message in ((['--model', 'nosuch'], "unknown model 'nosuch'; ours: ckcnn_16, flexnet_16, flextcn_2"),
+                          (['--model', 'smpconv_mobile31.nosuchtag'], 'could not create smpconv_mobile31.nosuchtag: ')):
+        with pytest.raises(SystemExit) as exc:
+            tool.main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f'{prog}: error: {message}') and err.count('\n') == 1, err
+        assert 'smp_tcn' in err or 'nosuchtag' in err
+
+
 def test_flops_cli_shows_no_fvcore_warning(capsys):
     """fvcore.nn's import scripts a loss with the deprecated torch.jit.script: the CLI does not pass the
     FutureWarning on. Checked on a fresh import (the modules are cached by earlier tests), then restored."""

@@ -241,7 +241,7 @@ def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
         'odd_batch_mixup': (['--batch-size', '7', '--mixup', '0.8'], 'even --batch-size, got 7'),
         'no_checkpoint_for_eval': (['--eval-only'], '--eval-only needs --checkpoint'),
         'unsafe_eval_checkpoint': (TINY + ['--eval-only', '--checkpoint', str(tmp_path / 'unsafe.pth.tar')],
-                                   "torch's safe loader refused it"),
+                                   'holds pickled Python objects (types.SimpleNamespace) that can execute code'),
     }[case]
     torch.save({'state_dict': {}, 'extra': types.SimpleNamespace(a=1)}, tmp_path / 'unsafe.pth.tar')
     (tmp_path / 'empty').mkdir()
@@ -250,6 +250,9 @@ def test_bad_input_fails_before_training(case, tmp_path, capsys, data_dir):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err
+    if case == 'unknown_model':  # every family we register is offered, the sequence models too
+        assert all(name in err for name in ('smpconv_t', 'flexnet_16', 'smp_flexnet_16', 'ckcnn_16', 'smp_tcn',
+                                            'flextcn_2', 'flextcn_6')), err
     assert not list(tmp_path.glob('**/last.pth.tar'))
     assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == ['empty']  # no run folder left behind
 
@@ -306,6 +309,25 @@ def test_help_documents_every_flag():
                  '--cutmix', '--smoothing', '--reprob', '--drop-path', '--model-ema', '--model-ema-decay', '--amp',
                  '--grad-accum-steps', '--workers', '--device'):
         assert flag in names, flag
+
+
+@pytest.mark.parametrize('cores, local_ranks, workers', [(2, None, 2), (2, '2', 1), (1, None, 1), (16, None, 4),
+                                                      (16, '8', 2)])
+def test_workers_default_fits_the_cores_of_each_rank(monkeypatch, cores, local_ranks, workers):
+    """timm's 4 loader processes per rank, fewer where the ranks share fewer cores: torch's own check of a loader
+    (the warning every run on a 2-core machine gave with 4) has nothing to say; --workers still wins."""
+    import warnings
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(cores)), raising=False)
+    if local_ranks:
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', local_ranks)
+    else:
+        monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    args = train_imagenet.parse_args(['--data-dir', '/some/imagenet'])
+    assert args.workers == workers
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        torch.utils.data.DataLoader(range(4), num_workers=args.workers).check_worker_number_rationality()
+    assert train_imagenet.parse_args(['--data-dir', '/some/imagenet', '-j', '6']).workers == 6
 
 
 def test_defaults_are_the_papers_imagenet_recipe_and_digits_without_data():

@@ -3,6 +3,7 @@ timm_smpconv/timm_train_args.py) is accepted with timm's nargs and type, and eit
 with its reason; timm's --model-kwargs parsing; the defaults that differ from timm's are said out loud. """
 import io
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -225,7 +226,10 @@ def types_state(args, tmp_path):
     return state
 
 
-def test_run_lists_the_values_that_differ_from_timms_defaults_and_the_table_in_the_docs():
+def test_run_lists_the_values_that_differ_from_timms_defaults_and_the_table_in_the_docs(monkeypatch):
+    # the docs' table is a GPU node's: at least 4 cores per rank, so --workers is timm's 4 (fewer cores: fewer)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
     diffs = {flag: (ours, theirs) for flag, ours, theirs in train_imagenet.timm_differences(
         train_imagenet.parse_args(['--data-dir', '/d', '--device', 'cuda']))}
     assert diffs['--opt'] == ('adamw', 'sgd') and diffs['--drop-path'] == (0.1, None)
@@ -262,6 +266,24 @@ def test_other_model_on_the_builtin_data_trains_without_the_presets_kwargs(tmp_p
     code, out = run_main(['--model', 'convnext_atto', '--model-kwargs', 'n_points=3', '--epochs', '1', '--device', 'cpu',
                           '--output', str(tmp_path)])
     assert code == 2 and "could not create model convnext_atto: " in out and 'n_points' in out
+
+
+def test_each_preset_banner_names_the_paper_of_its_recipe():
+    assert set(train_imagenet.PRESET_SOURCES) == set(train_imagenet.PRESETS)
+    for preset, source in (('flexnet-cifar', "the FlexConv paper's CIFAR-10 recipe for FlexNet-16"),
+                           ('smp-cifar', "the SMPConv paper's CIFAR-10 recipe for SMP FlexNet-16"),
+                           ('imagenet', "the SMPConv paper's ImageNet recipe for SMPConv-T")):
+        args = train_imagenet.parse_args(['--preset', preset])
+        args.rank = 0
+        log = io.StringIO()
+        handler = logging.StreamHandler(log)
+        train_imagenet._logger.addHandler(handler)
+        try:
+            train_imagenet.log_defaults(args)
+        finally:
+            train_imagenet._logger.removeHandler(handler)
+        first = log.getvalue().splitlines()[0]
+        assert first.startswith(f"Recipe: preset '{preset}' ({source}, not timm's defaults); "), first
 
 
 def test_variable_resolution_augmix_split_bn_and_save_images(tmp_path):

@@ -6,7 +6,9 @@ must be and what it got: TypeError for a value of the wrong type, ValueError for
 import math
 from typing import Sequence, Union
 
-__all__ = ['check_choice', 'check_int', 'check_kernel_size', 'check_positive', 'square_size']
+import torch
+
+__all__ = ['check_choice', 'check_image_input', 'check_int', 'check_kernel_size', 'check_positive', 'square_size']
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:
@@ -66,3 +68,12 @@ def square_size(size: Union[int, Sequence[int]], name: str = 'img_size', minimum
             raise ValueError(f'{name} must be square (one kernel horizon for both axes), got {tuple(size)}')
         size = size[0]
     return check_int(name, size, minimum)
+
+
+def check_image_input(x: torch.Tensor, in_chans: int, model: str):
+    """A model's input: (N, in_chans, H, W) images, else a ValueError naming the shape expected and the one given
+    (every image family says it the same way, before its first layer). Reads the static shape only: no host sync,
+    a guard (not a graph break) when compiled or exported. Modules calling it from a traced forward register it
+    with torch.fx.wrap, so that fx records the check as one call."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'{model} expects (N, {in_chans}, H, W) images, got shape {list(x.shape)}')

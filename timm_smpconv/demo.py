@@ -49,7 +49,8 @@ def _time(model: nn.Module, x: torch.Tensor, reps: int = 3) -> float:
 
 
 def main(argv=None) -> float:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog='python -m timm_smpconv.demo', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--channels', type=int, default=32)
     parser.add_argument('--kernel-size', type=int, default=31)
     parser.add_argument('--depth', type=int, default=4)

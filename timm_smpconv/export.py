@@ -29,6 +29,8 @@ import torch
 import torch.nn as nn
 from timm.models import reparameterize_model, save_for_hf
 
+from .models._builder import _FILTERS, UnsafeCheckpointError, check_state_dict_keys, read_checkpoint
+
 __all__ = ['ExportError', 'export_checkpoint', 'main']
 
 # the training arguments (train_imagenet.py flags) that say how the model was created
@@ -44,11 +46,9 @@ def load_checkpoint_file(path: str) -> Dict[str, Any]:
     if not os.path.isfile(path):
         raise ExportError(f'checkpoint {path!r} not found')
     try:
-        if path.endswith('.safetensors'):
-            import safetensors.torch
-            return safetensors.torch.load_file(path, device='cpu')
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+        ckpt = read_checkpoint(path)
+    except UnsafeCheckpointError as e:
+        raise ExportError(str(e)) from None
     except Exception as e:
         raise ExportError(f'could not read checkpoint {path!r} ({type(e).__name__}: {e})') from e
     if not isinstance(ckpt, dict):
@@ -101,7 +101,6 @@ def creation_kwargs(stored: Dict[str, Any], model: Optional[str] = None, overrid
 
 
 def _filter_fn(model: nn.Module):
-    from .models._builder import _FILTERS
     fn = _FILTERS.get(type(model))
     if fn is None:
         raise ExportError(f'{type(model).__name__} is not a timm_smpconv model: export deploys the models this package '
@@ -170,9 +169,12 @@ def export_checkpoint(
     if trained.inference_mode:
         raise ExportError('the model was created with inference_mode=True: export takes a training checkpoint')
     try:
-        trained.load_state_dict(_filter_fn(trained)(dict(weights), trained))
+        state_dict = _filter_fn(trained)(dict(weights), trained)  # the authors' layouts converted
+        check_state_dict_keys(state_dict, trained, adaptable=False)  # the classifier too: export adapts nothing
+        trained.load_state_dict(state_dict)
     except (RuntimeError, ValueError) as e:
-        raise ExportError(f'the checkpoint does not fit {name} created with {kwargs}: {e}') from e
+        fix = f': pass --num-classes {e.num_classes}' if getattr(e, 'num_classes', None) else ''
+        raise ExportError(f'the checkpoint does not fit {name} created with {kwargs}: {e}{fix}') from e
     trained.eval()
     deployed = reparameterize_model(trained)
     if img_size:

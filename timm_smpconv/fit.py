@@ -222,7 +222,8 @@ def _positive_float(text: str) -> float:
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog='python -m timm_smpconv.fit', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--steps', type=_positive_int, default=3000, help='optimizer steps per fit (default: 3000)')
     parser.add_argument('--points', type=_positive_int, default=204, help='SMP points (default: 204, the paper\'s)')
     parser.add_argument('--grid', type=_positive_int, default=51, help='samples per axis (default: 51, the paper\'s)')

@@ -13,7 +13,6 @@ import argparse
 import logging
 from typing import Dict, Optional
 
-import timm
 import torch
 import torch.nn as nn
 from timm.models import reparameterize_model
@@ -21,6 +20,7 @@ from timm.models import reparameterize_model
 from ._fvcore import FlopCountAnalysis  # without fvcore's import-time FutureWarning
 from .layers.flexconv import FlexConv2d
 from .layers.smp_conv import _SMPConvNd
+from .models import create_model_or_exit
 
 __all__ = ['count_flops', 'main']
 
@@ -95,7 +95,8 @@ def format_report(name: str, counts: Dict[str, float], img_size: int, batch_size
 
 
 def main(argv=None) -> Dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog='python -m timm_smpconv.flops', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='smpconv_t', help='timm model name (ours or any timm model)')
     parser.add_argument('--img-size', type=int, default=224, help='square input size')
     parser.add_argument('--seq-len', type=int, default=None,
@@ -105,7 +106,7 @@ def main(argv=None) -> Dict[str, float]:
     parser.add_argument('--reparam', action='store_true', help='count the reparameterized (deploy) model')
     args = parser.parse_args(argv)
     kwargs = {} if args.num_classes is None else {'num_classes': args.num_classes}
-    model = timm.create_model(args.model, **kwargs)
+    model = create_model_or_exit(parser, args.model, **kwargs)
     if args.reparam:
         model = reparameterize_model(model.eval())
     seq_len = args.seq_len or getattr(model, 'seq_len', None)

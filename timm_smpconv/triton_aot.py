@@ -41,7 +41,7 @@ import torch
 __all__ = [
     'ARCH_LIMITS', 'AotConfiguration', 'AotReport', 'DepthwiseConvCall', 'PRECISIONS', 'aot_configurations',
     'compile_configurations', 'dispatched_depthwise_convs', 'docs_block', 'format_table',
-    'occupancy', 'package_models', 'replace_docs_block',
+    'occupancy', 'replace_docs_block',
     'read_sass', 'supported_archs', 'tools_available',
 ]
 
@@ -91,15 +91,6 @@ def supported_archs(archs: Sequence[int] = DEFAULT_ARCHS) -> Tuple[int, ...]:
         if ok:
             out.append(arch)
     return tuple(out)
-
-
-def package_models() -> List[str]:
-    """Every model this package registers with timm."""
-    import timm
-    from timm.models import model_entrypoint
-
-    import timm_smpconv  # noqa: F401
-    return [n for n in timm.list_models() if model_entrypoint(n).__module__.startswith('timm_smpconv.')]
 
 
 @dataclass(frozen=True)
@@ -234,6 +225,8 @@ def aot_configurations(models: Optional[Iterable[str]] = None, precisions: Seque
     kernel gradient, in each of `precisions`, NCHW and channels_last, for `archs` (default: `supported_archs()`).
     Launches with the same compile key on every arch are one configuration."""
     import timm
+
+    from .models import package_models
     models = package_models() if models is None else list(models)
     archs = tuple(supported_archs() if archs is None else archs)
     configs: Dict[str, AotConfiguration] = {}

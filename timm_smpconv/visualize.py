@@ -13,11 +13,11 @@ Axes follow the conv weight: rows downwards, columns to the right.
 import argparse
 from typing import List, Optional, Sequence
 
-import timm
 import torch
 import torch.nn as nn
 
 from .layers.smp_conv import SMPConv2d
+from .models import create_model_or_exit
 
 __all__ = ['smp_layers', 'plot_kernels', 'main']
 
@@ -92,7 +92,8 @@ def plot_kernels(model: nn.Module, layers: Optional[Sequence[str]] = None, chann
 
 
 def main(argv=None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog='python -m timm_smpconv.visualize', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='smpconv_t')
     parser.add_argument('--checkpoint', default=None,
                         help="weights to draw: ours (timm's saver, safetensors) or the authors' checkpoint")
@@ -105,7 +106,7 @@ def main(argv=None) -> str:
     kwargs = {}
     if args.checkpoint:
         kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint))
-    model = timm.create_model(args.model, **kwargs)
+    model = create_model_or_exit(parser, args.model, **kwargs)
     plot_kernels(model, args.layers, args.channels, args.out)
     print(f'wrote {args.out}')
     return args.out

@@ -163,7 +163,7 @@ _BN_NODES = ('NativeBatchNormBackward0', 'CudnnBatchNormBackward0', 'MiopenBatch
 
 
 def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype, stride: tuple) -> torch.Tensor:
-    """x * scale + shift per channel (dim 1), in float32, rounded once to `dtype`, laid out with `stride`."""
+    """x * scale + shift per channel (dim 1), in scale's precision, rounded once to `dtype`, laid out with `stride`."""
     shape = (1, -1) + (1,) * (x.dim() - 2)
     out = torch.addcmul(shift.reshape(shape), x, scale.reshape(shape))
     if out.dtype == dtype and out.stride() == stride:
@@ -184,10 +184,13 @@ def batch_norm_affine(x: torch.Tensor, y: torch.Tensor, bn: nn.Module):
     if mean.numel() != x.shape[1] or invstd.numel() != x.shape[1]:
         return None
     dtype, stride = y.dtype, y.stride()
+    # as PyTorch's BN kernels compute it: in float32 for half-precision inputs, in the input's precision otherwise
+    # (float64 stays float64: a float32 recipe would put float32 rounding into a float64 model's gradients)
+    compute = torch.promote_types(dtype, torch.float32)
 
     def fn(x, mean, invstd, weight, bias):
-        scale = invstd.float() * weight.float()
-        return _affine(x, scale, bias.float() - mean.float() * scale, dtype, stride)
+        scale = invstd.to(compute) * weight.to(compute)
+        return _affine(x, scale, bias.to(compute) - mean.to(compute) * scale, dtype, stride)
 
     return fn, (x, mean, invstd, bn.weight, bn.bias)  # (mean and invstd come detached from the hooks)
 

@@ -1,23 +1,49 @@
 """ Model building shared by our model families, and the errors of their two checkpoint-loading routes. """
+import argparse
 import os
+import pickle
 import re
-from typing import Callable, Dict, Optional, Set, Type
+from typing import Any, Callable, Dict, List, Optional, Set, Type
 
+import timm
 import timm.models._factory as _timm_factory
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, get_pretrained_cfg, load_checkpoint, load_state_dict
+from timm.models import build_model_with_cfg, get_pretrained_cfg, list_models, load_checkpoint, load_state_dict, model_entrypoint
 
 from ..layers.flexconv import FlexConv2d
 
 __all__ = [
-    'build_model_naming_file_errors', 'check_state_dict_keys', 'flexconv_from_authors', 'load_checkpoint_naming_errors',
-    'no_decay_patterns', 'points_from_authors', 'saved_kernel_size', 'unwrap_checkpoint',
+    'CheckpointMismatchError', 'UnsafeCheckpointError', 'build_model_naming_file_errors', 'check_state_dict_keys', 'create_model_or_exit',
+    'flexconv_from_authors', 'load_checkpoint_naming_errors', 'no_decay_patterns', 'package_models',
+    'points_from_authors', 'read_checkpoint', 'refused_pickle', 'saved_kernel_size', 'unknown_model_message',
+    'unwrap_checkpoint',
 ]
 
 # our model classes -> their checkpoint filter (convert the authors' layouts, check the keys), registered by
 # build_model_naming_file_errors: the checkpoint_path= route applies the same filter as pretrained=True
 _FILTERS: Dict[type, Callable] = {}
+
+
+def package_models() -> List[str]:
+    """Every model this package registers with timm, all families (SMPConv, FlexNet / CKCNN, the sequence models)."""
+    return [n for n in list_models() if model_entrypoint(n).__module__.startswith('timm_smpconv.')]
+
+
+def unknown_model_message(name: str) -> str:
+    """The error for a model name timm does not know, offering ours."""
+    return f'unknown model {name!r}; ours: {", ".join(package_models())} (or any timm model)'
+
+
+def create_model_or_exit(parser, name: str, **kwargs) -> nn.Module:
+    """`timm.create_model(name, **kwargs)` for a command-line tool: an unknown name or a failed creation ends the
+    program with one line naming the problem (`PROG: error: ...`, exit code 2), not a traceback."""
+    if ':' not in name and not timm.is_model(name):
+        parser.exit(2, f'{parser.prog}: error: {unknown_model_message(name)}\n')
+    try:
+        return timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, TypeError, OSError) as e:
+        parser.exit(2, f'{parser.prog}: error: could not create {name}: {e}\n')
 
 
 def _model_name(architecture: str, tag: Optional[str]) -> str:
@@ -31,18 +57,65 @@ def _model_name(architecture: str, tag: Optional[str]) -> str:
     return architecture if tag == default else f'{architecture}.{tag}'
 
 
-def _file_error(name: str, source: str, model_cls: Type[nn.Module], e: Exception) -> RuntimeError:
-    """The error for a weights file torch cannot read: refused by the safe loader, or truncated / corrupt."""
-    if 'weights_only' in str(e) or 'Weights only load failed' in str(e):
-        return RuntimeError(
-            f'could not load pretrained weights for {name} from {source}: torch\'s safe loader refused the '
-            f'file because it holds pickled Python objects that could run code when loaded. If you trust it, '
-            f'load it yourself and pass the weights: model = timm.create_model({name!r}); '
-            f'sd = torch.load(PATH, weights_only=False); model.load_state_dict('
-            f'{model_cls.__module__}.checkpoint_filter_fn(sd, model))')
-    return RuntimeError(
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint file torch's safe (weights_only) loader refused: it holds pickled Python objects that can run
+    code when unpickled, so it was not loaded. Every route that reads a checkpoint (create_model's pretrained and
+    checkpoint_path routes, the trainer's --resume / --initial-checkpoint / --pretrained-path / --checkpoint /
+    --kd-checkpoint, export) raises this one message."""
+
+
+def refused_pickle(path, e: BaseException) -> Optional[UnsafeCheckpointError]:
+    """The error for `path` if `e` (or an exception it was raised from) is torch's safe loader refusing the file's
+    pickled objects (torch's own message, and timm's re-raised one, advise `weights_only=False`, which would run
+    them: ours names the file and what it holds instead); None for any other failure (missing, truncated, corrupt)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UnsafeCheckpointError):
+            return e
+        if isinstance(e, pickle.UnpicklingError) and str(e).startswith('Weights only load failed'):
+            break
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    else:
+        return None
+    try:  # the offending globals, where torch can list them (zip checkpoints) without unpickling anything
+        names = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g != 'argparse.Namespace']
+    except Exception:
+        names = []
+    what = f' ({", ".join(names)})' if names else ''
+    return UnsafeCheckpointError(
+        f'checkpoint {str(path)!r} was not loaded: it holds pickled Python objects{what} that can execute code when '
+        f'unpickled. Checkpoints are read with torch\'s safe loader, which takes tensors, plain containers and a '
+        f'training run\'s stored arguments only.')
+
+
+def read_checkpoint(path) -> Any:
+    """A checkpoint file as torch or safetensors stores it, read safely: safetensors, or torch's weights_only loader
+    with a training run's stored arguments (timm's saver pickles an argparse.Namespace) allowed. A file with other
+    pickled objects raises UnsafeCheckpointError; other failures (corrupt, truncated) pass unchanged."""
+    path = str(path)
+    if path.endswith('.safetensors'):
+        import safetensors.torch
+        return safetensors.torch.load_file(path, device='cpu')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        unsafe = refused_pickle(path, e)
+        if unsafe is not None:
+            raise unsafe from None
+        raise
+
+
+def _raise_file_error(name: str, source: str, e: Exception):
+    """Raise the error for a weights file torch cannot read: refused by the safe loader (the message of every route,
+    without torch's own in the traceback), or truncated / corrupt."""
+    unsafe = refused_pickle(source, e)
+    if unsafe is not None:
+        raise unsafe from None
+    raise RuntimeError(
         f'could not load pretrained weights for {name} from {source}: the file is corrupt or not a '
-        f'PyTorch / safetensors checkpoint ({type(e).__name__}: {e})')
+        f'PyTorch / safetensors checkpoint ({type(e).__name__}: {e})') from e
 
 
 def build_model_naming_file_errors(
@@ -58,8 +131,8 @@ def build_model_naming_file_errors(
     * `pretrained=True` without a file: our models ship no weights; the error says how to load the authors'
       or your own file (`pretrained_cfg_overlay=dict(file=...)`), with the model name as given (its tag too).
     * a file that does not exist: FileNotFoundError naming the path.
-    * a file torch's safe (weights_only) loader refuses, because it pickles arbitrary Python objects: said
-      so, with how to load a file you trust.
+    * a file torch's safe (weights_only) loader refuses, because it pickles arbitrary Python objects:
+      UnsafeCheckpointError naming the file (the message of every checkpoint route).
     * a truncated or corrupt file (UnpicklingError, EOFError, IndexError, RuntimeError... from torch.load):
       one RuntimeError naming the file.
     ValueError and TypeError pass unchanged: bad arguments, or a checkpoint whose keys do not fit (the filter
@@ -85,9 +158,14 @@ def build_model_naming_file_errors(
     except (ValueError, TypeError):
         raise
     except Exception as e:
-        if not pretrained or not source:
+        if not pretrained:
             raise
-        raise _file_error(name, source, model_cls, e) from e
+        if not source:  # the cfg's own weights (local-dir:, hf-hub:, a url): refused pickles get our message too
+            unsafe = refused_pickle(cfg_source or name, e)
+            if unsafe is None:
+                raise
+            raise unsafe from None
+        _raise_file_error(name, source, e)
 
 
 def load_checkpoint_naming_errors(model: nn.Module, checkpoint_path, *args, **kwargs):
@@ -108,7 +186,7 @@ def load_checkpoint_naming_errors(model: nn.Module, checkpoint_path, *args, **kw
     try:
         state_dict = load_state_dict(path)
     except Exception as e:
-        raise _file_error(name, path, type(model), e) from e
+        _raise_file_error(name, path, e)
     state_dict = filter_fn(state_dict, model)
     check_state_dict_keys(state_dict, model, adaptable=False)
     return model.load_state_dict(state_dict, strict=True)
@@ -131,8 +209,18 @@ def unwrap_checkpoint(state_dict: Dict) -> Dict:
     return {k[7:] if k.startswith('module.') else k: v for k, v in state_dict.items()}
 
 
+class CheckpointMismatchError(ValueError):
+    """A checkpoint whose keys do not fit the model (the message names them). `num_classes`: the class count of the
+    checkpoint's classifier where it differs from the model's (the fix is to create the model with it), else None."""
+
+    def __init__(self, message: str, num_classes: Optional[int] = None):
+        super().__init__(message)
+        self.num_classes = num_classes
+
+
 def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module, adaptable: bool = True):
-    """Raise ValueError naming missing, unexpected and mis-shaped keys.
+    """Raise CheckpointMismatchError (a ValueError) naming missing, unexpected and mis-shaped keys, and the
+    checkpoint's class count where its classifier does not fit.
 
     adaptable=True (the pretrained route, where timm adapts the classifier and the first conv after this filter):
     the file's classifier gives the class count its weights have, recorded as the pretrained cfg's num_classes,
@@ -166,8 +254,15 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module,
         if items:
             more = f' (+{len(items) - 10} more)' if len(items) > 10 else ''
             problems.append(f'{len(items)} {what}: {", ".join(items[:10])}{more}')
+    file_head, own_head = state_dict.get(head + '.weight'), own.get(head + '.weight')
+    num_classes = None
+    if (head + '.weight' not in exempt and isinstance(file_head, torch.Tensor) and own_head is not None
+            and file_head.ndim >= 1 and file_head.shape[0] != own_head.shape[0]):
+        num_classes = int(file_head.shape[0])
+        problems.append(f'the checkpoint\'s classifier has {num_classes} classes, the model {own_head.shape[0]}')
     if problems:
-        raise ValueError(f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems))
+        raise CheckpointMismatchError(
+            f'checkpoint does not fit the {type(model).__name__}: ' + '; '.join(problems), num_classes=num_classes)
 
 
 def saved_kernel_size(v: torch.Tensor, layer: Optional[nn.Module]) -> torch.Tensor:

@@ -46,7 +46,7 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get
 from timm.models import adapt_input_conv, checkpoint, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .._validate import check_choice, square_size
+from .._validate import check_choice, check_image_input, square_size
 from ..layers import FlexConv2d, FlexConvBN2d, SMPLargeKernel2d
 from ..layers.bn_stats import BatchNormStatsMixin
 from ..layers.kernel_bank import batched_kernels
@@ -64,6 +64,9 @@ from ._builder import (
 from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, deployed_first_conv, parse_kernel_sizes, require_deploy_sizes
 
 __all__ = ['FlexNet']
+
+# torch.fx records the input check as one call instead of tracing its shape logic
+torch.fx.wrap('check_image_input')
 
 CONV_TYPES = ('flexconv', 'ckconv', 'smp')
 # SMP points per kernel of SMP FlexNet-16 (SMPConv paper, CIFAR-10)
@@ -327,9 +330,10 @@ class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
         intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        check_image_input(x, self.in_chans, 'FlexNet')
         if not torch.jit.is_scripting():
             self._first_batch_bn_stats(x)
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         x = self.stem_act(self.stem(x))
         if torch.jit.is_scripting() or not stop_early:
             blocks = self.blocks
@@ -363,6 +367,7 @@ class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, 'FlexNet')
         if torch.jit.is_scripting():
             return self.blocks(self.stem_act(self.stem(x)))
         self._first_batch_bn_stats(x)

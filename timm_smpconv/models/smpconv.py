@@ -31,7 +31,7 @@ from timm.layers import ClassifierHead, DropPath, calculate_drop_path_rates, get
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .._validate import check_choice
+from .._validate import check_choice, check_image_input
 from ..layers import RESIZE_MODES, ConvBN, SMPLargeKernel2d, default_n_points, fold_preceding_bn
 from ..layers.bn_stats import BatchNormStatsMixin
 from ..layers.recompute import activation, recompute_activation, recompute_batch_norm, recompute_scope
@@ -39,6 +39,9 @@ from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_
 from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, parse_kernel_sizes, require_deploy_sizes
 
 __all__ = ['SMPConvNet']
+
+# torch.fx records the input check as one call instead of tracing its shape logic
+torch.fx.wrap('check_image_input')
 
 
 def _pre_norm(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -430,10 +433,11 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
             intermediates_only: return only the intermediates.
         """
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        if not torch.jit.is_scripting():
-            self._first_batch_bn_stats(x)
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        check_image_input(x, self.in_chans, 'SMPConvNet')
+        if not torch.jit.is_scripting():
+            self._first_batch_bn_stats(x)
         x = self.stem(x)
         last_idx = len(self.stages) - 1
         if torch.jit.is_scripting() or not stop_early:
@@ -482,6 +486,7 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.recompute_fft_spectra = fft_spectra
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_input(x, self.in_chans, 'SMPConvNet')
         if not torch.jit.is_scripting():
             self._first_batch_bn_stats(x)
         if torch.jit.is_scripting() or not self.recompute or torch.compiler.is_compiling():

@@ -79,7 +79,7 @@ def as_sequence(x: torch.Tensor, in_chans: int, permutation: Optional[torch.Tens
     if x.dim() == 4:
         x = x.flatten(2)
     if x.dim() != 3 or x.shape[1] != in_chans:
-        raise ValueError(f'SequenceTCN expects (B, {in_chans}, L) sequences or (B, {in_chans}, H, W) images, got '
+        raise ValueError(f'SequenceTCN expects (N, {in_chans}, L) sequences or (N, {in_chans}, H, W) images, got '
                          f'shape {list(x.shape)}')
     if x.shape[-1] == 0:
         raise ValueError('the input sequence is empty (length 0)')
