@@ -68,9 +68,9 @@ def test_creation_probe_sets_running_stats_and_nothing_else(name, monkeypatch):
     model = timm.create_model(name, **kwargs)
     rng_state = torch.random.get_rng_state()  # what the probe's dropout drew from
     after = torch.randn(3)
-    probe = torch.randn((1,) + shape[1:], generator=torch.Generator().manual_seed(0))
+    probe = torch.randn((32,) + shape[1:], generator=torch.Generator().manual_seed(0))
     if name == 'smpconv_mobile31':
-        probe = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        probe = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     fresh = copy.deepcopy(model)
     for _, bn in _bns(fresh):
         bn.reset_running_stats()
@@ -186,3 +186,68 @@ def test_init_running_stats_restores_everything_else():
     y = net[0](x).detach().transpose(0, 1).flatten(1)
     torch.testing.assert_close(net[1].running_var, y.var(1))
     torch.testing.assert_close(net[1].running_mean, y.mean(1))
+
+
+def _digits_run(epochs=3, decay=0.998, seed=0):
+    """The built-in digits at 32 px through timm's pieces the way timm's train.py uses them (timm.task's
+    ClassificationTask, timm's ModelEmaV3 with warm-up, updated with the step; AdamW, cosine with a one-epoch warm-up
+    stepped per update), nothing re-estimated: after each epoch, top-1 of the model and of the EMA as they are, and
+    of the same weights with their statistics re-estimated on the training epoch (fvcore's PreciseBN)."""
+    from timm.data import create_transform
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.task import ClassificationTask
+
+    from timm_smpconv._fvcore import update_bn_stats
+    from timm_smpconv.data import DIGITS_MEAN, DIGITS_STD, DigitsDataset
+    torch.manual_seed(seed)
+    model = timm.create_model('smpconv_mobile31', num_classes=10, channels=(16, 32, 48, 64), layers=(1, 1, 2, 1),
+                              kernel_sizes=(13, 7, 5, 5), n_points=(21, 6, 3, 3), small_kernel_size=3)
+    common = dict(mean=DIGITS_MEAN, std=DIGITS_STD, interpolation='bilinear')
+    train = DigitsDataset('train', create_transform(32, is_training=True, scale=(0.75, 1.), ratio=(0.9, 1.1), hflip=0.,
+                                                    color_jitter=0., **common))
+    val = DigitsDataset('val', create_transform(32, crop_pct=1., **common))
+    loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(seed))
+    val_loader = torch.utils.data.DataLoader(val, batch_size=128)
+    task = ClassificationTask(model, torch.nn.CrossEntropyLoss(label_smoothing=0.1))
+    ema = task.setup_ema(decay=decay, use_warmup=True)
+    opt = create_optimizer_v2(model, 'adamw', lr=4e-3, weight_decay=0.05)
+    sched, _ = create_scheduler_v2(opt, 'cosine', num_epochs=epochs, warmup_epochs=1, min_lr=1e-5,
+                                   updates_per_epoch=len(loader), step_on_epochs=False)
+
+    def top1(m):
+        m.eval()
+        with torch.no_grad():
+            return 100 * sum((m(x).argmax(1) == y).sum().item() for x, y in val_loader) / len(val)
+
+    def precise(m):
+        m = copy.deepcopy(m).train()
+        update_bn_stats(m, (x for x, _ in loader), num_iters=len(loader))
+        return top1(m)
+
+    rows, step = [], 0
+    for _ in range(epochs):
+        model.train()
+        for x, y in loader:
+            loss = task(x, y)['loss']
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            sched.step_update(step)
+            task.update_ema(step=step)
+        rows.append((top1(model), precise(model), top1(ema.module), precise(ema.module)))
+    return rows
+
+
+def test_timm_style_training_evaluates_right_without_re_estimation():
+    """Trained the way timm's train.py does, with nothing re-estimating the statistics, the model and its EMA (with
+    warm-up) evaluate within a few points of the same weights with re-estimated statistics once the first fast epochs
+    are over (here epochs 3 and 4 of 5). With PyTorch's starting statistics (0 / 1) and momentum (0.1) the EMA was at
+    13.6% and 27.9% there against 94-95% re-estimated (measured; docs/training.md has the per-epoch table)."""
+    rows = _digits_run(epochs=5)
+    for epoch, (model, model_precise, ema, ema_precise) in enumerate(rows):
+        if epoch >= 3:
+            assert abs(model - model_precise) <= 3 and abs(ema - ema_precise) <= 3, (epoch, rows)
+    assert rows[-1][0] > 90 and rows[-1][2] > 90, rows

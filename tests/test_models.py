@@ -122,6 +122,7 @@ def test_fx_forward_and_backward(name):
 
 @pytest.mark.parametrize('name', MODELS)
 def test_features_only_and_out_indices(name):
+    torch.manual_seed(0)
     model = timm.create_model(name, features_only=True).eval()
     info = model.feature_info
     assert len(info.channels()) == 4 and info.reduction() == [4, 8, 16, 32]
@@ -130,6 +131,7 @@ def test_features_only_and_out_indices(name):
         feats = model(x)
     for f, c, r in zip(feats, info.channels(), info.reduction()):
         assert f.shape[1] == c and f.shape[-1] == SIZE // r
+    torch.manual_seed(0)  # the same weights
     sub = timm.create_model(name, features_only=True, out_indices=(1, 3)).eval()
     with torch.no_grad():
         f1, f3 = sub(x)

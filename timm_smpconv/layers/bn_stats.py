@@ -32,7 +32,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ['BN_MOMENTUM', 'BatchNormStatsMixin', 'init_bn_running_stats_']
 
-BN_MOMENTUM = 0.1  # our models' BatchNorm momentum unless bn_momentum= is given (see BatchNormStatsMixin)
+BN_MOMENTUM = 0.3  # our models' BatchNorm momentum unless bn_momentum= is given (see BatchNormStatsMixin)
 
 _STAT_NAMES = ('running_mean', 'running_var')
 

@@ -259,7 +259,7 @@ class FlexNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.num_features = self.head_hidden_size = prev
         self.head = ClassifierHead(prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
         self._init_weights()
-        self._init_bn_stats((1, in_chans, img_size, img_size), bn_momentum, bn_eps)  # (layers/bn_stats.py)
+        self._init_bn_stats((32, in_chans, img_size, img_size), bn_momentum, bn_eps)  # (layers/bn_stats.py)
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:

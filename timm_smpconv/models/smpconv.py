@@ -336,6 +336,7 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.in_chans = in_chans
         self.drop_rate = drop_rate
         self.recompute = False  # set_recompute: keep less for the backward, at a slower step (off by default)
+        self.cpu_channels_last = True  # _compute_in_channels_last
         self.recompute_fft_spectra = False
         self.kernel_sizes = tuple(kernel_sizes)
         self.n_points = tuple(n_points)
@@ -367,7 +368,7 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.head = NormClassifierHead(
             prev, num_classes, pool_type=global_pool, drop_rate=drop_rate, inference_mode=im, **dd)
         self.apply(self._init_weights)
-        self._init_bn_stats((1, in_chans, 224, 224), bn_momentum, bn_eps)  # (layers/bn_stats.py)
+        self._init_bn_stats((4, in_chans, 224, 224), bn_momentum, bn_eps)  # (layers/bn_stats.py)
 
     @torch.jit.ignore
     def _deploy_branches(self) -> List[Tuple[str, int]]:
@@ -436,8 +437,12 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         check_image_input(x, self.in_chans, 'SMPConvNet')
+        nchw = False
         if not torch.jit.is_scripting():
             self._first_batch_bn_stats(x)
+            nchw = self._compute_in_channels_last(x)
+            if nchw:
+                x = x.contiguous(memory_format=torch.channels_last)
         x = self.stem(x)
         last_idx = len(self.stages) - 1
         if torch.jit.is_scripting() or not stop_early:
@@ -447,10 +452,11 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         for feat_idx, stage in enumerate(stages):
             x = stage(x)
             if feat_idx in take_indices:
-                intermediates.append(self.head.norm(x) if norm and feat_idx == last_idx else x)
+                y = self.head.norm(x) if norm and feat_idx == last_idx else x
+                intermediates.append(y.contiguous() if nchw else y)
         if intermediates_only:
             return intermediates
-        return x, intermediates
+        return (x.contiguous() if nchw else x), intermediates
 
     def prune_intermediate_layers(
             self,
@@ -485,11 +491,30 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.recompute = enable
         self.recompute_fft_spectra = fft_spectra
 
+    @torch.jit.unused
+    def _compute_in_channels_last(self, x: torch.Tensor) -> bool:
+        """Compute an NCHW input in channels_last (CPU, eager): on the CPU this network's convolutions and
+        BatchNorms run 1.3-4x faster in channels_last than in NCHW (oneDNN), which made an NCHW training step of
+        smpconv_t 1.71x convnext_tiny's against 1.28x computed in channels_last (interleaved, wall clock; docs/
+        performance.md). The results come back in the input's layout. Not on other devices (unmeasured), nor under
+        torch.compile, export, jit or fx tracing (graphs see the plain model); `model.cpu_channels_last = False`
+        computes in the input's layout."""
+        return (self.cpu_channels_last and x.device.type == 'cpu' and x.dim() == 4
+                and not x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
+                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export() and not isinstance(x, torch.fx.Proxy))
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, 'SMPConvNet')
-        if not torch.jit.is_scripting():
-            self._first_batch_bn_stats(x)
-        if torch.jit.is_scripting() or not self.recompute or torch.compiler.is_compiling():
+        if torch.jit.is_scripting():
+            return self.stages(self.stem(x))
+        self._first_batch_bn_stats(x)
+        if self._compute_in_channels_last(x):
+            return self._forward_features(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self._forward_features(x)
+
+    @torch.jit.unused
+    def _forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.recompute or torch.compiler.is_compiling():
             return self.stages(self.stem(x))  # (compiled: Inductor decides what to recompute)
         return self._forward_features_recompute(x)
 

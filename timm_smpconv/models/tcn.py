@@ -230,7 +230,7 @@ class SequenceTCN(BatchNormStatsMixin, DeployableMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(width, num_classes, **dd) if num_classes > 0 else nn.Identity()
         self._init_weights()
-        self._init_bn_stats((1, in_chans, seq_len), bn_momentum, bn_eps)  # (layers/bn_stats.py)
+        self._init_bn_stats((32, in_chans, seq_len), bn_momentum, bn_eps)  # (layers/bn_stats.py)
 
     @torch.no_grad()
     def _init_weights(self):
