@@ -11,7 +11,8 @@ Each model runs in its own process (so peak memory is its own) and reports:
 ImageNet models: training batch 8 at 224 px; CIFAR models: batch 64 at 32 px (FlexNet with its masks
 fully grown, the 33 x 33 state of a trained model, and at initialisation). For smpconv_t it also
 measures the share of a batch-32 training step spent rendering SMP kernels and writes a profile.
-Results: benchmarks/results/benchmark.md, and next to it benchmark.png, profile_smpconv_t.txt. Times are
+Results: benchmarks/results/benchmark.md, and next to it benchmark.png, profile_smpconv_t.txt (channels_last) and
+profile_smpconv_t_nchw.txt. Times are
 medians; the eval timings are torch.utils.benchmark's (blocked_autorange over 0.3 s per --reps).
 """
 import argparse
@@ -115,16 +116,18 @@ def worker(name: str, reps: int, threads: int, profile_path: Path | None, smoke:
         res['latency_reparam_ms'] = 1e3 * op_time(lambda: fused(x1), budget)
         res['infer_img_s'] = 8 / op_time(lambda: fused(x8), budget)
     res['peak_rss_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if name == 'smpconv_t' and profile_path is not None:  # where a channels_last training step spends its time
+    if name == 'smpconv_t' and profile_path is not None:  # where a training step spends its time, both layouts
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as tprofile
-        step = train_step(*build_workload(name, torch.channels_last, smoke))
-        step()
-        with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+        for fmt, path in ((torch.channels_last, profile_path),
+                          (None, profile_path.with_name(profile_path.stem + '_nchw.txt'))):
+            step = train_step(*build_workload(name, fmt, smoke))
             step()
-        profile_path.write_text(
-            f'smpconv_t training step, batch {batch}, {size} px, channels_last, {threads} threads\n'
-            + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=25))
+            with tprofile(activities=[ProfilerActivity.CPU]) as prof:
+                step()
+            label = 'channels_last' if fmt is not None else 'NCHW input (computed in channels_last: SMPConvNet on the CPU)'
+            path.write_text(f'smpconv_t training step, batch {batch}, {size} px, {label}, {threads} threads\n'
+                            + prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=25))
     return res
 
 

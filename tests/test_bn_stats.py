@@ -103,7 +103,8 @@ def test_first_training_batch_sets_running_stats(name):
     second = _input_stats(model, x2)
     model(x2).sum().backward()
     for n, bn in _bns(model):
-        torch.testing.assert_close(bn.running_var, 0.9 * before[n] + 0.1 * second[n][1], rtol=1e-4, atol=1e-8)
+        m = bn.momentum
+        torch.testing.assert_close(bn.running_var, (1 - m) * before[n] + m * second[n][1], rtol=1e-4, atol=1e-8)
 
 
 def test_forwards_without_autograd_or_in_eval_leave_it_pending():
@@ -137,7 +138,8 @@ def test_loaded_statistics_are_kept():
     stats = _input_stats(model, x)
     model.train()(x).sum().backward()
     for n, bn in _bns(model):
-        torch.testing.assert_close(bn.running_var, 0.9 * 7.0 + 0.1 * stats[n][1], rtol=1e-4, atol=1e-6)
+        m = bn.momentum
+        torch.testing.assert_close(bn.running_var, (1 - m) * 7.0 + m * stats[n][1], rtol=1e-4, atol=1e-6)
 
 
 def test_ema_updated_with_step_starts_from_the_first_batch():

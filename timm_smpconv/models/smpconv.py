@@ -499,9 +499,11 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
         performance.md). The results come back in the input's layout. Not on other devices (unmeasured), nor under
         torch.compile, export, jit or fx tracing (graphs see the plain model); `model.cpu_channels_last = False`
         computes in the input's layout."""
+        if (isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch.onnx.is_in_onnx_export()):
+            return False
         return (self.cpu_channels_last and x.device.type == 'cpu' and x.dim() == 4
-                and not x.is_contiguous(memory_format=torch.channels_last) and not torch.compiler.is_compiling()
-                and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export() and not isinstance(x, torch.fx.Proxy))
+                and not x.is_contiguous(memory_format=torch.channels_last))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, 'SMPConvNet')
