@@ -1,28 +1,36 @@
-""" BatchNorm running statistics that start from what the network computes, not from PyTorch's 0 / 1.
+""" BatchNorm running statistics that start from, and keep up with, what the network computes.
 
 PyTorch starts every BatchNorm's running mean at 0 and running variance at 1, which suits a BatchNorm whose input
-has about unit variance. In our models most BatchNorms follow a conv with the authors' small init (trunc-normal
-std 0.02, SMP kernels of a few such points): at initialisation their inputs have variances of about 1e-4 to 1e-1
-(smpconv_mobile31 at 224 px: large-kernel branches 2e-2 to 3e-3, small-kernel branches 3e-3, depthwise downsampling
-1e-3), and lower still where a large kernel meets a small map (4e-4 to 3e-4 in the last stage at 32 px). A model
-follows its batches within a few dozen steps (momentum 0.1), but an EMA of the model that averages buffers too
-(timm's ModelEmaV3, as timm's train.py and timm.task keep it) keeps decay^t of the starting 1.0 for thousands of
-steps, and evaluated, divides those branches by a variance 10 to 1000 times their own: a run's EMA then sits at
-chance whatever its weights learned.
+has about unit variance. Our models' BatchNorm inputs are far from it at initialisation: after the authors' small
+conv init (trunc-normal std 0.02, SMP kernels of a few such points) about 1e-4 to 1e-1 (smpconv_mobile31 at 224 px:
+large-kernel branches 2e-2 to 3e-3, small-kernel branches 3e-3, depthwise downsampling 1e-3; 3e-4 in the last stage
+at 32 px), after generated FlexConv / CKConv kernels (not scaled to their fan-in) up to 50 (flexnet_16) and 5e5
+(ckcnn_16). An EMA of the model that averages buffers too (timm's ModelEmaV3, as timm's train.py and timm.task keep
+it) carries decay^t of the starting 1.0 for thousands of steps and, evaluated, scales those branches by orders of
+magnitude.
 
-Two measures, one rule ("a BatchNorm's running statistics start as the statistics of its input"):
+What our models do (`BatchNormStatsMixin`), one rule: a BatchNorm's running statistics start as the statistics of
+its input.
 
-* `init_bn_running_stats_(model, x)`: every BatchNorm's running mean and variance set to those of its input in one
-  training-mode forward of x (momentum 1 for that forward), with no other effect (weights, other buffers, the mode,
-  the random number generators as they were). Our models call it at creation on a fixed random probe of their
-  default input size (`BatchNormStatsMixin._init_bn_stats`).
-* `BatchNormStatsMixin`: the first training step's forward (training mode, autograd on) sets them again from its
-  batch (one extra forward without gradients, once; forwards without autograd, such as a re-estimation of the
-  statistics with fvcore's PreciseBN, leave it pending), so the statistics match the data's resolution and
-  distribution, not the probe's. An EMA that copies the model at its first update (ModelEmaV3 updated with
-  `step`, as timm's trainers do) starts from them too. Loading a state dict that holds running statistics (a checkpoint, pretrained weights,
-  a resume) ends it: those statistics are real. Skipped under torch.compile, torch.export, TorchScript, jit and fx
-  tracing (graphs see a plain model; a compiled run keeps the creation probe's statistics).
+* At creation `init_bn_running_stats_(model, probe)`: every BatchNorm's running mean and variance set to those of
+  its input in one training-mode forward of a fixed random probe of the model's default input size (momentum 1 for
+  that forward), with no other effect (weights, other buffers, the mode, the random number generators as they
+  were).
+* The first training step's forward (training mode, autograd on) sets them again from its batch: one extra forward
+  without gradients, once, so that they match the data's resolution and distribution, not the probe's. An EMA that
+  copies the model at its first update (ModelEmaV3 updated with `step`, as timm's trainers do) starts from them.
+  Forwards without autograd (a re-estimation with fvcore's PreciseBN, evaluation) leave it pending; loading a state
+  dict that holds running statistics (a checkpoint, pretrained weights, a resume) ends it: those are real. Skipped
+  under torch.compile, torch.export, TorchScript, jit and fx tracing (graphs see the plain model; a compiled run
+  keeps the creation probe's statistics).
+
+And a faster running average, `BN_MOMENTUM` 0.3 instead of PyTorch's 0.1 (every BatchNorm; `bn_momentum=` at
+creation, which timm's train.py passes for --bn-momentum, sets another): early in training, at the peak learning
+rate, these models' BatchNorm inputs move by a large fraction of their spread each step (AdamW's steps are large
+against the small initial weights), and a 0.1 average, about 10 steps behind, evaluated the built-in digits model at
+10-33% where its weights gave 78-92% (with re-estimated statistics); 0.3 (3 steps behind) and 0.5 brought it within
+a few points from the second epoch (docs/training.md, "BatchNorm statistics"). Training is not affected (training
+mode normalises with the batch's statistics), nor are checkpoints (the momentum is not saved).
 """
 from typing import Optional
 
