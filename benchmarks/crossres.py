@@ -26,16 +26,15 @@ the logits of `timm_smpconv.retarget_resolution` applied to the 16-px model (a t
 folder; --train-per-class keeps the first N training images of each class (the test set is always whole, except
 in --smoke runs). A smoke run trains 2 batches of 4 images per setting and evaluates 20 test images.
 
-The default budget (4 epochs of 6,000 images, 1 warm-up epoch, seeds 0 and 1: six runs of 372 steps) is sized for
-about 90 minutes on 2 otherwise idle cores. Readings on a shared machine (load 6-12 on its 2 cores), as CPU time
-per 64-image training step at 16 px with the regulariser: 1.9 s at initialisation, where the masks crop the kernels
-to 3 x 3; 5.8 s at mask sigma 0.2 (7 x 7); 7.3 s fully grown (17 x 17) (the masks' lr, 0.1 x 0.01 under warm-up and
-cosine, lets sigma grow by at most about 0.2 in 372 steps); evaluation of 256 images 3.7 s at 16 px and 11 s at 32
-px (sigma 0.2). Halved for two cores, that is about 11 min of training and 6 min of evaluation (10,000 test images
-at 16 px twice, at 32 px once) per run, 105 min in all; the same kind of reading for smp_flexnet_16 at 32 px (10
-images/s) is half what the trainer reported for it on the same machine when it was quieter (19 images/s), so these
-readings are pessimistic by 1.5-2x, and six runs take 60-90 min on idle cores. A subset seen 4 times rather than
-24,000 distinct images: the trainer's warm-up is whole epochs (one epoch of four is the closest to the recipe's 5
+The default budget (4 epochs of 20,000 images, 2,000 per class, 1 warm-up epoch, seeds 0 and 1: six runs of 1,248
+steps) is sized for about 90 minutes on 2 otherwise idle cores. Measured on them (x86, 2 threads) with a budget of
+6,000 images: 25-26 s per training epoch at 16 px with and without the regulariser (about 250 images/s while the
+masks are small) and about 1.5 min to evaluate the 10,000 test images at 16 px twice and at 32 px once: 3.5 min a
+run, 21 min for six. Scaled by 3.3 for the images, with the steps slowing as the masks grow, the default takes
+about 70-90 min (the results file gives the measured wall time). An earlier reading under load (6-12 on the 2
+cores) of 1.9-7.3 s per step was 4-10x the quiet figure and had sized the budget at 6,000 images.
+A subset seen 4 times
+rather than more distinct images (the whole 50,000 for 1.6 epochs): the trainer's warm-up is whole epochs (one epoch of four is the closest to the recipe's 5
 of 100), and at this budget the model is far from fitting its training data, so repeats cost little. The budget is
 far below the paper's (100 epochs of 50,000 images, 78,200 steps), and the regulariser is slow: the results file
 gives R after the runs' number of Adam steps at lr 0.01 on the penalty alone (no data), and after ten times as
@@ -221,7 +220,7 @@ def report(records, args, data_note, wall_s, command):
 
 def main(argv=None):
     parser = bench_parser(__doc__, 'crossres.md')
-    cifar10_options(parser, train_per_class=600, workers=1)
+    cifar10_options(parser, train_per_class=2000, workers=1)
     parser.add_argument('--epochs', type=int, default=4, help='training epochs per run (default: 4)')
     parser.add_argument('--warmup-epochs', type=int, default=1, help='warm-up epochs of the cosine schedule (default: 1)')
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1], help='seeds, each run with every setting')
