@@ -27,12 +27,11 @@ folder; --train-per-class keeps the first N training images of each class (the t
 in --smoke runs). A smoke run trains 2 batches of 4 images per setting and evaluates 20 test images.
 
 The default budget (4 epochs of 20,000 images, 2,000 per class, 1 warm-up epoch, seeds 0 and 1: six runs of 1,248
-steps) is sized for about 90 minutes on 2 otherwise idle cores. Measured on them (x86, 2 threads) with a budget of
-6,000 images: 25-26 s per training epoch at 16 px with and without the regulariser (about 250 images/s while the
-masks are small) and about 1.5 min to evaluate the 10,000 test images at 16 px twice and at 32 px once: 3.5 min a
-run, 21 min for six. Scaled by 3.3 for the images, with the steps slowing as the masks grow, the default takes
-about 70-90 min (the results file gives the measured wall time). An earlier reading under load (6-12 on the 2
-cores) of 1.9-7.3 s per step was 4-10x the quiet figure and had sized the budget at 6,000 images.
+steps) took 54 min on 2 otherwise idle cores (x86, 2 threads; training 44 min, the reloaded evaluations 10 min):
+5.8-6.2 min of training a run without the regulariser or with "gabor", 10 min with "gabor+mask". It was sized from
+a quiet run of a 6,000-image budget (25-26 s per training epoch at 16 px, about 250 images/s while the masks are
+small; 3.5 min a run, 21 min for six), after an earlier reading under load (6-12 on the 2 cores) had put a step at
+4-10x its quiet time; `--train-per-class 3500` would take about 90 min (extrapolated, not run).
 A subset seen 4 times
 rather than more distinct images (the whole 50,000 for 1.6 epochs): the trainer's warm-up is whole epochs (one epoch of four is the closest to the recipe's 5
 of 100), and at this budget the model is far from fitting its training data, so repeats cost little. The budget is
