@@ -32,12 +32,11 @@ steps) took 54 min on 2 otherwise idle cores (x86, 2 threads; training 44 min, t
 a quiet run of a 6,000-image budget (25-26 s per training epoch at 16 px, about 250 images/s while the masks are
 small; 3.5 min a run, 21 min for six), after an earlier reading under load (6-12 on the 2 cores) had put a step at
 4-10x its quiet time; `--train-per-class 3500` would take about 90 min (extrapolated, not run).
-A subset seen 4 times
-rather than more distinct images (the whole 50,000 for 1.6 epochs): the trainer's warm-up is whole epochs (one epoch of four is the closest to the recipe's 5
-of 100), and at this budget the model is far from fitting its training data, so repeats cost little. The budget is
-far below the paper's (100 epochs of 50,000 images, 78,200 steps), and the regulariser is slow: the results file
-gives R after the runs' number of Adam steps at lr 0.01 on the penalty alone (no data), and after ten times as
-many.
+A subset seen 4 times rather than more distinct images (the whole 50,000 for 1.6 epochs): the trainer's warm-up is
+whole epochs (one epoch of four is the closest to the recipe's 5 of 100), and at this budget the model is far from
+fitting its training data, so repeats cost little. The budget is far below the paper's (100 epochs of 50,000
+images, 78,200 steps), and the regulariser is slow: the results file gives R after the runs' number of Adam steps
+at lr 0.01 on the penalty alone (no data), and after ten times as many.
 """
 import argparse
 import csv
