@@ -38,11 +38,19 @@ import torch
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ['BN_MOMENTUM', 'BatchNormStatsMixin', 'init_bn_running_stats_']
+__all__ = ['BN_MOMENTUM', 'BatchNormStatsMixin', 'capturing_graph', 'init_bn_running_stats_']
 
 BN_MOMENTUM = 0.3  # our models' BatchNorm momentum unless bn_momentum= is given (see BatchNormStatsMixin)
 
 _STAT_NAMES = ('running_mean', 'running_var')
+
+
+def capturing_graph(x: torch.Tensor) -> bool:
+    """True while a graph is being captured from a forward with input x (torch.compile, torch.export and ONNX
+    export, jit tracing, fx symbolic tracing): the models' eager-only steps (the first batch's statistics, the CPU
+    channels_last computation) then stand aside, so that graphs see the plain model."""
+    return (isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
 
 
 def _tracked_bns(module: nn.Module):
@@ -115,8 +123,7 @@ class BatchNormStatsMixin:
 
     @torch.jit.unused
     def _first_batch_bn_stats(self, x: torch.Tensor) -> None:
-        # graphs (compile, export, jit and fx tracing) see the plain model: no guard on the flag, no extra forward
-        if torch.compiler.is_compiling() or torch.jit.is_tracing() or isinstance(x, torch.fx.Proxy):
+        if capturing_graph(x):  # no guard on the flag, no extra forward in a graph
             return
         if self.training and self._bn_stats_from_first_batch and torch.is_grad_enabled():
             self._bn_stats_from_first_batch = False

@@ -33,7 +33,7 @@ from timm.models._features import feature_take_indices
 
 from .._validate import check_choice, check_image_input
 from ..layers import RESIZE_MODES, ConvBN, SMPLargeKernel2d, default_n_points, fold_preceding_bn
-from ..layers.bn_stats import BatchNormStatsMixin
+from ..layers.bn_stats import BatchNormStatsMixin, capturing_graph
 from ..layers.recompute import activation, recompute_activation, recompute_batch_norm, recompute_scope
 from ._builder import build_model_naming_file_errors, check_state_dict_keys, no_decay_patterns, points_from_authors, unwrap_checkpoint
 from ._deploy import DeployableMixin, check_checkpoint_form, deployed_conv, parse_kernel_sizes, require_deploy_sizes
@@ -494,15 +494,12 @@ class SMPConvNet(BatchNormStatsMixin, DeployableMixin, nn.Module):
     @torch.jit.unused
     def _compute_in_channels_last(self, x: torch.Tensor) -> bool:
         """Compute an NCHW input in channels_last (CPU, eager): on the CPU this network's convolutions and
-        BatchNorms run 1.3-4x faster in channels_last than in NCHW (oneDNN), which made an NCHW training step of
-        smpconv_t 1.71x convnext_tiny's against 1.28x computed in channels_last (interleaved, wall clock; docs/
-        performance.md). The results come back in the input's layout. Not on other devices (unmeasured), nor under
-        torch.compile, export, jit or fx tracing (graphs see the plain model); `model.cpu_channels_last = False`
-        computes in the input's layout."""
-        if (isinstance(x, torch.fx.Proxy) or torch.compiler.is_compiling() or torch.jit.is_tracing()
-                or torch.onnx.is_in_onnx_export()):
-            return False
-        return (self.cpu_channels_last and x.device.type == 'cpu' and x.dim() == 4
+        BatchNorms run 1.3-4x faster in channels_last than in NCHW (oneDNN): an NCHW training step of smpconv_t
+        went from 1.47x convnext_tiny's to 1.20x computed in channels_last (interleaved, wall clock;
+        benchmarks/results/ab_step_time.md). The results come back in the input's layout. Not on other devices
+        (unmeasured), nor while a graph is captured (`capturing_graph`: graphs see the plain model);
+        `model.cpu_channels_last = False` computes in the input's layout."""
+        return (not capturing_graph(x) and self.cpu_channels_last and x.device.type == 'cpu' and x.dim() == 4
                 and not x.is_contiguous(memory_format=torch.channels_last))
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
