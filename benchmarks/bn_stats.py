@@ -60,6 +60,20 @@ def bn_layers(module):
     return [(n, m) for n, m in module.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def eval_variances(module):
+    """{BatchNorm name: the variance eval mode normalises with} where it is not the running variance (the kernel-scale
+    factor of KernelScaledBNMixin; the re-estimated reference has factor 1)."""
+    from timm_smpconv.layers.bn_stats import KernelScaledBNMixin
+    out = {}
+    with torch.no_grad():
+        for name, m in module.named_modules():
+            if isinstance(m, KernelScaledBNMixin):
+                for b in m._kernel_scaled_bns:
+                    if m._scaled_bn(b) is not None and m._kernel_sq_name(b) in m._buffers:
+                        out[f'{name}.{b}' if name else b] = m.eval_running_var(b)
+    return out
+
+
 def eval_scale(module, state, num_batches=8):
     """{layer role: [median eval/train output scale of each layer]} for `module` (model or EMA)."""
     import train_imagenet
@@ -68,9 +82,10 @@ def eval_scale(module, state, num_batches=8):
     with torch.no_grad():
         update_bn_stats(ref, (x for x, _ in train_imagenet.training_batches(state)),
                         num_iters=min(num_batches, state.num_batches))
+    used = eval_variances(module)
     roles = {}
     for (name, bn), (_, bn_ref) in zip(bn_layers(module), bn_layers(ref)):
-        scale = ((bn_ref.running_var + bn.eps) / (bn.running_var + bn.eps)).sqrt()
+        scale = ((bn_ref.running_var + bn.eps) / (used.get(name, bn.running_var) + bn.eps)).sqrt()
         roles.setdefault(re.sub(r'\.\d+(?=\.|$)', '.*', name), []).append(scale.median().item())
     return roles
 

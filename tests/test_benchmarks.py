@@ -160,6 +160,7 @@ SMOKE_RUNS = [
     ('run', 'benchmark.md', ['--models', 'flexnet_16@init', '--pairs'], [1, 0], {0: [3, 5, 6]}),
     ('memory', 'memory.md', [], [8, 10, 12, 12, 5], {0: [2, 3, 4, 5], 2: [2, 3], 4: [2]}),
     ('deploy', 'deploy.md', ['--models', 'smpconv_t', 'convnext_tiny'], [2, 3, 2, 8, 8], {0: [2, 3, 4, 5, 6, 7], 2: [2, 3]}),
+    ('bn_kernel_scale', 'bn_kernel_scale.md', ['--models', 'smp_flexnet_16'], [1], {0: [1, 3]}),
 ]
 
 

@@ -613,8 +613,8 @@ def test_model_built_at_16px_retargeted_to_32px(tmp_path, name):
     # the same at creation time, from the 16-px weights
     created = timm.create_model(name, img_size=32, pretrained=True,
                                 pretrained_cfg_overlay=dict(file=str(tmp_path / 'src.pth'))).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(created(x), y)
+    with torch.no_grad():  # (the BatchNorms' kernel-scale factors reach the same value by another float32 route)
+        torch.testing.assert_close(created(x), y, rtol=1e-5, atol=1e-5)
     # a re-targeted model saves its calibration: reloading into a 32-px model changes nothing,
     # into a 16-px model restores the original
     torch.save(model.state_dict(), tmp_path / 'tgt.pth')

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ._validate import square_size
+from .layers.bn_stats import kernels_changed
 from .layers.flexconv import FlexConv2d
 from .layers.smp_conv import _SMPConvNd, _SMPLargeKernelNd
 
@@ -62,8 +63,9 @@ def retarget_resolution(
             raise ValueError(
                 f'retarget_resolution: {name} would get kernel size {num // source + 1} at {target} px (< 3)')
         plan.append((m, num // source + 1))
-    for m, k in plan:
-        m.set_kernel_size(k, mode='stretch')
+    with kernels_changed(model):  # the BatchNorms keep normalising as at the source resolution
+        for m, k in plan:
+            m.set_kernel_size(k, mode='stretch')
     for w in wrappers:
         w.kernel_size = w.smp.kernel_size
     if hasattr(model, 'img_size'):

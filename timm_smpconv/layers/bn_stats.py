@@ -31,14 +31,28 @@ against the small initial weights), and a 0.1 average, about 10 steps behind, ev
 10-33% where its weights gave 78-92% (with re-estimated statistics); 0.3 (3 steps behind) and 0.5 brought it within
 a few points from the second epoch (docs/training.md, "BatchNorm statistics"). Training is not affected (training
 mode normalises with the batch's statistics), nor are checkpoints (the momentum is not saved).
+
+And eval-mode variances that follow the kernel's scale (`KernelScaledBNMixin`, in every module where a BatchNorm
+follows a conv: ConvBN, the SMP large-kernel branch, the FlexConv branch): with the statistics each BatchNorm keeps
+the running squared norm of its kernel per channel (buffer `<bn>_kernel_sq`), and eval mode uses the running
+variance times (squared norm now / that average). An EMA of the model (weights and buffers averaged) otherwise
+normalises its averaged kernels, whose norm is smaller than the norms the averaged variances were taken at, with
+variances several times too large, and the error compounds over the depth: timm's train.py evaluated
+smpconv_mobile31's EMA at chance for a whole CIFAR-10 run (docs/training.md has the measurements before and
+after).
 """
-from typing import Optional
+import copy
+import weakref
+from contextlib import contextmanager
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ['BN_MOMENTUM', 'BatchNormStatsMixin', 'capturing_graph', 'init_bn_running_stats_']
+__all__ = ['BN_MOMENTUM', 'BatchNormStatsMixin', 'KernelScaledBNMixin', 'capturing_graph', 'init_bn_running_stats_',
+           'kernel_sq_norm', 'kernels_changed']
 
 BN_MOMENTUM = 0.3  # our models' BatchNorm momentum unless bn_momentum= is given (see BatchNormStatsMixin)
 
@@ -58,6 +72,15 @@ def _tracked_bns(module: nn.Module):
             and m.running_mean is not None]
 
 
+def _stat_buffer_ids(module: nn.Module, bns) -> set:
+    """ids of the running statistics: every BatchNorm's mean and variance and the kernel norms kept with them."""
+    ids = {id(getattr(bn, n)) for bn in bns for n in _STAT_NAMES}
+    for m in module.modules():
+        if isinstance(m, KernelScaledBNMixin):
+            ids.update(id(b) for b in m._kernel_sq_buffers())
+    return ids
+
+
 @torch.no_grad()
 def init_bn_running_stats_(module: nn.Module, *inputs, **kwargs) -> int:
     """Set the running mean and variance of every BatchNorm in `module` to the statistics of its input in one
@@ -70,7 +93,7 @@ def init_bn_running_stats_(module: nn.Module, *inputs, **kwargs) -> int:
     bns = _tracked_bns(module)
     if not bns:
         return 0
-    stats = {id(getattr(bn, n)) for bn in bns for n in _STAT_NAMES}
+    stats = _stat_buffer_ids(module, bns)
     others = [(b, b.clone()) for b in module.buffers() if id(b) not in stats]
     modes = [(m, m.training) for m in module.modules()]
     momenta = [bn.momentum for bn in bns]
@@ -128,3 +151,232 @@ class BatchNormStatsMixin:
         if self.training and self._bn_stats_from_first_batch and torch.is_grad_enabled():
             self._bn_stats_from_first_batch = False
             init_bn_running_stats_(self, x)
+
+
+def kernel_sq_norm(kernel: torch.Tensor) -> torch.Tensor:
+    """Per output channel, the squared L2 norm of a conv kernel (out_channels, ...), in float32, without autograd."""
+    return kernel.detach().float().flatten(1).pow(2).sum(1)
+
+
+def _kernel_sq_loaded(module: nn.Module, incompatible_keys) -> None:
+    """load_state_dict post-hook of KernelScaledBNMixin: a state dict without the kernel norms (the authors'
+    checkpoints, ours from before they existed) holds statistics of the weights it holds; one whose continuous
+    kernels were saved at another size (and re-sampled to this model's on load) keeps its eval variances."""
+    pending = module.__dict__.pop('_kernel_sq_pending', ())
+    resampled = module.__dict__.pop('_kernel_sq_resampled', ())
+    with torch.no_grad():
+        for bn_name in pending:
+            name = module._kernel_sq_name(bn_name)
+            ref = module._buffers[name]
+            now = module._kernel_sq(bn_name)
+            if ref.is_meta and not now.is_meta:  # a model built on the meta device, loaded with assign=True
+                module._buffers[name] = now.to(module._scaled_bn(bn_name).running_var.dtype)
+            else:
+                ref.copy_(now)
+        for bn_name, saved in resampled:  # as kernels_changed: the eval variance the file's model used
+            ref = module._buffers[module._kernel_sq_name(bn_name)]
+            now = module._kernel_sq(bn_name).to(ref)
+            ref.mul_(torch.where(saved > 0, now / saved.to(ref).clamp_min(torch.finfo(ref.dtype).tiny), 1.))
+
+
+class KernelScaledBNMixin:
+    """BatchNorm running variances that follow the scale of the kernel they normalise, so that an average of
+    the model's weights and buffers (timm's ModelEmaV3, as timm's train.py keeps it) evaluates right.
+
+    For a module holding a conv whose output a BatchNorm normalises (ConvBN, the SMP large-kernel branch, the
+    FlexConv branch). In training mode the BatchNorm runs as usual and a buffer `<bn>_kernel_sq` keeps, with the
+    BatchNorm's own momentum, the running average of the kernel's squared norm per output channel (the kernel
+    its statistics were taken with). In eval mode the running variance is used times (squared norm now / that
+    average). For the model itself this is about 1 (a small correction for the weights' last steps). For an
+    EMA it is the correction that matters: the EMA's running variance is an average of the model's past
+    variances, each about q * |w_t|^2, while the EMA's kernel is the average of the w_t, whose squared norm is
+    smaller (the w_t point in different directions: the authors' small initialisation, std 0.02, moves by a large
+    fraction of itself in each AdamW step). The variance of the averaged kernel's output follows its norm, not
+    the average of the variances; uncorrected, each layer's output shrinks and the shrinkage compounds over the
+    depth (smpconv_mobile31's EMA evaluated at chance for a whole CIFAR-10 run under timm's train.py; with the
+    factor it rises with its weights, 4-9.5 points below re-estimated statistics: the part of the mismatch that
+    the kernels' directions make, fitted to inputs the layers below keep changing, needs data; docs/training.md).
+    The mean is used as it is: it is linear in the kernel, so the EMA's average is already the averaged kernel's
+    mean.
+
+    The buffer is absent where the BatchNorm is not (inference mode, reparameterized). A state dict without it
+    loads as statistics of the weights it holds (factor 1: the authors' checkpoints give their outputs), and
+    `torch.jit.script` folds the factor into the running variance first (`fold_kernel_scale_`, in place; the
+    eval outputs do not change).
+    Subclasses set `_kernel_scaled_bns` (the BatchNorm attribute names), implement `_kernel(bn_name)` (the
+    kernel the BatchNorm follows) and call `_init_kernel_sq()` at the end of __init__.
+    """
+    _kernel_scaled_bns: Tuple[str, ...] = ('bn',)
+
+    def _kernel(self, bn_name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _kernel_conv(self, bn_name: str) -> str:
+        """The attribute name of the conv whose kernel `_kernel(bn_name)` is."""
+        return 'conv'
+
+    @staticmethod
+    def _kernel_sq_name(bn_name: str) -> str:
+        return bn_name + '_kernel_sq'
+
+    def _kernel_sq(self, bn_name: str) -> torch.Tensor:
+        with torch.no_grad():
+            return kernel_sq_norm(self._kernel(bn_name))
+
+    def _scaled_bn(self, bn_name: str) -> Optional[_BatchNorm]:
+        bn = getattr(self, bn_name)
+        if isinstance(bn, _BatchNorm) and bn.track_running_stats and bn.running_var is not None:
+            return bn
+        return None
+
+    def _kernel_sq_buffers(self):
+        return [self._buffers[n] for n in map(self._kernel_sq_name, self._kernel_scaled_bns) if n in self._buffers]
+
+    def _init_kernel_sq(self):
+        for bn_name in self._kernel_scaled_bns:
+            bn = self._scaled_bn(bn_name)
+            if bn is not None:
+                if bn.running_var.is_meta:
+                    value = torch.empty_like(bn.running_var)
+                else:
+                    value = self._kernel_sq(bn_name).to(bn.running_var)
+                self.register_buffer(self._kernel_sq_name(bn_name), value)
+        self.register_load_state_dict_post_hook(_kernel_sq_loaded)
+
+    def _drop_kernel_sq(self, bn_name: str):
+        """After the BatchNorm is folded away (reparameterize): no buffer, as in a model built deployed."""
+        self._buffers.pop(self._kernel_sq_name(bn_name), None)
+
+    def kernel_scale(self, bn_name: str = 'bn') -> torch.Tensor:
+        """The factor eval mode applies to the BatchNorm's running variance: squared kernel norm now / its
+        running average (1 where that average is 0)."""
+        if self._scaled_bn(bn_name) is None or self._kernel_sq_name(bn_name) not in self._buffers:
+            raise ValueError(f'{bn_name} is not a BatchNorm with running statistics (nothing to scale)')
+        return self._factor(self._kernel_sq(bn_name), bn_name)
+
+    def _factor(self, now: torch.Tensor, bn_name: str) -> torch.Tensor:
+        ref = self._buffers[self._kernel_sq_name(bn_name)]
+        now = now.to(ref)
+        return torch.where(ref > 0, now / ref.clamp_min(torch.finfo(ref.dtype).tiny), torch.ones_like(ref))
+
+    def eval_running_var(self, bn_name: str = 'bn') -> Optional[torch.Tensor]:
+        """The variance eval mode normalises with (folding uses it too); None where `bn_name` keeps no running
+        statistics (a folding then raises its own error)."""
+        bn = self._scaled_bn(bn_name)
+        if bn is None or self._kernel_sq_name(bn_name) not in self._buffers:
+            return None
+        return bn.running_var * self.kernel_scale(bn_name).to(bn.running_var)
+
+    def _bn_forward(self, x: torch.Tensor, bn_name: str, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The BatchNorm `bn_name` on x, the output of the conv with `kernel` (default `_kernel(bn_name)`)."""
+        bn = self._scaled_bn(bn_name)
+        name = self._kernel_sq_name(bn_name)
+        if bn is None or name not in self._buffers:
+            return getattr(self, bn_name)(x)
+        with torch.no_grad():
+            now = self._eval_kernel_sq(bn_name, kernel, x)
+        if bn.training:
+            out = bn(x)
+            if bn.num_batches_tracked is not None and bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked)
+            else:
+                factor = bn.momentum if bn.momentum is not None else 0.0
+            with torch.no_grad():
+                ref = self._buffers[name]
+                ref.lerp_(now.to(ref), factor)
+            return out
+        return F.batch_norm(x, bn.running_mean, bn.running_var * self._factor(now, bn_name).to(bn.running_var),
+                            bn.weight, bn.bias, False, 0.0, bn.eps)
+
+    def _eval_kernel_sq(self, bn_name: str, kernel: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The kernel's squared norms for this forward; in eval mode without autograd (validation, inference)
+        cached, keyed by the conv's parameters and buffers (weak references and version counters: an optimizer
+        step, an EMA update, load_state_dict or a re-sampling computes them again)."""
+        def compute():
+            return kernel_sq_norm(kernel) if kernel is not None else self._kernel_sq(bn_name)
+        if self.training or torch.is_grad_enabled() or capturing_graph(x) or torch.jit.is_scripting():
+            return compute()
+        conv = getattr(self, self._kernel_conv(bn_name))
+        tensors = tuple(conv.parameters()) + tuple(conv.buffers())
+        key = tuple((t._version, t.dtype, t.device, t.shape) for t in tensors)
+        cache = self.__dict__.setdefault('_kernel_sq_cache', {})
+        hit = cache.get(bn_name)
+        if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], tensors)):
+            return hit[2]
+        now = compute()
+        cache[bn_name] = (key, tuple(weakref.ref(t) for t in tensors), now)
+        return now
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop('_kernel_sq_cache', None)  # weak references: not copied or pickled
+        return state
+
+    @torch.no_grad()
+    def fold_kernel_scale_(self):
+        """Fold the eval factor into the running variances (and set the running kernel norms to the current
+        ones): eval outputs stay the same, a plain BatchNorm call gives them (what TorchScript compiles)."""
+        for bn_name in self._kernel_scaled_bns:
+            bn = self._scaled_bn(bn_name)
+            if bn is not None and self._kernel_sq_name(bn_name) in self._buffers:
+                bn.running_var.copy_(self.eval_running_var(bn_name))
+                self._buffers[self._kernel_sq_name(bn_name)].copy_(self._kernel_sq(bn_name))
+        return self
+
+    @torch.no_grad()
+    def reset_kernel_sq_(self):
+        """Take the current kernels as the ones the running statistics describe (eval factor 1)."""
+        for bn_name in self._kernel_scaled_bns:
+            name = self._kernel_sq_name(bn_name)
+            if name in self._buffers:
+                self._buffers[name].copy_(self._kernel_sq(bn_name))
+        return self
+
+    @staticmethod
+    @torch.no_grad()
+    def _saved_kernel_sq(conv: nn.Module, conv_prefix: str, state_dict, saved_size: int) -> torch.Tensor:
+        """The squared kernel norms of a continuous conv's entries in `state_dict`, rendered at the size they were
+        saved at (before the conv's own load re-samples them to its size)."""
+        tmp = copy.deepcopy(conv)
+        tmp.set_kernel_size(saved_size)
+        tmp.load_state_dict({k[len(conv_prefix):]: v for k, v in state_dict.items() if k.startswith(conv_prefix)},
+                            strict=False)
+        return kernel_sq_norm(tmp.get_weight())
+
+    def __prepare_scriptable__(self):
+        return self.fold_kernel_scale_()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        pending, resampled = [], []
+        for bn_name in self._kernel_scaled_bns:
+            name = self._kernel_sq_name(bn_name)
+            if name not in self._buffers:
+                continue
+            if prefix + name not in state_dict:
+                state_dict[prefix + name] = self._buffers[name]  # set from the loaded kernel after loading
+                pending.append(bn_name)
+                continue
+            conv_prefix = prefix + self._kernel_conv(bn_name) + '.'
+            conv = getattr(self, self._kernel_conv(bn_name))
+            record = state_dict.get(conv_prefix + 'kernel_size_record')
+            if record is not None and hasattr(conv, 'kernel_size_record') and int(record) != conv.kernel_size:
+                resampled.append((bn_name, self._saved_kernel_sq(conv, conv_prefix, state_dict, int(record))))
+        self.__dict__['_kernel_sq_pending'] = tuple(pending)
+        self.__dict__['_kernel_sq_resampled'] = tuple(resampled)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+@contextmanager
+def kernels_changed(module: nn.Module):
+    """Around a deliberate change of kernels that is not training (a BatchNorm folded into a conv, kernels
+    re-sampled for another resolution or length): the BatchNorms after them normalise with the variance they
+    used before (`KernelScaledBNMixin`: the eval factor is folded in first, and the new kernels are the
+    reference after)."""
+    mods = [m for m in module.modules() if isinstance(m, KernelScaledBNMixin)]
+    for m in mods:
+        m.fold_kernel_scale_()
+    yield
+    for m in mods:
+        m.reset_kernel_sq_()

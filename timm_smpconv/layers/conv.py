@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import causal_conv1d, large_kernel_conv2d
+from .bn_stats import KernelScaledBNMixin, kernels_changed
 from .fuse import fill_conv_, fold_bn, fold_preceding_bn
 from .recompute import activation, recompute_activation, recompute_batch_norm, recomputing
 
@@ -39,8 +40,10 @@ class CausalConv1d(nn.Conv1d):
         return self._conv_forward(F.pad(x, (pad, 0)), self.weight, self.bias)
 
 
-class ConvBN(nn.Module):
+class ConvBN(KernelScaledBNMixin, nn.Module):
     """Conv2d (no bias, 'same' padding) -> BatchNorm2d -> optional activation.
+
+    The BatchNorm's eval variance follows the conv weight's scale (`KernelScaledBNMixin`; buffer bn_kernel_sq).
 
     `reparameterize()` folds the BatchNorm into the conv (which gains a bias); `fold_input_bn_()`
     absorbs a BatchNorm that precedes a 1x1 conv. Children are named conv / bn / act.
@@ -68,6 +71,10 @@ class ConvBN(nn.Module):
             groups=groups, bias=inference_mode, **dd)
         self.bn = nn.Identity() if inference_mode else nn.BatchNorm2d(out_channels, eps=bn_eps, **dd)
         self.act = act_layer() if act_layer is not None else nn.Identity()
+        self._init_kernel_sq()
+
+    def _kernel(self, bn_name: str) -> torch.Tensor:
+        return self.conv.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -77,9 +84,9 @@ class ConvBN(nn.Module):
     @torch.jit.unused
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not recomputing():
-            return self.act(self.bn(self.conv(x)))
+            return self.act(self._bn_forward(self.conv(x), 'bn'))
         c = self.conv(x)
-        y = self.bn(c)
+        y = self._bn_forward(c, 'bn')
         if isinstance(self.bn, nn.BatchNorm2d):
             recompute_batch_norm(c, y, self.bn)  # keep only the conv output: BN and activation recomputed from it
         z = activation(self.act, y)
@@ -97,15 +104,17 @@ class ConvBN(nn.Module):
     @torch.no_grad()
     def fold_input_bn_(self, bn: nn.Module):
         """Absorb `bn` applied to this layer's input (1x1, ungrouped conv only)."""
-        self._set_conv(*fold_preceding_bn(self.conv.weight, self.conv.bias, bn))
+        with kernels_changed(self):  # the same outputs: our BatchNorm keeps its eval variance
+            self._set_conv(*fold_preceding_bn(self.conv.weight, self.conv.bias, bn))
 
     @torch.no_grad()
     def reparameterize(self):
         """Fold the BatchNorm into the conv in place (idempotent)."""
         if isinstance(self.bn, nn.Identity):
             return
-        self._set_conv(*fold_bn(self.conv.weight, self.conv.bias, self.bn))
+        self._set_conv(*fold_bn(self.conv.weight, self.conv.bias, self.bn, self.eval_running_var('bn')))
         self.bn = nn.Identity().train(self.training)
+        self._drop_kernel_sq('bn')
 
 
 class DispatchConvMixin:

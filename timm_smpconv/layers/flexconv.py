@@ -50,9 +50,10 @@ from timm.layers import register_notrace_module
 
 from .._validate import check_choice, check_int, check_kernel_size, check_positive
 from ..ops import causal_conv1d, fft_conv2d
+from .bn_stats import KernelScaledBNMixin
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn
-from .kernel_bank import take_kernel
+from .kernel_bank import captured_kernel, note_kernel, take_kernel
 from .recompute import recompute_batch_norm
 from .smp import rescale_factor
 
@@ -484,7 +485,9 @@ class FlexConv2d(DispatchConvMixin, nn.Module):
                 f'{self.layer_name} expects (N, {self.in_channels}, H, W) inputs, got shape {list(x.shape)}')
         if torch.jit.is_scripting():
             return self._conv(x, self.get_weight(), self.bias)
-        return self._conv(x, self._weight(), self.bias)
+        w = self._weight()
+        note_kernel(self, w)  # (for the BatchNorm after it: `captured_kernel`)
+        return self._conv(x, w, self.bias)
 
     @torch.jit.unused
     def _weight(self) -> torch.Tensor:
@@ -645,7 +648,10 @@ class FlexConv1d(FlexConv2d):
         if x.dim() != 3 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f'{self.layer_name} expects (N, {self.in_channels}, L) inputs, got shape {list(x.shape)}')
-        return causal_conv1d(x, self.get_weight(), self.bias)
+        w = self.get_weight()
+        if not torch.jit.is_scripting():
+            note_kernel(self, w)  # (for the BatchNorm after it: `captured_kernel`)
+        return causal_conv1d(x, w, self.bias)
 
     @torch.no_grad()
     def to_plain_conv(self, weight: torch.Tensor, bias: Optional[torch.Tensor], training: bool = False) -> nn.Conv1d:
@@ -663,7 +669,8 @@ def _init_output_variance(weight: torch.Tensor) -> torch.Tensor:
     return w.pow(2).sum((1, 2)) + w.sum(2).pow(2).sum(1)
 
 
-class FlexConvBN2d(nn.Module):
+@register_notrace_module  # a leaf for torch.fx, as the FlexConv in it (data-dependent kernel shape)
+class FlexConvBN2d(KernelScaledBNMixin, nn.Module):
     """BN(FlexConv2d(x)); fuses to one nn.Conv2d with bias.
 
     `flex_kwargs` go to FlexConv2d (kernel_net='siren', mask=False for a CKConv branch).
@@ -693,6 +700,10 @@ class FlexConvBN2d(nn.Module):
         self.conv = self.conv_cls(in_channels, out_channels, kernel_size, **flex_kwargs, **dd)
         self.bn = self.bn_cls(out_channels, eps=bn_eps, **dd)
         self.reset_running_stats()
+        self._init_kernel_sq()  # the eval variance follows the generated kernel's scale (KernelScaledBNMixin)
+
+    def _kernel(self, bn_name: str) -> torch.Tensor:
+        return self.conv.get_weight()
 
     @torch.no_grad()
     def reset_running_stats(self):
@@ -702,6 +713,8 @@ class FlexConvBN2d(nn.Module):
         self.bn.reset_running_stats()
         if self.bn.running_var is not None and not self.bn.running_var.is_meta:
             self.bn.running_var.copy_(_init_output_variance(self.conv.get_weight()))
+            if 'bn_kernel_sq' in self._buffers:
+                self.bn_kernel_sq.copy_(self._kernel_sq('bn'))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -710,18 +723,20 @@ class FlexConvBN2d(nn.Module):
 
     @torch.jit.unused
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv(x)
-        y = self.bn(c)
+        with captured_kernel(self.conv) as cap:  # the kernel the conv generated: not generated twice
+            c = self.conv(x)
+        y = self._bn_forward(c, 'bn', cap.kernel)
         recompute_batch_norm(c, y, self.bn)  # in a recompute scope: the BN output is recomputed from the conv output
         return y
 
     @torch.no_grad()
     def fuse(self) -> nn.Conv2d:
         """One plain conv equal to the branch in eval mode (BN folded into the generated kernel)."""
-        w, b = fold_bn(self.conv.get_weight(), self.conv.bias, self.bn)
+        w, b = fold_bn(self.conv.get_weight(), self.conv.bias, self.bn, self.eval_running_var('bn'))
         return self.conv.to_plain_conv(w, b, training=self.training)
 
 
+@register_notrace_module
 class FlexConvBN1d(FlexConvBN2d):
     """BN(FlexConv1d(x)) (the FlexTCN branch); fuses to one CausalConv1d with bias."""
     conv_cls = FlexConv1d

@@ -47,15 +47,18 @@ def fold_bn(
         weight: torch.Tensor,
         bias: Optional[torch.Tensor],
         bn: nn.Module,
+        running_var: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fold an inference-mode BatchNorm that follows a conv into the conv's (weight, bias).
 
     BN(conv(x)) == conv'(x) with weight' = weight * t, bias' = (bias - mean) * t + beta,
-    t = gamma / sqrt(var + eps). Uses the running statistics, as eval mode does.
+    t = gamma / sqrt(var + eps). Uses the running statistics, as eval mode does (`running_var`: the variance
+    eval mode uses where it is not the BatchNorm's own, see `KernelScaledBNMixin.eval_running_var`).
     """
     _check_running_stats(bn)
     w, b = fuse_conv_bn_weights(
-        weight, bias, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
+        weight, bias, bn.running_mean, bn.running_var if running_var is None else running_var, bn.eps, bn.weight,
+        bn.bias)
     return w.detach(), b.detach()
 
 

@@ -17,7 +17,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-__all__ = ['batched_kernels', 'take_kernel']
+__all__ = ['batched_kernels', 'captured_kernel', 'note_kernel', 'take_kernel']
 
 _state = threading.local()
 
@@ -63,3 +63,37 @@ class batched_kernels:
     def __exit__(self, *exc):
         _banks().pop()
         return False
+
+
+def _captures() -> list:
+    if not hasattr(_state, 'captures'):
+        _state.captures = []
+    return _state.captures
+
+
+class captured_kernel:
+    """`with captured_kernel(layer) as cap: y = layer(x)`: `cap.kernel` is the kernel the layer convolved with (its
+    forward reports it with `note_kernel`), or None. The layer is called as a module (its hooks run, FLOP
+    counters file its work under it) and nothing is generated twice: the BatchNorm after it reads the kernel's
+    norm (`KernelScaledBNMixin`). Not under torch.compile (take None there)."""
+
+    def __init__(self, layer: nn.Module):
+        self.layer = layer
+        self.kernel: Optional[torch.Tensor] = None
+
+    def __enter__(self):
+        _captures().append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _captures().pop()
+        return False
+
+
+def note_kernel(layer: nn.Module, kernel: torch.Tensor) -> None:
+    """Called by a continuous-kernel layer's forward with the kernel it convolved with (see `captured_kernel`)."""
+    if torch.compiler.is_compiling():
+        return
+    caps = _captures()
+    if caps and caps[-1].layer is layer:
+        caps[-1].kernel = kernel

@@ -21,9 +21,10 @@ from timm.layers import trunc_normal_
 
 from .._validate import check_choice, check_int, check_kernel_size
 from ..ops import causal_conv1d
+from .bn_stats import KernelScaledBNMixin
 from .conv import CausalConv1d, DispatchConvMixin, LargeKernelConv2d
 from .fuse import fill_conv_, fold_bn, pad_kernel
-from .kernel_bank import take_kernel
+from .kernel_bank import captured_kernel, note_kernel, take_kernel
 from .recompute import recompute_batch_norm, recompute_sum, recomputing
 from .smp import default_n_points, default_radius, init_smp_points, render_smp_kernel, render_smp_kernels, rescale_factor, support_crop
 
@@ -345,14 +346,23 @@ class SMPConv2d(DispatchConvMixin, _SMPConvNd):
     dims = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         if torch.jit.is_scripting():
+            self._check_input(x)
             k = self.kernel_size
             return F.conv2d(x, self.get_weight(), self.bias, self.stride, (k // 2, k // 2), 1, self.groups)
+        return self._forward(x)
+
+    @torch.jit.unused
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if self.crop_to_support:
-            return self._forward_cropped(x)
-        w = take_kernel(self)  # rendered by a `batched_kernels` block, if any
-        return self._dispatch_conv(x, self.get_weight() if w is None else w, self.bias, self.stride, self.groups)
+            y, w = self._forward_cropped(x)
+        else:
+            w = take_kernel(self)  # rendered by a `batched_kernels` block, if any
+            w = self.get_weight() if w is None else w
+            y = self._dispatch_conv(x, w, self.bias, self.stride, self.groups)
+        note_kernel(self, w)  # (for the BatchNorm after it: `captured_kernel`)
+        return y
 
     @torch.jit.unused
     def batch_key(self) -> Optional[tuple]:
@@ -373,8 +383,8 @@ class SMPConv2d(DispatchConvMixin, _SMPConvNd):
                                   ref.kernel_size, normalize=ref.normalize)
 
     @torch.jit.unused
-    def _forward_cropped(self, x: torch.Tensor) -> torch.Tensor:
-        """Render and convolve over the support's bounding box only (exactly the same output)."""
+    def _forward_cropped(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Render and convolve over the support's bounding box only (exactly the same output); and that kernel."""
         crop = 0 if isinstance(self.points, torch.fx.Proxy) else support_crop(
             self.points, self.radius, self.kernel_size, grid=self.render_grid)
         if crop:
@@ -382,7 +392,7 @@ class SMPConv2d(DispatchConvMixin, _SMPConvNd):
                                   crop=crop, grid=self.render_grid)
         else:
             w = self.get_weight()
-        return self._dispatch_conv(x, w, self.bias, self.stride, self.groups)
+        return self._dispatch_conv(x, w, self.bias, self.stride, self.groups), w
 
     def _plain_conv(self, kernel_size: int) -> LargeKernelConv2d:
         return LargeKernelConv2d(
@@ -402,10 +412,16 @@ class SMPConv1d(_SMPConvNd):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        w = self.get_weight()
+        if not torch.jit.is_scripting():
+            note_kernel(self, w)  # (for the BatchNorm after it: `captured_kernel`)
+        return self._conv(x, w)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.stride == 1:
-            return causal_conv1d(x, self.get_weight(), self.bias, self.groups)
+            return causal_conv1d(x, w, self.bias, self.groups)
         x = F.pad(x, (self.kernel_size - 1, 0))
-        return F.conv1d(x, self.get_weight(), self.bias, self.stride, 0, 1, self.groups)
+        return F.conv1d(x, w, self.bias, self.stride, 0, 1, self.groups)
 
     def _plain_conv(self, kernel_size: int) -> CausalConv1d:
         return CausalConv1d(
@@ -413,8 +429,9 @@ class SMPConv1d(_SMPConvNd):
             groups=self.groups, bias=True, device=self.points.device, dtype=self.points.dtype)
 
 
-class _SMPLargeKernelNd(nn.Module):
+class _SMPLargeKernelNd(KernelScaledBNMixin, nn.Module):
     dims: int = 2
+    _kernel_scaled_bns = ('smp_bn', 'small_bn')  # eval variances follow the kernels' scale (KernelScaledBNMixin)
 
     def __init__(
             self,
@@ -473,6 +490,13 @@ class _SMPLargeKernelNd(nn.Module):
         else:
             self.small_conv = None
             self.small_bn = None
+        self._init_kernel_sq()
+
+    def _kernel(self, bn_name: str) -> torch.Tensor:
+        return self.smp.get_weight() if bn_name == 'smp_bn' else self.small_conv.weight
+
+    def _kernel_conv(self, bn_name: str) -> str:
+        return 'smp' if bn_name == 'smp_bn' else 'small_conv'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
@@ -484,13 +508,14 @@ class _SMPLargeKernelNd(nn.Module):
 
     @torch.jit.unused
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.smp(x)
-        out = self.smp_bn(f)
+        with captured_kernel(self.smp) as cap:  # the kernel the conv rendered: not rendered twice
+            f = self.smp(x)
+        out = self._bn_forward(f, 'smp_bn', cap.kernel)
         if recomputing():  # keep the conv outputs: the BN outputs and their sum are recomputed from them
             recompute_batch_norm(f, out, self.smp_bn)
         if self.small_conv is not None and self.small_bn is not None:
             h = self.small_conv(x)
-            small = self.small_bn(h)
+            small = self._bn_forward(h, 'small_bn')
             total = out + small
             if recomputing():
                 recompute_batch_norm(h, small, self.small_bn)
@@ -502,9 +527,11 @@ class _SMPLargeKernelNd(nn.Module):
     def get_kernel_bias(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The single (weight, bias) equivalent to the whole branch with BNs in inference mode (with the SMP
         layer's `crop_to_support`, over its support's bounding box, at least the small kernel's size)."""
-        w, b = fold_bn(self.smp.deployed_weight(self.small_kernel_size or 1), self.smp.bias, self.smp_bn)
+        w, b = fold_bn(self.smp.deployed_weight(self.small_kernel_size or 1), self.smp.bias, self.smp_bn,
+                       self.eval_running_var('smp_bn'))
         if self.small_conv is not None:
-            ws, bs = fold_bn(self.small_conv.weight, self.small_conv.bias, self.small_bn)
+            ws, bs = fold_bn(self.small_conv.weight, self.small_conv.bias, self.small_bn,
+                             self.eval_running_var('small_bn'))
             w = w + pad_kernel(ws, w.shape[-1], causal=self.dims == 1)
             b = b + bs
         return w, b

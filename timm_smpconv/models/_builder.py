@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, get_pretrained_cfg, list_models, load_checkpoint, load_state_dict, model_entrypoint
 
+from ..layers.bn_stats import KernelScaledBNMixin
 from ..layers.flexconv import FlexConv2d
 
 __all__ = [
@@ -245,7 +246,11 @@ def check_state_dict_keys(state_dict: Dict[str, torch.Tensor], model: nn.Module,
     # render_grid; the layer checks their shape when loading
     optional = {f'{name}.{b}' if name else b for name, m in model.named_modules()
                 for b, v in m._buffers.items() if v is None}
-    missing = [k for k in own if k not in state_dict]
+    # the kernel norms kept with BatchNorm statistics (KernelScaledBNMixin) are filled from the loaded kernels when
+    # a file has none (the authors', ours from before them)
+    filled = {f'{name}.{b}' if name else b for name, m in model.named_modules()
+              if isinstance(m, KernelScaledBNMixin) for b in m._buffers if b.endswith('_kernel_sq')}
+    missing = [k for k in own if k not in state_dict and k not in filled]
     unexpected = [k for k in state_dict if k not in own and k not in exempt and k not in optional]
     shapes = [f'{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}'
               for k, v in state_dict.items() if k in own and k not in exempt and v.shape != own[k].shape]

@@ -53,7 +53,7 @@ from timm.models._features import feature_take_indices
 from .._validate import check_choice, check_int
 from ..data import DIGITS_MEAN, DIGITS_STD
 from ..layers import FlexConv1d, FlexConvBN1d, SMPLargeKernel1d
-from ..layers.bn_stats import BatchNormStatsMixin
+from ..layers.bn_stats import BatchNormStatsMixin, kernels_changed
 from ..layers.flexconv import FLEX_RESIZE_MODES
 from ._builder import (
     build_model_naming_file_errors,
@@ -287,12 +287,13 @@ class SequenceTCN(BatchNormStatsMixin, DeployableMixin, nn.Module):
         if self.permutation is not None and seq_len != self.seq_len:
             raise ValueError(f'this model reads its {self.seq_len} steps through a fixed permutation; it cannot be '
                              f're-targeted to {seq_len} steps')
-        for m in self.modules():
-            if isinstance(m, SMPLargeKernel1d):
-                m.smp.set_kernel_size(seq_len, mode if mode == 'stretch' else 'none')
-                m.kernel_size = seq_len
-            elif isinstance(m, FlexConvBN1d):
-                m.conv.set_kernel_size(seq_len, mode)
+        with kernels_changed(self):  # the BatchNorms keep normalising as at the old length
+            for m in self.modules():
+                if isinstance(m, SMPLargeKernel1d):
+                    m.smp.set_kernel_size(seq_len, mode if mode == 'stretch' else 'none')
+                    m.kernel_size = seq_len
+                elif isinstance(m, FlexConvBN1d):
+                    m.conv.set_kernel_size(seq_len, mode)
         self.seq_len = seq_len
 
     def _to_sequence(self, x: torch.Tensor) -> torch.Tensor:
