@@ -158,25 +158,22 @@ def kernel_sq_norm(kernel: torch.Tensor) -> torch.Tensor:
     return kernel.detach().float().flatten(1).pow(2).sum(1)
 
 
+def _factor(now: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Squared kernel norms now / their running average `ref` (1 where that is 0)."""
+    now = now.to(ref)
+    return torch.where(ref > 0, now / ref.clamp_min(torch.finfo(ref.dtype).tiny), torch.ones_like(ref))
+
+
 def _kernel_sq_loaded(module: nn.Module, incompatible_keys) -> None:
     """load_state_dict post-hook of KernelScaledBNMixin: a state dict without the kernel norms (the authors'
     checkpoints, ours from before they existed) holds statistics of the weights it holds; one whose continuous
     kernels were saved at another size (and re-sampled to this model's on load) keeps its eval variances."""
-    pending = module.__dict__.pop('_kernel_sq_pending', ())
+    module.reset_kernel_sq_(module.__dict__.pop('_kernel_sq_pending', ()))
     resampled = module.__dict__.pop('_kernel_sq_resampled', ())
     with torch.no_grad():
-        for bn_name in pending:
-            name = module._kernel_sq_name(bn_name)
-            ref = module._buffers[name]
-            now = module._kernel_sq(bn_name)
-            if ref.is_meta and not now.is_meta:  # a model built on the meta device, loaded with assign=True
-                module._buffers[name] = now.to(module._scaled_bn(bn_name).running_var.dtype)
-            else:
-                ref.copy_(now)
         for bn_name, saved in resampled:  # as kernels_changed: the eval variance the file's model used
             ref = module._buffers[module._kernel_sq_name(bn_name)]
-            now = module._kernel_sq(bn_name).to(ref)
-            ref.mul_(torch.where(saved > 0, now / saved.to(ref).clamp_min(torch.finfo(ref.dtype).tiny), 1.))
+            ref.mul_(_factor(module._kernel_sq(bn_name), saved.to(ref)))
 
 
 class KernelScaledBNMixin:
@@ -229,8 +226,14 @@ class KernelScaledBNMixin:
             return bn
         return None
 
+    def _tracked(self, bn_name: str) -> Optional[Tuple[_BatchNorm, torch.Tensor]]:
+        """(the BatchNorm, its kernel-norm buffer), or None where either is absent (no running statistics,
+        folded away)."""
+        bn, ref = self._scaled_bn(bn_name), self._buffers.get(self._kernel_sq_name(bn_name))
+        return None if bn is None or ref is None else (bn, ref)
+
     def _kernel_sq_buffers(self):
-        return [self._buffers[n] for n in map(self._kernel_sq_name, self._kernel_scaled_bns) if n in self._buffers]
+        return [t[1] for t in map(self._tracked, self._kernel_scaled_bns) if t is not None]
 
     def _init_kernel_sq(self):
         for bn_name in self._kernel_scaled_bns:
@@ -250,42 +253,38 @@ class KernelScaledBNMixin:
     def kernel_scale(self, bn_name: str = 'bn') -> torch.Tensor:
         """The factor eval mode applies to the BatchNorm's running variance: squared kernel norm now / its
         running average (1 where that average is 0)."""
-        if self._scaled_bn(bn_name) is None or self._kernel_sq_name(bn_name) not in self._buffers:
+        tracked = self._tracked(bn_name)
+        if tracked is None:
             raise ValueError(f'{bn_name} is not a BatchNorm with running statistics (nothing to scale)')
-        return self._factor(self._kernel_sq(bn_name), bn_name)
-
-    def _factor(self, now: torch.Tensor, bn_name: str) -> torch.Tensor:
-        ref = self._buffers[self._kernel_sq_name(bn_name)]
-        now = now.to(ref)
-        return torch.where(ref > 0, now / ref.clamp_min(torch.finfo(ref.dtype).tiny), torch.ones_like(ref))
+        return _factor(self._kernel_sq(bn_name), tracked[1])
 
     def eval_running_var(self, bn_name: str = 'bn') -> Optional[torch.Tensor]:
         """The variance eval mode normalises with (folding uses it too); None where `bn_name` keeps no running
         statistics (a folding then raises its own error)."""
-        bn = self._scaled_bn(bn_name)
-        if bn is None or self._kernel_sq_name(bn_name) not in self._buffers:
+        tracked = self._tracked(bn_name)
+        if tracked is None:
             return None
-        return bn.running_var * self.kernel_scale(bn_name).to(bn.running_var)
+        return tracked[0].running_var * self.kernel_scale(bn_name).to(tracked[0].running_var)
 
     def _bn_forward(self, x: torch.Tensor, bn_name: str, kernel: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The BatchNorm `bn_name` on x, the output of the conv with `kernel` (default `_kernel(bn_name)`)."""
-        bn = self._scaled_bn(bn_name)
-        name = self._kernel_sq_name(bn_name)
-        if bn is None or name not in self._buffers:
+        tracked = self._tracked(bn_name)
+        if tracked is None:
             return getattr(self, bn_name)(x)
+        bn, ref = tracked
         with torch.no_grad():
             now = self._eval_kernel_sq(bn_name, kernel, x)
         if bn.training:
             out = bn(x)
-            if bn.num_batches_tracked is not None and bn.momentum is None:
-                factor = 1.0 / float(bn.num_batches_tracked)
+            # the update factor BatchNorm's forward used (cumulative average when momentum is None)
+            if bn.momentum is None:
+                factor = 1.0 / float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 0.0
             else:
-                factor = bn.momentum if bn.momentum is not None else 0.0
+                factor = bn.momentum
             with torch.no_grad():
-                ref = self._buffers[name]
                 ref.lerp_(now.to(ref), factor)
             return out
-        return F.batch_norm(x, bn.running_mean, bn.running_var * self._factor(now, bn_name).to(bn.running_var),
+        return F.batch_norm(x, bn.running_mean, bn.running_var * _factor(now, ref).to(bn.running_var),
                             bn.weight, bn.bias, False, 0.0, bn.eps)
 
     def _eval_kernel_sq(self, bn_name: str, kernel: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -317,19 +316,25 @@ class KernelScaledBNMixin:
         """Fold the eval factor into the running variances (and set the running kernel norms to the current
         ones): eval outputs stay the same, a plain BatchNorm call gives them (what TorchScript compiles)."""
         for bn_name in self._kernel_scaled_bns:
-            bn = self._scaled_bn(bn_name)
-            if bn is not None and self._kernel_sq_name(bn_name) in self._buffers:
-                bn.running_var.copy_(self.eval_running_var(bn_name))
-                self._buffers[self._kernel_sq_name(bn_name)].copy_(self._kernel_sq(bn_name))
-        return self
+            tracked = self._tracked(bn_name)
+            if tracked is not None:
+                tracked[0].running_var.copy_(self.eval_running_var(bn_name))
+        return self.reset_kernel_sq_()
 
     @torch.no_grad()
-    def reset_kernel_sq_(self):
-        """Take the current kernels as the ones the running statistics describe (eval factor 1)."""
-        for bn_name in self._kernel_scaled_bns:
+    def reset_kernel_sq_(self, bn_names: Optional[Tuple[str, ...]] = None):
+        """Take the current kernels as the ones the running statistics describe (eval factor 1), for `bn_names`
+        (default all)."""
+        for bn_name in self._kernel_scaled_bns if bn_names is None else bn_names:
             name = self._kernel_sq_name(bn_name)
-            if name in self._buffers:
-                self._buffers[name].copy_(self._kernel_sq(bn_name))
+            ref = self._buffers.get(name)
+            if ref is None:
+                continue
+            now = self._kernel_sq(bn_name)
+            if ref.is_meta and not now.is_meta:  # a model built on the meta device, loaded with assign=True
+                self._buffers[name] = now.to(ref.dtype)
+            else:
+                ref.copy_(now)
         return self
 
     @staticmethod

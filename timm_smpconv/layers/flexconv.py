@@ -713,8 +713,7 @@ class FlexConvBN2d(KernelScaledBNMixin, nn.Module):
         self.bn.reset_running_stats()
         if self.bn.running_var is not None and not self.bn.running_var.is_meta:
             self.bn.running_var.copy_(_init_output_variance(self.conv.get_weight()))
-            if 'bn_kernel_sq' in self._buffers:
-                self.bn_kernel_sq.copy_(self._kernel_sq('bn'))
+            self.reset_kernel_sq_()  # (once registered)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():

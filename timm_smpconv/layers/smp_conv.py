@@ -346,15 +346,10 @@ class SMPConv2d(DispatchConvMixin, _SMPConvNd):
     dims = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
         if torch.jit.is_scripting():
-            self._check_input(x)
             k = self.kernel_size
             return F.conv2d(x, self.get_weight(), self.bias, self.stride, (k // 2, k // 2), 1, self.groups)
-        return self._forward(x)
-
-    @torch.jit.unused
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
         if self.crop_to_support:
             y, w = self._forward_cropped(x)
         else:
@@ -415,9 +410,6 @@ class SMPConv1d(_SMPConvNd):
         w = self.get_weight()
         if not torch.jit.is_scripting():
             note_kernel(self, w)  # (for the BatchNorm after it: `captured_kernel`)
-        return self._conv(x, w)
-
-    def _conv(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.stride == 1:
             return causal_conv1d(x, w, self.bias, self.groups)
         x = F.pad(x, (self.kernel_size - 1, 0))
